@@ -1,0 +1,48 @@
+# The two commands a person needs: `make demo` and `make test` (see README.md).
+# Both install what they need (Debian packages as root, a virtualenv) idempotently.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+APT_PKGS := iptables nftables conntrack iproute2 ipset
+
+.PHONY: demo test lint deps apt venv bench-render bench-nft clean
+
+deps: apt venv
+
+apt:
+	@missing=""; \
+	for c in iptables-legacy-restore iptables-nft-restore nft conntrack ip ipset; do \
+	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages for:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PKGS); \
+	  else echo "note: missing$$missing (run as root to install; kernel tests will skip)"; fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+test: deps lint
+	$(VENV)/bin/pytest -q
+
+demo: deps
+	$(VENV)/bin/python -m kubeproxy.demo
+
+bench-render: venv
+	$(PY) bench/render.py
+
+bench-nft: deps
+	$(PY) bench/nft.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
