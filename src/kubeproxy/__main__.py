@@ -1,0 +1,5 @@
+import sys
+
+from kubeproxy.cli import main
+
+sys.exit(main())

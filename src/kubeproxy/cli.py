@@ -1,0 +1,233 @@
+"""The `kubeproxy` command: render, trace, apply, cleanup, lab.
+
+A thin edge: parse flags (upstream kube-proxy's names), read manifests, call the pure
+core, print. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kubeproxy.config import (
+    ConfigError,
+    ProxyConfig,
+    load_config_file,
+    parse_cidr_list,
+    parse_detect_local_mode,
+    parse_lb_algorithm,
+)
+from kubeproxy.k8s import ManifestError, decode_objects, load_manifests
+from kubeproxy.model import Cluster, Family
+from kubeproxy.pipeline import families_in_use, render_iptables
+
+
+def _add_proxy_flags(p: argparse.ArgumentParser, *, files: bool = True) -> None:
+    """Flags shared by every command that computes a node's rules."""
+    if files:
+        p.add_argument("-f", "--filename", dest="files", action="append", required=True,
+                       type=Path, metavar="FILE",
+                       help="Services, EndpointSlices and Nodes (YAML or JSON); repeatable")
+    p.add_argument("--config", type=Path, help="a KubeProxyConfiguration file")
+    p.add_argument("--hostname-override", help="the node whose rules to compute")
+    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=["iptables", "nftables"])
+    p.add_argument("--cluster-cidr", help="pod CIDR(s) of the cluster, comma-separated")
+    p.add_argument("--masquerade-all", action="store_const", const=True,
+                   help="masquerade all traffic sent to cluster IPs")
+    p.add_argument("--nodeport-addresses",
+                   help="CIDRs (comma-separated) or 'primary' where NodePorts are open")
+    p.add_argument("--detect-local-mode",
+                   help="ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix")
+    p.add_argument("--pod-bridge-interface", help="bridge for detect-local-mode BridgeInterface")
+    p.add_argument("--pod-interface-name-prefix",
+                   help="interface prefix for detect-local-mode InterfaceNamePrefix")
+    p.add_argument("--lb-algorithm", help="random (upstream) or round-robin")
+    p.add_argument("--iptables-backend", choices=["auto", "legacy", "nft"], default="auto",
+                   help="which iptables binaries to use (auto: as iptables-wrapper decides)")
+
+
+def build_config(args: argparse.Namespace) -> ProxyConfig:
+    """The config file first, then flags given on the command line on top (upstream order)."""
+    kw: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    if args.hostname_override:
+        kw["hostname"] = args.hostname_override
+    if args.mode:
+        kw["mode"] = args.mode
+    if args.cluster_cidr is not None:
+        kw["cluster_cidrs"] = parse_cidr_list(args.cluster_cidr, "--cluster-cidr")
+    if args.masquerade_all:
+        kw["masquerade_all"] = True
+    if args.nodeport_addresses is not None:
+        kw["nodeport_addresses"] = tuple(
+            a.strip() for a in args.nodeport_addresses.split(",") if a.strip())
+    if args.detect_local_mode:
+        kw["detect_local_mode"] = parse_detect_local_mode(args.detect_local_mode)
+    if args.pod_bridge_interface:
+        kw["bridge_interface"] = args.pod_bridge_interface
+    if args.pod_interface_name_prefix:
+        kw["interface_name_prefix"] = args.pod_interface_name_prefix
+    if args.lb_algorithm:
+        kw["lb_algorithm"] = parse_lb_algorithm(args.lb_algorithm)
+    if not kw.get("hostname"):
+        kw["hostname"] = os.uname().nodename.lower()
+    return ProxyConfig(**kw)
+
+
+def load_cluster(files: Sequence[Path]) -> Cluster:
+    """Read and decode manifests; report each invalid object on stderr and go on."""
+    cluster = decode_objects(load_manifests(files))
+    for err in cluster.errors:
+        print(f"warning: skipping {err}", file=sys.stderr)
+    return cluster
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    cluster = load_cluster(args.files)
+    if config.mode == "nftables":
+        from kubeproxy.pipeline import render_nftables
+        sys.stdout.write(render_nftables(cluster, config))
+        return 0
+    rulesets = render_iptables(cluster, config)
+    for family in families_in_use(cluster, config):
+        tool = "iptables-save" if family == 4 else "ip6tables-save"
+        print(f"# IPv{family} rules for node {config.hostname} ({tool} format)")
+        sys.stdout.write(rulesets[family].save_text())
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from kubeproxy.trace.result import Packet
+
+    config = build_config(args)
+    cluster = load_cluster(args.files)
+    try:
+        src = ipaddress.ip_address(args.src)
+        dst = ipaddress.ip_address(args.dst)
+    except ValueError as err:
+        raise ConfigError(f"--src/--dst: {err}") from None
+    if src.version != dst.version:
+        raise ConfigError("--src and --dst must be of the same IP family")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port: {args.port} is not in 1-65535")
+    family: Family = 4 if dst.version == 4 else 6
+    node = cluster.node(config.hostname)
+    local = frozenset(ip for ip in (node.addresses if node else ()) if ip.version == family)
+    if node is None:
+        print(f"warning: no Node {config.hostname!r} in the input: the node has no addresses",
+              file=sys.stderr)
+    packet = Packet(src=src, dst=dst, port=args.port, proto=args.proto,
+                    in_interface=args.in_interface)
+    if config.mode == "nftables":
+        from kubeproxy.pipeline import render_nftables
+        from kubeproxy.trace.nftables import trace_nftables
+        result = trace_nftables(render_nftables(cluster, config), packet, local)
+    else:
+        from kubeproxy.trace.iptables import trace_iptables
+        result = trace_iptables(render_iptables(cluster, config)[family].save_text(),
+                                packet, local)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(result.to_text())
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Render this node's rules and apply them to the kernel (a one-shot full sync)."""
+    from kubeproxy.dataplane.base import SubprocessRunner
+
+    config = build_config(args)
+    cluster = load_cluster(args.files)
+    runner = SubprocessRunner()
+    if config.mode == "nftables":
+        from kubeproxy.pipeline import apply_nftables
+        apply_nftables(cluster, config, runner)
+        return 0
+    from kubeproxy.dataplane.iptables import IptablesDataPlane, detect_backend
+
+    backend = detect_backend(runner) if args.iptables_backend == "auto" else args.iptables_backend
+    rulesets = render_iptables(cluster, config)
+    for family in families_in_use(cluster, config):
+        IptablesDataPlane(runner, family, backend).sync(rulesets[family])
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from kubeproxy.dataplane.base import SubprocessRunner
+    from kubeproxy.dataplane.iptables import IptablesDataPlane
+
+    runner = SubprocessRunner()
+    backends = ["legacy", "nft"] if args.iptables_backend == "auto" else [args.iptables_backend]
+    for backend in backends:
+        for family in (4, 6):
+            IptablesDataPlane(runner, family, backend).cleanup()
+    try:
+        from kubeproxy.pipeline import cleanup_nftables
+    except ImportError:
+        return 0
+    cleanup_nftables(runner)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubeproxy", description="Kubernetes' kube-proxy, rebuilt in Python.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("render", help="print the rules a node would get")
+    _add_proxy_flags(p)
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("trace", help="follow a packet through the rendered rules")
+    _add_proxy_flags(p)
+    p.add_argument("--src", required=True, help="source IP")
+    p.add_argument("--dst", required=True, help="destination IP")
+    p.add_argument("--port", required=True, type=int, help="destination port")
+    p.add_argument("--proto", default="tcp", choices=["tcp", "udp", "sctp"])
+    p.add_argument("--in-interface", default="eth0",
+                   help="interface the packet arrives on (for interface-based detect-local)")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("apply", help="render and apply this node's rules (needs root)")
+    _add_proxy_flags(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("cleanup", help="remove every rule kubeproxy wrote (needs root)")
+    p.add_argument("--iptables-backend", choices=["auto", "legacy", "nft"], default="auto")
+    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=["iptables", "nftables"])
+    p.set_defaults(func=cmd_cleanup)
+
+    try:
+        from kubeproxy.lab.cli import add_lab_parser
+    except ImportError:  # the lab is optional for the core commands
+        pass
+    else:
+        add_lab_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from kubeproxy.dataplane.base import DataPlaneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (ConfigError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DataPlaneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Proxy configuration: one frozen object, built from flags and/or a config file.
+
+Flags keep upstream kube-proxy's names and meanings. A KubeProxyConfiguration file
+(kubeproxy.config.k8s.io/v1alpha1) gives the same settings; as upstream does, flags
+given explicitly on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubeproxy.model import FieldError, IPNetwork, parse_cidr
+
+
+class ConfigError(ValueError):
+    """A bad flag or configuration file; the message names the setting."""
+
+
+class DetectLocalMode(Enum):
+    CLUSTER_CIDR = "ClusterCIDR"
+    NODE_CIDR = "NodeCIDR"
+    BRIDGE_INTERFACE = "BridgeInterface"
+    INTERFACE_NAME_PREFIX = "InterfaceNamePrefix"
+
+
+class LBAlgorithm(Enum):
+    RANDOM = "random"
+    ROUND_ROBIN = "round-robin"
+
+
+PROXY_MODES = ("iptables", "nftables")
+PRIMARY = "primary"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    hostname: str = ""
+    mode: str = "iptables"
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    # () = every local address; ("primary",) = the node's primary IPs; else CIDRs as text.
+    nodeport_addresses: tuple[str, ...] = ()
+    detect_local_mode: DetectLocalMode = DetectLocalMode.CLUSTER_CIDR
+    bridge_interface: str = ""
+    interface_name_prefix: str = ""
+    lb_algorithm: LBAlgorithm = LBAlgorithm.RANDOM
+    localhost_nodeports: bool = True
+    sync_period: float = 30.0
+    min_sync_period: float = 1.0
+    healthz_bind_address: str = "0.0.0.0:10256"
+    metrics_bind_address: str = "127.0.0.1:10249"
+
+    def __post_init__(self) -> None:
+        if self.mode not in PROXY_MODES:
+            raise ConfigError(f"mode: {self.mode!r} is not one of {', '.join(PROXY_MODES)}")
+        if not 0 <= self.masquerade_bit <= 31:
+            raise ConfigError(f"iptables.masqueradeBit: {self.masquerade_bit} is not in 0-31")
+        for value in self.nodeport_addresses:
+            if value != PRIMARY:
+                try:
+                    parse_cidr(value, "nodePortAddresses")
+                except FieldError as err:
+                    raise ConfigError(str(err)) from None
+        if PRIMARY in self.nodeport_addresses and len(self.nodeport_addresses) > 1:
+            raise ConfigError("nodePortAddresses: 'primary' cannot be combined with CIDRs")
+        if self.detect_local_mode is DetectLocalMode.BRIDGE_INTERFACE:
+            _check_iface(self.bridge_interface, "detectLocal.bridgeInterface")
+        if self.detect_local_mode is DetectLocalMode.INTERFACE_NAME_PREFIX:
+            _check_iface(self.interface_name_prefix, "detectLocal.interfaceNamePrefix")
+
+    @property
+    def masquerade_mark(self) -> int:
+        return 1 << self.masquerade_bit
+
+    def nodeport_cidrs(self) -> tuple[IPNetwork, ...]:
+        return tuple(parse_cidr(v, "nodePortAddresses") for v in self.nodeport_addresses
+                     if v != PRIMARY)
+
+
+def _check_iface(name: str, setting: str) -> None:
+    if not name or len(name) > 15 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"{setting}: {name!r} is not an interface name")
+
+
+def parse_cidr_list(text: str, setting: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(parse_cidr(part, setting) for part in text.split(",") if part.strip())
+    except FieldError as err:
+        raise ConfigError(str(err)) from None
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a KubeProxyConfiguration and return ProxyConfig keyword arguments."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {err}") from err
+    if not isinstance(doc, dict) or doc.get("kind") != "KubeProxyConfiguration":
+        raise ConfigError(f"{path}: not a KubeProxyConfiguration")
+    if doc.get("apiVersion") != "kubeproxy.config.k8s.io/v1alpha1":
+        raise ConfigError(f"{path}: apiVersion must be kubeproxy.config.k8s.io/v1alpha1")
+    out: dict[str, Any] = {}
+    _get = _Getter(path, doc)
+    if (v := _get.get_str("hostnameOverride")) is not None:
+        out["hostname"] = v
+    if (v := _get.get_str("mode")) is not None and v:
+        out["mode"] = v
+    if (v := _get.get_str("clusterCIDR")) is not None:
+        out["cluster_cidrs"] = parse_cidr_list(v, "clusterCIDR")
+    if (b := _get.get_bool("iptables", "masqueradeAll")) is not None:
+        out["masquerade_all"] = b
+    if (b := _get.get_bool("masqueradeAll")) is not None:  # moved out of iptables in v1alpha2
+        out["masquerade_all"] = b
+    if (n := _get.get_int("iptables", "masqueradeBit")) is not None:
+        out["masquerade_bit"] = n
+    if (b := _get.get_bool("iptables", "localhostNodePorts")) is not None:
+        out["localhost_nodeports"] = b
+    if (s := _get.get_duration("iptables", "syncPeriod")) is not None:
+        out["sync_period"] = s
+    if (s := _get.get_duration("iptables", "minSyncPeriod")) is not None:
+        out["min_sync_period"] = s
+    addrs = doc.get("nodePortAddresses")
+    if addrs is not None:
+        if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+            raise ConfigError(f"{path}: nodePortAddresses must be a list of strings")
+        out["nodeport_addresses"] = tuple(addrs)
+    if (v := _get.get_str("detectLocalMode")) is not None and v:
+        out["detect_local_mode"] = parse_detect_local_mode(v)
+    if (v := _get.get_str("detectLocal", "bridgeInterface")) is not None:
+        out["bridge_interface"] = v
+    if (v := _get.get_str("detectLocal", "interfaceNamePrefix")) is not None:
+        out["interface_name_prefix"] = v
+    if (v := _get.get_str("healthzBindAddress")) is not None and v:
+        out["healthz_bind_address"] = v
+    if (v := _get.get_str("metricsBindAddress")) is not None and v:
+        out["metrics_bind_address"] = v
+    return out
+
+
+def parse_detect_local_mode(value: str) -> DetectLocalMode:
+    try:
+        return DetectLocalMode(value)
+    except ValueError:
+        names = ", ".join(m.value for m in DetectLocalMode)
+        raise ConfigError(f"detectLocalMode: {value!r} is not one of {names}") from None
+
+
+def parse_lb_algorithm(value: str) -> LBAlgorithm:
+    try:
+        return LBAlgorithm(value)
+    except ValueError:
+        raise ConfigError(f"lb-algorithm: {value!r} is not random or round-robin") from None
+
+
+class _Getter:
+    """Typed access to nested config keys with errors that name the key."""
+
+    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
+        self.path = path
+        self.doc = doc
+
+    def _raw(self, keys: tuple[str, ...]) -> object:
+        node: object = self.doc
+        for key in keys:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        return node
+
+    def _fail(self, keys: tuple[str, ...], what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {'.'.join(keys)} must be {what}")
+
+    def get_str(self, *keys: str) -> str | None:
+        v = self._raw(keys)
+        if v is not None and not isinstance(v, str):
+            raise self._fail(keys, "a string")
+        return v
+
+    def get_bool(self, *keys: str) -> bool | None:
+        v = self._raw(keys)
+        if v is not None and not isinstance(v, bool):
+            raise self._fail(keys, "true or false")
+        return v
+
+    def get_int(self, *keys: str) -> int | None:
+        v = self._raw(keys)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise self._fail(keys, "an integer")
+        return v
+
+    def get_duration(self, *keys: str) -> float | None:
+        v = self._raw(keys)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise self._fail(keys, "a duration such as 30s or 1m")
+        return parse_duration(v, ".".join(keys))
+
+
+def parse_duration(text: str, setting: str) -> float:
+    """Go duration strings: "30s", "1m", "1m30s", "500ms", "0"."""
+    if text.strip() == "0":
+        return 0.0
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        raise ConfigError(f"{setting}: {text!r} is not a duration")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def with_overrides(base: ProxyConfig, **changes: Any) -> ProxyConfig:
+    try:
+        return replace(base, **changes)
+    except (TypeError, FieldError) as err:
+        raise ConfigError(str(err)) from err

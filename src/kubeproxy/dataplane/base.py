@@ -1,0 +1,54 @@
+"""The seam between the pure core and the kernel: running commands.
+
+Every data plane talks to the kernel only through a :class:`Runner`; the real one
+executes binaries, the fake one (in tests) checks and records what would run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class DataPlaneError(RuntimeError):
+    """A kernel update failed; the message holds the command and what it printed."""
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result: ...
+
+
+class SubprocessRunner:
+    """Runs commands for real, in the network namespace this process is in."""
+
+    def __init__(self, timeout: float = 600.0) -> None:
+        self.timeout = timeout
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        try:
+            done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                                  timeout=self.timeout, check=False)
+        except FileNotFoundError as err:
+            raise DataPlaneError(f"{argv[0]}: not installed") from err
+        except subprocess.TimeoutExpired as err:
+            raise DataPlaneError(f"{' '.join(argv)}: timed out after {self.timeout}s") from err
+        return Result(done.returncode, done.stdout, done.stderr)
+
+
+def check(runner: Runner, argv: Sequence[str], stdin: str | None = None) -> str:
+    """Run and return stdout; raise DataPlaneError naming the command on failure."""
+    res = runner.run(argv, stdin)
+    if res.returncode != 0:
+        detail = (res.stderr or res.stdout).strip().splitlines()
+        raise DataPlaneError(f"{' '.join(argv)} failed (exit {res.returncode}): "
+                             + " | ".join(detail[-5:]))
+    return res.stdout

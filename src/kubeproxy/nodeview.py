@@ -1,0 +1,307 @@
+"""The node view: everything one node must do for one IP family, decided once.
+
+Theory of operation
+-------------------
+:func:`build_node_view` takes the parsed cluster, the node's name and the proxy
+configuration, and answers every policy question upstream's proxiers answer inline:
+which frontends a service port has in this family, which endpoints serve cluster and
+local traffic (via :mod:`kubeproxy.topology`), whether internal and external traffic is
+forwarded, dropped or rejected, when traffic is masqueraded, whether a load-balancer
+firewall applies. Renderers (iptables, nftables, ...) only translate this view into
+their own syntax; none of them re-decides policy, so the data planes cannot drift.
+
+The names follow upstream's ``syncProxyRules``: ``internal`` is ClusterIP traffic,
+``external`` is NodePort / externalIP / load-balancer traffic, the "cluster chain" holds
+the cluster endpoints and the "local chain" the node-local ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+from kubeproxy.config import PRIMARY, DetectLocalMode, LBAlgorithm, ProxyConfig
+from kubeproxy.model import (
+    Cluster,
+    EndpointSlice,
+    Family,
+    IPAddress,
+    IPNetwork,
+    NamespacedName,
+    Node,
+    Service,
+    ServicePortName,
+    ServicePortSpec,
+    ServiceType,
+    TrafficPolicy,
+    family_of,
+)
+from kubeproxy.topology import Candidate, categorize
+
+
+class Route(Enum):
+    """Where a class of traffic goes."""
+
+    CLUSTER = "cluster"  # to the cluster-endpoints chain
+    LOCAL = "local"  # to the local-endpoints chain
+    DROP = "drop"  # Local policy with no local endpoints
+    REJECT = "reject"  # no usable endpoints at all
+
+
+class EndpointView(NamedTuple):
+    ip: IPAddress
+    port: int
+    local: bool
+
+    def __str__(self) -> str:
+        if self.ip.version == 6:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True)
+class LocalDetector:
+    """How "traffic from a local pod" is recognized (upstream detectLocalMode)."""
+
+    cidrs: tuple[IPNetwork, ...] = ()  # ClusterCIDR / NodeCIDR modes
+    interface: str = ""  # BridgeInterface: exact name; InterfaceNamePrefix: a prefix
+    prefix: bool = False
+
+    @property
+    def implemented(self) -> bool:
+        return bool(self.cidrs or self.interface)
+
+
+@dataclass(frozen=True)
+class ServicePortView:
+    """One service port in one family, with every policy decision made."""
+
+    name: ServicePortName
+    cluster_ip: IPAddress
+    port: int
+    node_port: int
+    external_ips: tuple[IPAddress, ...]
+    load_balancer_ips: tuple[IPAddress, ...]
+    source_ranges: tuple[IPNetwork, ...]
+    health_check_node_port: int
+    affinity_timeout: int | None
+    cluster_endpoints: tuple[EndpointView, ...]  # the cluster chain's endpoints (may be ())
+    local_endpoints: tuple[EndpointView, ...]  # the local chain's endpoints (may be ())
+    has_endpoints: bool  # usable endpoints exist somewhere in the cluster
+    internal: Route  # ClusterIP traffic
+    external: Route  # NodePort / externalIP / LB traffic that is not short-circuited
+    external_policy_local: bool
+    uses_external_chain: bool  # an "external destinations" chain is written
+    firewall: bool  # loadBalancerSourceRanges are enforced on the LB IPs
+    firewall_allows_node: bool  # a source range holds a node IP: allow LB IPs as sources
+
+    @property
+    def protocol(self) -> str:
+        """Lower-case protocol, as rule text spells it."""
+        return self.name.protocol.lower()
+
+    @property
+    def all_endpoints(self) -> tuple[EndpointView, ...]:
+        """Every endpoint some chain of this port may send to (one per-endpoint chain)."""
+        if not self.local_endpoints:
+            return self.cluster_endpoints
+        if not self.cluster_endpoints:
+            return self.local_endpoints
+        seen = set(self.cluster_endpoints)
+        return self.cluster_endpoints + tuple(e for e in self.local_endpoints if e not in seen)
+
+    @property
+    def uses_cluster_chain(self) -> bool:
+        return bool(self.cluster_endpoints)
+
+    @property
+    def uses_local_chain(self) -> bool:
+        return bool(self.local_endpoints)
+
+    @property
+    def externally_accessible(self) -> bool:
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    """Where NodePorts are open: every local address, or the listed ones."""
+
+    match_all: bool
+    addresses: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeView:
+    family: Family
+    node_name: str
+    node_ips: tuple[IPAddress, ...]
+    local_detector: LocalDetector
+    masquerade_all: bool
+    masquerade_mark: int
+    nodeports: NodePorts
+    localhost_nodeports: bool  # IPv4 only: 127.0.0.1:NODEPORT works (route_localnet)
+    lb_algorithm: LBAlgorithm
+    services: tuple[ServicePortView, ...]  # sorted by name
+
+    @property
+    def total_endpoints(self) -> int:
+        return sum(len(s.all_endpoints) for s in self.services)
+
+    def by_service(self) -> dict[NamespacedName, list[ServicePortView]]:
+        out: dict[NamespacedName, list[ServicePortView]] = defaultdict(list)
+        for spv in self.services:
+            out[spv.name.service].append(spv)
+        return out
+
+
+def build_node_views(cluster: Cluster, config: ProxyConfig) -> dict[Family, NodeView]:
+    """Both families' views; a family the node has no address in is still rendered."""
+    return {fam: build_node_view(cluster, config, fam) for fam in (4, 6)}
+
+
+def build_node_view(cluster: Cluster, config: ProxyConfig, family: Family) -> NodeView:
+    node = cluster.node(config.hostname) or Node(name=config.hostname or "localhost")
+    node_ips = tuple(ip for ip in node.addresses if ip.version == family)
+    slices = _slices_by_service(cluster.slices, family)
+    views: list[ServicePortView] = []
+    for svc in cluster.services:
+        cluster_ip = next((ip for ip in svc.cluster_ips if ip.version == family), None)
+        if cluster_ip is None:
+            continue
+        for spec in svc.ports:
+            views.append(_port_view(svc, spec, cluster_ip, slices.get(svc.ref, ()),
+                                    node, node_ips, family))
+    views.sort(key=lambda v: v.name)
+    return NodeView(
+        family=family,
+        node_name=node.name,
+        node_ips=node_ips,
+        local_detector=_local_detector(config, node, family),
+        masquerade_all=config.masquerade_all,
+        masquerade_mark=config.masquerade_mark,
+        nodeports=_nodeports(config, node_ips, family),
+        localhost_nodeports=config.localhost_nodeports and family == 4,
+        lb_algorithm=config.lb_algorithm,
+        services=tuple(views),
+    )
+
+
+def _slices_by_service(
+    slices: Iterable[EndpointSlice], family: Family
+) -> dict[NamespacedName, tuple[EndpointSlice, ...]]:
+    out: dict[NamespacedName, list[EndpointSlice]] = defaultdict(list)
+    for eps in slices:
+        if eps.family == family:
+            out[eps.service].append(eps)
+    return {k: tuple(sorted(v, key=lambda s: s.name)) for k, v in out.items()}
+
+
+def _candidates(spec: ServicePortSpec, slices: Iterable[EndpointSlice]) -> list[Candidate]:
+    """Endpoints of one service port over all its slices, matched by port name.
+
+    An address may appear in several slices (during a controller's rewrite); the
+    first ready copy wins, as in upstream's EndpointSliceCache.
+    """
+    found: dict[tuple[IPAddress, int], Candidate] = {}
+    for eps in slices:
+        for port in eps.ports:
+            if port.name != spec.name or port.protocol != spec.protocol:
+                continue
+            for ep in eps.endpoints:
+                key = (ep.address, port.port)
+                old = found.get(key)
+                if old is None or (ep.ready and not old.endpoint.ready):
+                    found[key] = Candidate(ep, port.port)
+    return [found[k] for k in sorted(found, key=lambda k: (k[0].packed, k[1]))]
+
+
+def _port_view(
+    svc: Service,
+    spec: ServicePortSpec,
+    cluster_ip: IPAddress,
+    slices: tuple[EndpointSlice, ...],
+    node: Node,
+    node_ips: tuple[IPAddress, ...],
+    family: Family,
+) -> ServicePortView:
+    external_ips = tuple(ip for ip in svc.external_ips if ip.version == family)
+    lb_ips = tuple(ip for ip in svc.load_balancer_ips if ip.version == family)
+    source_ranges = tuple(r for r in svc.load_balancer_source_ranges if r.version == family)
+    externally_accessible = bool(spec.node_port or external_ips or lb_ips)
+    internal_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
+    external_local = (externally_accessible
+                      and svc.external_traffic_policy is TrafficPolicy.LOCAL)
+    # Cluster endpoints are needed for Cluster policies and for short-circuiting
+    # in-cluster traffic to external destinations even under external Local policy.
+    uses_cluster = not internal_local or externally_accessible
+    uses_local = internal_local or external_local
+    cat = categorize(_candidates(spec, slices), node_name=node.name, zone=node.zone,
+                     uses_cluster=uses_cluster, uses_local=uses_local)
+
+    def views(cands: Iterable[Candidate]) -> tuple[EndpointView, ...]:
+        return tuple(EndpointView(c.endpoint.address, c.port, c.endpoint.node_name == node.name)
+                     for c in cands)
+
+    cluster_eps = views(cat.cluster) if uses_cluster else ()
+    local_eps = views(cat.local) if uses_local else ()
+    has = cat.has_any
+
+    def route(local_policy: bool) -> Route:
+        if not has:
+            return Route.REJECT
+        if local_policy:
+            return Route.LOCAL if local_eps else Route.DROP
+        return Route.CLUSTER
+
+    firewall = has and bool(lb_ips) and bool(source_ranges)
+    return ServicePortView(
+        name=ServicePortName(svc.ref, spec.name, spec.protocol),
+        cluster_ip=cluster_ip,
+        port=spec.port,
+        node_port=spec.node_port,
+        external_ips=external_ips,
+        load_balancer_ips=lb_ips,
+        source_ranges=source_ranges,
+        health_check_node_port=svc.health_check_node_port
+        if svc.type is ServiceType.LOAD_BALANCER and external_local else 0,
+        affinity_timeout=svc.session_affinity_timeout,
+        cluster_endpoints=cluster_eps,
+        local_endpoints=local_eps,
+        has_endpoints=has,
+        internal=route(internal_local),
+        external=route(external_local),
+        external_policy_local=external_local,
+        uses_external_chain=has and externally_accessible,
+        firewall=firewall,
+        firewall_allows_node=firewall and any(ip in r for r in source_ranges for ip in node_ips),
+    )
+
+
+def _local_detector(config: ProxyConfig, node: Node, family: Family) -> LocalDetector:
+    mode = config.detect_local_mode
+    if mode is DetectLocalMode.CLUSTER_CIDR:
+        return LocalDetector(cidrs=tuple(c for c in config.cluster_cidrs if c.version == family))
+    if mode is DetectLocalMode.NODE_CIDR:
+        return LocalDetector(cidrs=tuple(c for c in node.pod_cidrs if c.version == family))
+    if mode is DetectLocalMode.BRIDGE_INTERFACE:
+        return LocalDetector(interface=config.bridge_interface)
+    return LocalDetector(interface=config.interface_name_prefix, prefix=True)
+
+
+def _nodeports(config: ProxyConfig, node_ips: tuple[IPAddress, ...], family: Family) -> NodePorts:
+    if not config.nodeport_addresses:
+        return NodePorts(match_all=True)
+    if config.nodeport_addresses == (PRIMARY,):
+        return NodePorts(match_all=False, addresses=node_ips[:1])
+    cidrs = [c for c in config.nodeport_cidrs() if family_of(c) == family]
+    if any(c.prefixlen == 0 for c in cidrs):
+        return NodePorts(match_all=True)
+    loopback = ipaddress.ip_address("127.0.0.1" if family == 4 else "::1")
+    candidates = (*node_ips, loopback)
+    return NodePorts(match_all=False,
+                     addresses=tuple(ip for ip in candidates if any(ip in c for c in cidrs)))

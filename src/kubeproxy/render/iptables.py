@@ -1,0 +1,422 @@
+"""NodeView -> iptables rules, in upstream kube-proxy's chain layout. Pure.
+
+Theory of operation
+-------------------
+The layout is upstream's (pkg/proxy/iptables/proxier.go), so `iptables -t nat -L`
+reads like the upstream documentation:
+
+* nat ``PREROUTING``/``OUTPUT`` -> ``KUBE-SERVICES``: one rule per frontend (cluster IP,
+  external IP, load-balancer IP) jumping to the port's chains; its last rule sends
+  traffic for local addresses to ``KUBE-NODEPORTS``.
+* ``KUBE-SVC-*`` (cluster endpoints) and ``KUBE-SVL-*`` (node-local endpoints) pick an
+  endpoint: session affinity first (``-m recent``), then ``-m statistic`` (random, or
+  nth for round-robin); ``KUBE-SEP-*`` marks hairpin traffic and DNATs.
+* ``KUBE-EXT-*`` handles external destinations (masquerade, or for a Local policy the
+  short-circuit of pod and node traffic), ``KUBE-FW-*`` the LB source ranges.
+* filter ``KUBE-SERVICES`` / ``KUBE-EXTERNAL-SERVICES`` REJECT or DROP traffic that no
+  endpoint can take; ``KUBE-PROXY-FIREWALL`` drops LB traffic the FW chain refused.
+* nat ``KUBE-POSTROUTING`` masquerades packets carrying the masquerade mark.
+
+Every decision comes from the NodeView; this module only spells it. Rules are written
+in the canonical form ``iptables-save`` prints (``-s``/``-d`` with prefix lengths,
+``-p`` before matches, ``MARK --set-xmark``, ``recent`` with its default mask, explicit
+``--reject-with``, probabilities as the kernel stores them), so what the kernel reads
+back is byte-for-byte what was rendered.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from kubeproxy.config import LBAlgorithm
+from kubeproxy.model import IPAddress, IPNetwork, NamespacedName
+from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
+
+KUBE_SERVICES = "KUBE-SERVICES"
+KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+KUBE_NODEPORTS = "KUBE-NODEPORTS"
+KUBE_POSTROUTING = "KUBE-POSTROUTING"
+KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
+KUBE_FORWARD = "KUBE-FORWARD"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_FIREWALL = "KUBE-FIREWALL"
+KUBE_PROXY_CANARY = "KUBE-PROXY-CANARY"
+# Prefixes of the per-service chains (all in the nat table).
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+LARGE_CLUSTER_ENDPOINTS = 1000  # above this, per-endpoint comments are dropped
+NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+
+# The jumps from builtin chains into ours, in the order they stand in each builtin
+# chain (the data plane inserts them at the top). (table, builtin, target, matches)
+JUMPS: tuple[tuple[str, str, str, str], ...] = (
+    # Load-balancer source ranges: drop what a KUBE-FW chain did not accept.
+    ("filter", "INPUT", KUBE_PROXY_FIREWALL,
+     '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall"'),
+    # Health-check node ports are accepted before any host firewall.
+    ("filter", "INPUT", KUBE_NODEPORTS,
+     '-m comment --comment "kubernetes health check service ports"'),
+    # DROP/REJECT for external destinations without (local) endpoints.
+    ("filter", "INPUT", KUBE_EXTERNAL_SERVICES,
+     '-m conntrack --ctstate NEW -m comment --comment '
+     '"kubernetes externally-visible service portals"'),
+    ("filter", "FORWARD", KUBE_PROXY_FIREWALL,
+     '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall"'),
+    # Accept forwarded service traffic even under a DROP forward policy.
+    ("filter", "FORWARD", KUBE_FORWARD, '-m comment --comment "kubernetes forwarding rules"'),
+    # REJECT/DROP for cluster IPs without endpoints (pods' traffic is forwarded).
+    ("filter", "FORWARD", KUBE_SERVICES,
+     '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals"'),
+    ("filter", "FORWARD", KUBE_EXTERNAL_SERVICES,
+     '-m conntrack --ctstate NEW -m comment --comment '
+     '"kubernetes externally-visible service portals"'),
+    ("filter", "OUTPUT", KUBE_PROXY_FIREWALL,
+     '-m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall"'),
+    ("filter", "OUTPUT", KUBE_SERVICES,
+     '-m conntrack --ctstate NEW -m comment --comment "kubernetes service portals"'),
+    # Service dispatch for traffic arriving at the node and leaving the node itself.
+    ("nat", "PREROUTING", KUBE_SERVICES, '-m comment --comment "kubernetes service portals"'),
+    ("nat", "OUTPUT", KUBE_SERVICES, '-m comment --comment "kubernetes service portals"'),
+    ("nat", "POSTROUTING", KUBE_POSTROUTING, '-m comment --comment "kubernetes postrouting rules"'),
+)
+# Only with localhost NodePorts (IPv4): the CVE-2020-8558 guard, first in INPUT/OUTPUT.
+LOCALHOST_JUMPS: tuple[tuple[str, str, str, str], ...] = (
+    ("filter", "INPUT", KUBE_FIREWALL, ""),
+    ("filter", "OUTPUT", KUBE_FIREWALL, ""),
+)
+BUILTIN_CHAINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+}
+# Chains rewritten whole on every sync, per table (the service chains come on top).
+TOP_CHAINS = {
+    "filter": (KUBE_NODEPORTS, KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD,
+               KUBE_PROXY_FIREWALL),
+    "nat": (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ),
+}
+
+
+@lru_cache(maxsize=1 << 18)
+def _hash16(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+
+
+def service_chain(prefix: str, port_name: str, protocol: str) -> str:
+    """Upstream's servicePortPolicyClusterChain & co: prefix + hash("ns/svc:port" + proto)."""
+    return prefix + _hash16(port_name + protocol.lower())
+
+
+def endpoint_chain(port_name: str, protocol: str, endpoint: str) -> str:
+    return "KUBE-SEP-" + _hash16(port_name + protocol.lower() + endpoint)
+
+
+@dataclass
+class Ruleset:
+    """One family's rules: table -> chain -> rule lines ("-A CHAIN ...")."""
+
+    family: int
+    tables: dict[str, dict[str, list[str]]]
+    jumps: tuple[tuple[str, str, str, str], ...]
+    owners: dict[str, NamespacedName] = field(default_factory=dict)  # nat chain -> service
+
+    def save_text(self, *, tables: Iterable[str] = ("mangle", "filter", "nat")) -> str:
+        """The whole ruleset in iptables-save format: builtin chains with our jumps, our
+        chains in the order iptables-save lists them, and the canary chains."""
+        out: list[str] = []
+        for table in tables:
+            chains = self.tables.get(table, {})
+            out.append(f"*{table}")
+            out.extend(f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table])
+            out.extend(f":{c} - [0:0]" for c in sorted([*chains, KUBE_PROXY_CANARY]))
+            for builtin in BUILTIN_CHAINS[table]:
+                out.extend(jump_rule(j) for j in self.jumps if j[0] == table and j[1] == builtin)
+            for chain in sorted(chains):
+                out.extend(chains[chain])
+            out.append("COMMIT")
+        return "\n".join(out) + "\n"
+
+
+def jump_rule(jump: tuple[str, str, str, str]) -> str:
+    _, builtin, target, matches = jump
+    return f"-A {builtin} {matches} -j {target}" if matches else f"-A {builtin} -j {target}"
+
+
+def render(view: NodeView) -> Ruleset:
+    r = _Renderer(view)
+    r.render()
+    jumps = JUMPS + (LOCALHOST_JUMPS if r.localhost_guard else ())
+    return Ruleset(family=view.family, tables={"filter": r.filter, "nat": r.nat}, jumps=jumps,
+                   owners=r.owners)
+
+
+def _probability(n: int) -> str:
+    """1/n as the kernel stores it (a 31-bit fraction) and iptables-save prints it."""
+    stored = round(0x80000000 / n)
+    return f"{stored / 0x80000000:.11f}"
+
+
+class _Renderer:
+    """Accumulates one family's chains; one method per part of upstream's layout."""
+
+    def __init__(self, view: NodeView) -> None:
+        self.view = view
+        v6 = view.family == 6
+        self.host = "/128" if v6 else "/32"
+        self.reject = "REJECT --reject-with " + (
+            "icmp6-port-unreachable" if v6 else "icmp-port-unreachable")
+        self.rmask = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" if v6 else "255.255.255.255"
+        mark = f"{view.masquerade_mark:#x}"
+        self.mark = mark
+        self.comments = view.total_endpoints <= LARGE_CLUSTER_ENDPOINTS
+        self.filter: dict[str, list[str]] = {c: [] for c in TOP_CHAINS["filter"]}
+        self.nat: dict[str, list[str]] = {c: [] for c in TOP_CHAINS["nat"]}
+        self.owners: dict[str, NamespacedName] = {}
+        self.localhost_guard = view.localhost_nodeports and (
+            view.nodeports.match_all
+            or any(ip.is_loopback for ip in view.nodeports.addresses))
+        self.not_local, self.local = _detector_matches(view)
+
+    # -- fixed chains ---------------------------------------------------------------
+
+    def render(self) -> None:
+        self.fixed_chains()
+        for spv in self.view.services:
+            self.service_port(spv)
+        self.nodeports_tail()
+
+    def fixed_chains(self) -> None:
+        mark = self.mark
+        self.nat[KUBE_POSTROUTING] += [
+            f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
+            # Clear the mark so a packet re-traversing does not get masqueraded twice.
+            f"-A KUBE-POSTROUTING -j MARK --set-xmark {mark}/0x0",
+            '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT"'
+            " -j MASQUERADE --random-fully",
+        ]
+        self.nat[KUBE_MARK_MASQ].append(f"-A KUBE-MARK-MASQ -j MARK --set-xmark {mark}/{mark}")
+        self.filter[KUBE_FORWARD] += [
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
+            f"-m mark --mark {mark}/{mark} -j ACCEPT",
+            '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ]
+        if self.localhost_guard:
+            self.filter[KUBE_FIREWALL] = [
+                '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment '
+                '"block incoming localnet connections" '
+                "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"]
+
+    def nodeports_tail(self) -> None:
+        """The last rule of nat KUBE-SERVICES: traffic to node addresses -> KUBE-NODEPORTS."""
+        rules = self.nat[KUBE_SERVICES]
+        comment = f'-m comment --comment "{NODEPORTS_COMMENT}"'
+        nodeports = self.view.nodeports
+        if nodeports.match_all:
+            guard = ""
+            if self.view.family == 6:
+                guard = "! -d ::1/128 "
+            elif not self.view.localhost_nodeports:
+                guard = "! -d 127.0.0.0/8 "
+            rules.append(f"-A KUBE-SERVICES {guard}{comment} -m addrtype --dst-type LOCAL "
+                         "-j KUBE-NODEPORTS")
+            return
+        for ip in nodeports.addresses:
+            if ip.is_loopback and not self.view.localhost_nodeports:
+                continue  # localhost NodePorts need route_localnet, IPv4 only
+            rules.append(f"-A KUBE-SERVICES -d {ip}{self.host} {comment} -j KUBE-NODEPORTS")
+
+    # -- one service port -----------------------------------------------------------
+
+    def service_port(self, spv: ServicePortView) -> None:
+        spn = str(spv.name)
+        proto = spv.protocol
+        svc_chain = service_chain("KUBE-SVC-", spn, proto)
+        svl_chain = service_chain("KUBE-SVL-", spn, proto)
+        ext_chain = service_chain("KUBE-EXT-", spn, proto)
+        fw_chain = service_chain("KUBE-FW-", spn, proto)
+        policy_chain = {Route.CLUSTER: svc_chain, Route.LOCAL: svl_chain}
+        host = self.host
+        pm = f"-p {proto}"
+        dport = f"-m {proto} --dport {spv.port}"
+        lb_target = fw_chain if spv.firewall else ext_chain
+        nat_svc, filter_svc = self.nat[KUBE_SERVICES], self.filter[KUBE_SERVICES]
+        ext_filter = self.filter[KUBE_EXTERNAL_SERVICES]
+        ext_verdict = ("REJECT" if spv.external is Route.REJECT else "DROP",
+                       f"{spn} has no endpoints" if spv.external is Route.REJECT
+                       else f"{spn} has no local endpoints")
+        ext_blocked = spv.external in (Route.DROP, Route.REJECT)
+        ext_action = self.reject if ext_verdict[0] == "REJECT" else "DROP"
+
+        # Cluster IP.
+        if spv.internal in policy_chain:
+            nat_svc.append(f"-A KUBE-SERVICES -d {spv.cluster_ip}{host} {pm} -m comment "
+                           f'--comment "{spn} cluster IP" {dport} -j {policy_chain[spv.internal]}')
+        else:
+            why = "has no endpoints" if spv.internal is Route.REJECT else "has no local endpoints"
+            action = self.reject if spv.internal is Route.REJECT else "DROP"
+            filter_svc.append(f"-A KUBE-SERVICES -d {spv.cluster_ip}{host} {pm} -m comment "
+                              f'--comment "{spn} {why}" {dport} -j {action}')
+        # External IPs.
+        for ip in spv.external_ips:
+            if spv.has_endpoints:
+                nat_svc.append(f"-A KUBE-SERVICES -d {ip}{host} {pm} -m comment "
+                               f'--comment "{spn} external IP" {dport} -j {ext_chain}')
+            if ext_blocked:
+                ext_filter.append(f"-A KUBE-EXTERNAL-SERVICES -d {ip}{host} {pm} -m comment "
+                                  f'--comment "{ext_verdict[1]}" {dport} -j {ext_action}')
+        # Load-balancer IPs.
+        for ip in spv.load_balancer_ips:
+            if spv.has_endpoints:
+                nat_svc.append(f"-A KUBE-SERVICES -d {ip}{host} {pm} -m comment "
+                               f'--comment "{spn} loadbalancer IP" {dport} -j {lb_target}')
+            if spv.firewall:
+                self.filter[KUBE_PROXY_FIREWALL].append(
+                    f"-A KUBE-PROXY-FIREWALL -d {ip}{host} {pm} -m comment --comment "
+                    f'"{spn} traffic not accepted by {fw_chain}" {dport} -j DROP')
+        if ext_blocked:
+            for ip in spv.load_balancer_ips:
+                ext_filter.append(f"-A KUBE-EXTERNAL-SERVICES -d {ip}{host} {pm} -m comment "
+                                  f'--comment "{ext_verdict[1]}" {dport} -j {ext_action}')
+        # NodePort.
+        if spv.node_port:
+            if spv.has_endpoints:
+                self.nat[KUBE_NODEPORTS].append(
+                    f'-A KUBE-NODEPORTS {pm} -m comment --comment "{spn}" '
+                    f"-m {proto} --dport {spv.node_port} -j {ext_chain}")
+            if ext_blocked:
+                ext_filter.append(
+                    f'-A KUBE-EXTERNAL-SERVICES {pm} -m comment --comment "{ext_verdict[1]}" '
+                    f"-m addrtype --dst-type LOCAL -m {proto} --dport {spv.node_port} "
+                    f"-j {ext_action}")
+        if spv.health_check_node_port:
+            self.filter[KUBE_NODEPORTS].append(
+                f'-A KUBE-NODEPORTS -p tcp -m comment --comment "{spn} health check node port" '
+                f"-m tcp --dport {spv.health_check_node_port} -j ACCEPT")
+
+        self.policy_chains(spv, spn, svc_chain, svl_chain, ext_chain, fw_chain)
+
+    def policy_chains(self, spv: ServicePortView, spn: str, svc_chain: str, svl_chain: str,
+                      ext_chain: str, fw_chain: str) -> None:
+        """The per-service nat chains: SVC, SVL, EXT, FW and one SEP per endpoint."""
+        owner = spv.name.service
+        chains: dict[str, list[str]] = {}
+        if spv.uses_cluster_chain:
+            chains[svc_chain] = []
+        if spv.uses_local_chain:
+            chains[svl_chain] = []
+        internal_chain = svc_chain if spv.internal is Route.CLUSTER else svl_chain
+        masq = ("", "") if self.view.masquerade_all else self.not_local
+        if spv.internal in (Route.CLUSTER, Route.LOCAL) and masq is not None:
+            src, iface = masq
+            chains[internal_chain].append(
+                f"-A {internal_chain} {src}-d {spv.cluster_ip}{self.host}{iface} "
+                f"-p {spv.protocol} -m comment --comment \"{spn} cluster IP\" "
+                f"-m {spv.protocol} --dport {spv.port} -j KUBE-MARK-MASQ")
+        if spv.uses_external_chain:
+            chains[ext_chain] = list(self.external_chain(spv, spn, ext_chain, svc_chain,
+                                                         svl_chain))
+        if spv.firewall:
+            chains[fw_chain] = self.firewall_chain(spv, spn, fw_chain, ext_chain)
+        if spv.uses_cluster_chain:
+            self.balance(chains[svc_chain], svc_chain, spv, spn, spv.cluster_endpoints)
+        if spv.uses_local_chain:
+            self.balance(chains[svl_chain], svl_chain, spv, spn, spv.local_endpoints)
+        for ep in spv.all_endpoints:
+            sep = endpoint_chain(spn, spv.protocol, str(ep))
+            chains[sep] = self.endpoint_rules(sep, spv, spn, ep)
+        for name, rules in chains.items():
+            self.nat[name] = rules
+            self.owners[name] = owner
+
+    def external_chain(self, spv: ServicePortView, spn: str, ext_chain: str, svc_chain: str,
+                       svl_chain: str) -> Iterator[str]:
+        if not spv.external_policy_local:
+            # Endpoints may be on other nodes: masquerade so replies come back here.
+            yield (f'-A {ext_chain} -m comment --comment "masquerade traffic for {spn} '
+                   'external destinations" -j KUBE-MARK-MASQ')
+        else:
+            if self.local is not None:
+                # Pods reaching an external destination are not subject to the
+                # traffic policy (as if they went out to the LB and back).
+                yield (f'-A {ext_chain} {self.local} -m comment --comment "pod traffic for '
+                       f'{spn} external destinations" -j {svc_chain}')
+            # The node itself: its source address is local, so masquerade it.
+            yield (f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {spn} '
+                   'external destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ')
+            yield (f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {spn} '
+                   f'external destinations" -m addrtype --src-type LOCAL -j {svc_chain}')
+        if spv.external is Route.CLUSTER:
+            yield f"-A {ext_chain} -j {svc_chain}"
+        elif spv.external is Route.LOCAL:
+            yield f"-A {ext_chain} -j {svl_chain}"
+
+    def firewall_chain(self, spv: ServicePortView, spn: str, fw_chain: str,
+                       ext_chain: str) -> list[str]:
+        comment = f'-m comment --comment "{spn} loadbalancer IP"'
+        sources: list[IPNetwork | IPAddress] = list(spv.source_ranges)
+        if spv.firewall_allows_node:
+            # The node reaching its own LB IP loops back with the LB IP as source.
+            sources += spv.load_balancer_ips
+        return [f"-A {fw_chain} -s {_cidr(s, self.host)} {comment} -j {ext_chain}"
+                for s in sources]
+
+    def balance(self, rules: list[str], chain: str, spv: ServicePortView, spn: str,
+                endpoints: tuple[EndpointView, ...]) -> None:
+        """Affinity rules, then one probabilistic (or nth) rule per endpoint."""
+        n = len(endpoints)
+        seps = [endpoint_chain(spn, spv.protocol, str(ep)) for ep in endpoints]
+        comments = ([f'-m comment --comment "{spn} -> {ep}" ' for ep in endpoints]
+                    if self.comments else [""] * n)
+        if spv.affinity_timeout is not None:
+            for sep, cmt in zip(seps, comments, strict=True):
+                rules.append(f"-A {chain} {cmt}-m recent --rcheck --seconds "
+                             f"{spv.affinity_timeout} --reap --name {sep} --mask {self.rmask} "
+                             f"--rsource -j {sep}")
+        round_robin = self.view.lb_algorithm is LBAlgorithm.ROUND_ROBIN
+        for i, (sep, cmt) in enumerate(zip(seps, comments, strict=True)):
+            if i == n - 1:
+                rules.append(f"-A {chain} {cmt}-j {sep}")
+            elif round_robin:
+                rules.append(f"-A {chain} {cmt}-m statistic --mode nth --every {n - i} "
+                             f"--packet 0 -j {sep}")
+            else:
+                rules.append(f"-A {chain} {cmt}-m statistic --mode random --probability "
+                             f"{_probability(n - i)} -j {sep}")
+
+    def endpoint_rules(self, sep: str, spv: ServicePortView, spn: str,
+                       ep: EndpointView) -> list[str]:
+        cmt = f'-m comment --comment "{spn}" ' if self.comments else ""
+        recent = (f"-m recent --set --name {sep} --mask {self.rmask} --rsource "
+                  if spv.affinity_timeout is not None else "")
+        proto = spv.protocol
+        return [
+            # Hairpin: a pod reaching itself through the service must be masqueraded.
+            f"-A {sep} -s {ep.ip}{self.host} {cmt}-j KUBE-MARK-MASQ",
+            f"-A {sep} -p {proto} {cmt}{recent}-m {proto} -j DNAT --to-destination {ep}",
+        ]
+
+
+def _cidr(value: IPNetwork | IPAddress, host: str) -> str:
+    if isinstance(value, IPNetwork):
+        return str(value)
+    return f"{value}{host}"
+
+
+def _detector_matches(view: NodeView) -> tuple[tuple[str, str] | None, str | None]:
+    """How "not from a local pod" and "from a local pod" are spelled (None: no detector).
+
+    "Not local" comes as (source part, interface part): in canonical order ``-s`` stands
+    before ``-d`` and ``-i`` after it, so the caller places the two parts separately.
+    """
+    det = view.local_detector
+    if det.cidrs:
+        return (f"! -s {det.cidrs[0]} ", ""), f"-s {det.cidrs[0]}"
+    if det.interface:
+        name = det.interface + ("+" if det.prefix else "")
+        return ("", f" ! -i {name}"), f"-i {name}"
+    return None, None
