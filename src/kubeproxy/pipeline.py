@@ -5,7 +5,8 @@ from __future__ import annotations
 from kubeproxy.config import ProxyConfig
 from kubeproxy.model import Cluster, Family
 from kubeproxy.nodeview import build_node_view
-from kubeproxy.render import iptables
+from kubeproxy.dataplane.base import Runner
+from kubeproxy.render import iptables, nftables
 
 
 def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
@@ -19,3 +20,26 @@ def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
 def render_iptables(cluster: Cluster, config: ProxyConfig) -> dict[Family, iptables.Ruleset]:
     return {fam: iptables.render(build_node_view(cluster, config, fam))
             for fam in families_in_use(cluster, config)}
+
+
+def render_nftables_ruleset(cluster: Cluster, config: ProxyConfig) -> nftables.NftRuleset:
+    """Both families' node views in one nftables ruleset (tables ip/ip6 kube-proxy)."""
+    return nftables.render([build_node_view(cluster, config, fam)
+                            for fam in families_in_use(cluster, config)])
+
+
+def render_nftables(cluster: Cluster, config: ProxyConfig) -> str:
+    """The `nft -f` script for this node."""
+    return render_nftables_ruleset(cluster, config).script()
+
+
+def apply_nftables(cluster: Cluster, config: ProxyConfig, runner: Runner) -> None:
+    from kubeproxy.dataplane.nftables import NftablesDataPlane
+
+    NftablesDataPlane(runner).sync(render_nftables_ruleset(cluster, config))
+
+
+def cleanup_nftables(runner: Runner) -> None:
+    from kubeproxy.dataplane.nftables import NftablesDataPlane
+
+    NftablesDataPlane(runner).cleanup()
