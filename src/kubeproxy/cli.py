@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubeproxy.config import (
     ConfigError,
@@ -150,9 +150,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         from kubeproxy.pipeline import apply_nftables
         apply_nftables(cluster, config, runner)
         return 0
-    from kubeproxy.dataplane.iptables import IptablesDataPlane, detect_backend
+    from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
 
-    backend = detect_backend(runner) if args.iptables_backend == "auto" else args.iptables_backend
+    backend: Backend = (detect_backend(runner) if args.iptables_backend == "auto"
+                        else cast(Backend, args.iptables_backend))
     rulesets = render_iptables(cluster, config)
     for family in families_in_use(cluster, config):
         IptablesDataPlane(runner, family, backend).sync(rulesets[family])

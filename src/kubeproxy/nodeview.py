@@ -56,11 +56,17 @@ class EndpointView(NamedTuple):
     ip: IPAddress
     port: int
     local: bool
+    addr: str  # str(ip), computed once: renderers format it many times
+    target: str  # "ip:port", or "[ip]:port" for IPv6
 
     def __str__(self) -> str:
-        if self.ip.version == 6:
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+        return self.target
+
+
+def endpoint_view(ip: IPAddress, port: int, local: bool) -> EndpointView:
+    addr = str(ip)
+    target = f"[{addr}]:{port}" if ip.version == 6 else f"{addr}:{port}"
+    return EndpointView(ip, port, local, addr, target)
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,9 @@ class ServicePortView:
             return self.cluster_endpoints
         if not self.cluster_endpoints:
             return self.local_endpoints
-        seen = set(self.cluster_endpoints)
-        return self.cluster_endpoints + tuple(e for e in self.local_endpoints if e not in seen)
+        seen = {e.target for e in self.cluster_endpoints}
+        return self.cluster_endpoints + tuple(e for e in self.local_endpoints
+                                              if e.target not in seen)
 
     @property
     def uses_cluster_chain(self) -> bool:
@@ -176,7 +183,8 @@ def build_node_view(cluster: Cluster, config: ProxyConfig, family: Family) -> No
         for spec in svc.ports:
             views.append(_port_view(svc, spec, cluster_ip, slices.get(svc.ref, ()),
                                     node, node_ips, family))
-    views.sort(key=lambda v: v.name)
+    views.sort(key=lambda v: (v.name.service.namespace, v.name.service.name, v.name.port,
+                              v.name.protocol))
     return NodeView(
         family=family,
         node_name=node.name,
@@ -207,17 +215,19 @@ def _candidates(spec: ServicePortSpec, slices: Iterable[EndpointSlice]) -> list[
     An address may appear in several slices (during a controller's rewrite); the
     first ready copy wins, as in upstream's EndpointSliceCache.
     """
-    found: dict[tuple[IPAddress, int], Candidate] = {}
+    # Keyed by the address as an integer: hashing ipaddress objects is slow, and one
+    # family's addresses compare the same way as integers.
+    found: dict[tuple[int, int], Candidate] = {}
     for eps in slices:
         for port in eps.ports:
             if port.name != spec.name or port.protocol != spec.protocol:
                 continue
             for ep in eps.endpoints:
-                key = (ep.address, port.port)
+                key = (int(ep.address), port.port)
                 old = found.get(key)
                 if old is None or (ep.ready and not old.endpoint.ready):
                     found[key] = Candidate(ep, port.port)
-    return [found[k] for k in sorted(found, key=lambda k: (k[0].packed, k[1]))]
+    return [found[k] for k in sorted(found)]
 
 
 def _port_view(
@@ -244,7 +254,7 @@ def _port_view(
                      uses_cluster=uses_cluster, uses_local=uses_local)
 
     def views(cands: Iterable[Candidate]) -> tuple[EndpointView, ...]:
-        return tuple(EndpointView(c.endpoint.address, c.port, c.endpoint.node_name == node.name)
+        return tuple(endpoint_view(c.endpoint.address, c.port, c.endpoint.node_name == node.name)
                      for c in cands)
 
     cluster_eps = views(cat.cluster) if uses_cluster else ()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kubeproxy.config import ProxyConfig
+from kubeproxy.dataplane.base import Runner
 from kubeproxy.model import Cluster, Family
 from kubeproxy.nodeview import build_node_view
-from kubeproxy.dataplane.base import Runner
-from kubeproxy.render import iptables, nftables
+from kubeproxy.render import iptables
+
+if TYPE_CHECKING:
+    from kubeproxy.render.nftables import NftRuleset
 
 
 def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
@@ -22,8 +27,10 @@ def render_iptables(cluster: Cluster, config: ProxyConfig) -> dict[Family, iptab
             for fam in families_in_use(cluster, config)}
 
 
-def render_nftables_ruleset(cluster: Cluster, config: ProxyConfig) -> nftables.NftRuleset:
+def render_nftables_ruleset(cluster: Cluster, config: ProxyConfig) -> NftRuleset:
     """Both families' node views in one nftables ruleset (tables ip/ip6 kube-proxy)."""
+    from kubeproxy.render import nftables
+
     return nftables.render([build_node_view(cluster, config, fam)
                             for fam in families_in_use(cluster, config)])
 

@@ -49,8 +49,12 @@ def categorize(
     has_any = False
     if uses_cluster:
         mode = topology_mode(candidates, node_name, zone, prefer_same_node)
-        cluster = tuple(c for c in candidates
-                        if c.endpoint.ready and _in_topology(c.endpoint, mode, node_name, zone))
+        if mode:
+            cluster = tuple(c for c in candidates
+                            if c.endpoint.ready and _in_topology(c.endpoint, mode, node_name,
+                                                                 zone))
+        else:
+            cluster = tuple(c for c in candidates if c.endpoint.ready)
         if not cluster:
             cluster = tuple(c for c in candidates if c.endpoint.serving and c.endpoint.terminating)
         has_any = bool(cluster)

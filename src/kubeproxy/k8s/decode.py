@@ -223,8 +223,10 @@ def _service_type(spec: Mapping[str, Any]) -> ServiceType:
 def _cluster_ips(spec: Mapping[str, Any]) -> tuple[IPAddress, ...]:
     ips = _list(spec, "clusterIPs", "spec.clusterIPs")
     field_name = "spec.clusterIPs"
+    single = _str(spec, "clusterIP", "spec.clusterIP")
+    if ips and single and ips[0] != single:
+        raise FieldError("spec.clusterIP", f"{single!r:.60} must equal spec.clusterIPs[0]")
     if not ips:
-        single = _str(spec, "clusterIP", "spec.clusterIP")
         ips = [single] if single else []
         field_name = "spec.clusterIP"
     if not ips or ips[0] == "None":

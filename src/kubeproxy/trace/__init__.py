@@ -1,0 +1,27 @@
+"""Packet tracers over rendered rules: "where does this packet go, and why".
+
+A tracer reads what a renderer produced (iptables-save text today) and follows one packet
+through it the way the kernel would, so flow tests can assert behaviour ("pod 10.0.0.2 ->
+172.30.0.41:80 reaches {10.180.0.1:80}, not masqueraded") instead of rule text.
+"""
+
+from kubeproxy.trace.iptables import RulesetParseError, trace_iptables
+from kubeproxy.trace.result import (
+    IPAddress,
+    Packet,
+    TraceError,
+    TraceLimitError,
+    TraceResult,
+    Verdict,
+)
+
+__all__ = [
+    "IPAddress",
+    "Packet",
+    "RulesetParseError",
+    "TraceError",
+    "TraceLimitError",
+    "TraceResult",
+    "Verdict",
+    "trace_iptables",
+]
