@@ -241,6 +241,12 @@ class Endpoint:
     zone: str | None = None
     zone_hints: frozenset[str] = frozenset()
     node_hints: frozenset[str] = frozenset()
+    # str(address), computed once here: renderers print it on every sync.
+    address_text: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.address_text:
+            object.__setattr__(self, "address_text", str(self.address))
 
 
 @dataclass(frozen=True)

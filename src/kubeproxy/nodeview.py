@@ -63,8 +63,8 @@ class EndpointView(NamedTuple):
         return self.target
 
 
-def endpoint_view(ip: IPAddress, port: int, local: bool) -> EndpointView:
-    addr = str(ip)
+def endpoint_view(ip: IPAddress, port: int, local: bool, addr: str = "") -> EndpointView:
+    addr = addr or str(ip)
     target = f"[{addr}]:{port}" if ip.version == 6 else f"{addr}:{port}"
     return EndpointView(ip, port, local, addr, target)
 
@@ -254,8 +254,9 @@ def _port_view(
                      uses_cluster=uses_cluster, uses_local=uses_local)
 
     def views(cands: Iterable[Candidate]) -> tuple[EndpointView, ...]:
-        return tuple(endpoint_view(c.endpoint.address, c.port, c.endpoint.node_name == node.name)
-                     for c in cands)
+        here = node.name
+        return tuple(endpoint_view(c.endpoint.address, c.port, c.endpoint.node_name == here,
+                                   c.endpoint.address_text) for c in cands)
 
     cluster_eps = views(cat.cluster) if uses_cluster else ()
     local_eps = views(cat.local) if uses_local else ()

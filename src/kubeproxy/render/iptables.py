@@ -334,18 +334,16 @@ class _Renderer:
                                                          svl_chain))
         if spv.firewall:
             chains[fw_chain] = self.firewall_chain(spv, spn, fw_chain, ext_chain)
-        seps = {ep.target: endpoint_chain(spn, spv.protocol, ep.target)
-                for ep in spv.all_endpoints}
+        everyone = spv.all_endpoints
+        hash_prefix = spn + spv.protocol  # endpoint_chain(), inlined: one per endpoint
+        seps = {ep.target: "KUBE-SEP-" + _hash16(hash_prefix + ep.target) for ep in everyone}
         if spv.uses_cluster_chain:
             self.balance(chains[svc_chain], svc_chain, spv, spn, spv.cluster_endpoints, seps)
         if spv.uses_local_chain:
             self.balance(chains[svl_chain], svl_chain, spv, spn, spv.local_endpoints, seps)
-        for ep in spv.all_endpoints:
-            sep = seps[ep.target]
-            chains[sep] = self.endpoint_rules(sep, spv, spn, ep)
-        for name, rules in chains.items():
-            self.nat[name] = rules
-            self.owners[name] = owner
+        self.endpoint_chains(chains, spv, spn, seps)
+        self.nat.update(chains)
+        self.owners.update(dict.fromkeys(chains, owner))
 
     def external_chain(self, spv: ServicePortView, spn: str, ext_chain: str, svc_chain: str,
                        svl_chain: str) -> Iterator[str]:
@@ -406,17 +404,22 @@ class _Renderer:
                 rules.append(f"-A {chain} {cmt}-m statistic --mode random --probability "
                              f"{_probability(n - i)} -j {sep}")
 
-    def endpoint_rules(self, sep: str, spv: ServicePortView, spn: str,
-                       ep: EndpointView) -> list[str]:
+    def endpoint_chains(self, chains: dict[str, list[str]], spv: ServicePortView, spn: str,
+                        seps: dict[str, str]) -> None:
+        """One KUBE-SEP chain per endpoint: hairpin masquerade, then DNAT."""
         cmt = f'-m comment --comment "{spn}" ' if self.comments else ""
-        recent = (f"-m recent --set --name {sep} --mask {self.rmask} --rsource "
-                  if spv.affinity_timeout is not None else "")
         proto = spv.protocol
-        return [
-            # Hairpin: a pod reaching itself through the service must be masqueraded.
-            f"-A {sep} -s {ep.addr}{self.host} {cmt}-j KUBE-MARK-MASQ",
-            f"-A {sep} -p {proto} {cmt}{recent}-m {proto} -j DNAT --to-destination {ep.target}",
-        ]
+        host = self.host
+        for ep in spv.all_endpoints:
+            sep = seps[ep.target]
+            recent = (f"-m recent --set --name {sep} --mask {self.rmask} --rsource "
+                      if spv.affinity_timeout is not None else "")
+            chains[sep] = [
+                # Hairpin: a pod reaching itself through the service must be masqueraded.
+                f"-A {sep} -s {ep.addr}{host} {cmt}-j KUBE-MARK-MASQ",
+                f"-A {sep} -p {proto} {cmt}{recent}-m {proto} -j DNAT "
+                f"--to-destination {ep.target}",
+            ]
 
 
 def _cidr(value: IPNetwork | IPAddress, host: str) -> str:
