@@ -36,7 +36,7 @@ test: deps lint
 	$(VENV)/bin/pytest -q
 
 demo: deps
-	$(VENV)/bin/python -m kubeproxy.demo
+	$(VENV)/bin/python -m kubeproxy.lab.demo
 
 bench-render: venv
 	$(PY) bench/render.py

@@ -1,0 +1,97 @@
+"""A topology plan -> iproute2 calls (through the Netns adapter), and back to nothing.
+
+Sysctls, all set inside lab namespaces only (they are per network namespace):
+
+- node: ``net.ipv4.ip_forward=1`` (nodes route for their pods and for Services);
+  ``net.bridge.bridge-nf-call-iptables=1`` so bridged pod-to-pod replies on ``cbr0``
+  pass conntrack and get their DNAT undone (a pod calling a ClusterIP whose endpoint is
+  a pod on the same bridge). br_netfilter is built into this kernel; where it is a
+  module, it must be loaded (``modprobe br_netfilter``) before ``lab up``.
+- switch: ``bridge-nf-call-iptables=0``: the lab network's bridge is a plain wire.
+
+Hairpin mode is on for every pod's port on ``cbr0`` (as kubenet does): with
+br_netfilter, a pod's packet to its own Service is DNATed back to the pod while still in
+the bridge (``bridged_dnat``), and the bridge must send it out of the port it came in
+on; the masquerade rule gives it the node's cbr0 address as source.
+"""
+
+from __future__ import annotations
+
+from kubeproxy.lab.errors import CommandError, LabError
+from kubeproxy.lab.netns import Netns
+from kubeproxy.lab.topology import BRIDGE, LAB_CIDR, SWITCH_BRIDGE, Plan
+
+LAB_IF = "eth0"
+
+NODE_SYSCTLS = (
+    ("net.ipv4.ip_forward", "1"),
+    ("net.bridge.bridge-nf-call-iptables", "1"),
+)
+SWITCH_SYSCTLS = (
+    ("net.bridge.bridge-nf-call-iptables", "0"),
+    ("net.bridge.bridge-nf-call-ip6tables", "0"),
+    ("net.bridge.bridge-nf-call-arptables", "0"),
+)
+
+
+def build(net: Netns, plan: Plan) -> None:
+    """Create every namespace, link, address and route of the plan."""
+    for ns in plan.namespaces():
+        net.add(ns)
+    sw = plan.switch_ns
+    net.add_bridge(sw, SWITCH_BRIDGE)
+    for key, value in SWITCH_SYSCTLS:
+        net.sysctl(sw, key, value)
+    for node in plan.nodes:
+        _wire_to_switch(net, sw, node.switch_port, node.ns)
+        net.add_address(node.ns, LAB_IF, f"{node.lab_ip}/{LAB_CIDR.prefixlen}")
+        net.up(node.ns, LAB_IF)
+        prefixlen = node.pod_cidr.split("/")[1]
+        net.add_bridge(node.ns, BRIDGE)
+        net.add_address(node.ns, BRIDGE, f"{node.gateway}/{prefixlen}")
+        for key, value in NODE_SYSCTLS:
+            try:
+                net.sysctl(node.ns, key, value)
+            except CommandError as exc:
+                if key.startswith("net.bridge."):
+                    raise LabError(
+                        f"{key} is missing: the kernel's br_netfilter is not loaded "
+                        "(the lab does not load modules itself: run `modprobe br_netfilter`)"
+                    ) from exc
+                raise
+        for other in plan.nodes:
+            if other.name != node.name:
+                net.add_route(node.ns, other.pod_cidr, via=other.lab_ip)
+        # Everything else is on the lab network, which ends at its bridge.
+        net.add_route(node.ns, "default", dev=LAB_IF)
+    ext = plan.external
+    _wire_to_switch(net, sw, ext.switch_port, ext.ns)
+    for client in ext.clients:
+        net.add_address(ext.ns, LAB_IF, f"{client}/32")
+    net.up(ext.ns, LAB_IF)
+    net.add_route(ext.ns, str(LAB_CIDR), dev=LAB_IF, src=ext.clients[0])
+    for dst in ext.routes:
+        net.add_route(ext.ns, dst, via=ext.via, src=ext.clients[0])
+    for pod in plan.pods:
+        node_ns = plan.node(pod.node).ns
+        net.add_veth(node_ns, pod.host_if, pod.ns, LAB_IF)
+        net.set_master(node_ns, pod.host_if, BRIDGE)
+        net.set_hairpin(node_ns, pod.host_if)
+        net.up(node_ns, pod.host_if)
+        net.add_address(pod.ns, LAB_IF, f"{pod.ip}/{pod.prefixlen}")
+        net.up(pod.ns, LAB_IF)
+        net.add_route(pod.ns, "default", via=pod.gateway)
+
+
+def _wire_to_switch(net: Netns, switch: str, port: str, ns: str) -> None:
+    net.add_veth(switch, port, ns, LAB_IF)
+    net.set_master(switch, port, SWITCH_BRIDGE)
+    net.up(switch, port)
+
+
+def teardown(net: Netns, prefix: str) -> list[str]:
+    """Delete every namespace whose name starts with prefix (a lab's ``kpl-<lab>-``)."""
+    gone = net.list_namespaces(prefix)
+    for ns in gone:
+        net.delete(ns)
+    return gone

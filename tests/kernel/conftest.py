@@ -1,0 +1,162 @@
+"""Kernel tests of the lab: real packets through real rules, inside network namespaces.
+
+They need root, iproute2, iptables/nft and the core's ``kubeproxy apply``; otherwise they
+skip with the reason. Every lab a test brings up is taken down by its fixture, also on
+failure; test labs are named ``kt...`` so a user's own lab (default ``lab``) is never
+touched. The session ends by failing if a ``kpl-`` namespace or a lab process that was not
+there before the session is still there after it (they are removed, then reported).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubeproxy.lab.manifest import load_documents
+from kubeproxy.lab.netns import Netns
+from kubeproxy.lab.runtime import Lab, UpOptions, python_env
+from kubeproxy.lab.state import Store
+
+NFTABLES_NOT_READY = "nftables data plane not built yet"
+SMOKE = """
+kind: Node
+metadata: {name: node-1}
+spec: {podCIDR: 10.244.1.0/24}
+---
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+"""
+
+
+@functools.cache
+def skip_reason() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "kernel tests need root on Linux (they create network namespaces)"
+    for tool in ("ip", "iptables", "nft", "sysctl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not _core_runs("apply", "--help"):
+        return "the core's `python -m kubeproxy apply` is not available"
+    return None
+
+
+def _core_runs(*argv: str) -> bool:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubeproxy", *argv],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return proc.returncode == 0
+
+
+@functools.cache
+def nftables_ready() -> bool:
+    """``apply --mode nftables --help`` always parses; rendering proves the mode exists."""
+    if not _core_runs("apply", "--mode", "nftables", "--help"):
+        return False
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+        fh.write(SMOKE)
+        fh.flush()
+        return _core_runs(
+            "render", "-f", fh.name, "--mode", "nftables", "--hostname-override", "node-1"
+        )
+
+
+def _nft_marks() -> list[pytest.MarkDecorator]:
+    if skip_reason() is not None:
+        return []
+    return [] if nftables_ready() else [pytest.mark.skip(reason=NFTABLES_NOT_READY)]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("iptables", id="iptables"),
+        pytest.param("nftables", id="nftables", marks=_nft_marks()),
+    ],
+)
+def mode(request: pytest.FixtureRequest) -> str:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    value: str = request.param
+    return value
+
+
+MakeLab = Callable[..., Lab]
+
+
+@pytest.fixture(scope="module")
+def make_lab() -> Iterator[MakeLab]:
+    """make_lab(name, yaml_text, **UpOptions) -> a running Lab, downed after the module."""
+    labs: list[Lab] = []
+
+    def make(name: str, text: str, **options: Any) -> Lab:
+        assert name.startswith("kt"), "test labs are named kt..."
+        lab = Lab(name)
+        lab.down()  # left over from an interrupted run
+        labs.append(lab)
+        lab.up(load_documents([(name, text)]), UpOptions(**options))
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            lab.down()
+
+
+def _lab_namespaces() -> set[str]:
+    return set(Netns().list_namespaces("kpl-"))
+
+
+def _lab_processes() -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(b"kubeproxy.lab.") for a in argv):
+            pids.add(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    if skip_reason() is not None:
+        yield
+        return
+    namespaces, processes, files = _lab_namespaces(), _lab_processes(), _test_lab_files()
+    yield
+    left_ns = sorted(_lab_namespaces() - namespaces)
+    left_procs = sorted(_lab_processes() - processes)
+    left_files = sorted(str(p) for p in set(_test_lab_files()) - set(files))
+    for name in sorted({ns.split("-")[1] for ns in left_ns}):
+        if name.startswith("kt"):
+            Lab(name).down()
+    if left_ns or left_procs or left_files:
+        pytest.fail(
+            f"lab tests left behind namespaces {left_ns}, processes {left_procs}, "
+            f"files {left_files}"
+        )
+
+
+def _test_lab_files() -> list[Path]:
+    base = Store("x").base
+    return sorted(base.glob("kt*")) if base.exists() else []

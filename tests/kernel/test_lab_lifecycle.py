@@ -1,0 +1,100 @@
+"""The lab's life cycle through its command line: up, use, down; failures clean up.
+
+These run ``python -m kubeproxy.lab.cli`` as a user would run ``kubeproxy lab``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubeproxy.lab.errors import CommandError
+from kubeproxy.lab.manifest import load_documents
+from kubeproxy.lab.runtime import Lab, UpOptions, python_env
+from tests.kernel.conftest import skip_reason
+
+pytestmark = pytest.mark.kernel
+
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
+
+
+def lab_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubeproxy.lab.cli", "lab", *argv],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def two_cli_labs(mode: str) -> Iterator[tuple[str, str]]:
+    names = (f"ktcli{mode[0]}", f"ktcl2{mode[0]}")
+    try:
+        for name in names:
+            done = lab_cli("up", "-f", str(SEED), "--mode", mode, "--name", name)
+            assert done.returncode == 0, done.stderr
+        yield names
+    finally:
+        for name in names:
+            lab_cli("down", "--name", name)
+
+
+def test_cli_round_trip_and_labs_side_by_side(
+    two_cli_labs: tuple[str, str], tmp_path: Path
+) -> None:
+    first, second = two_cli_labs
+    status = lab_cli("status", "--name", first)
+    assert status.returncode == 0 and "default/my-app-3" in status.stdout
+    for name in two_cli_labs:
+        probe = lab_cli(
+            "probe", "--name", name, "--from", "external", "--to", "node-1",
+            "--port", "30080", "-n", "30", "--json",
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr
+        result = json.loads(probe.stdout)
+        assert list(result) == ["sent", "ok", "failed", "backends", "client_addresses"]
+        assert (result["sent"], result["ok"]) == (30, 30)
+        assert set(result["backends"]) <= {"my-app-1", "my-app-2", "my-app-3"}
+    shown = lab_cli("exec", "--name", first, "node-1", "--", "ip", "-4", "-o", "addr")
+    assert shown.returncode == 0 and "192.168.0.2/24" in shown.stdout
+    svg = tmp_path / "lab.svg"
+    drawn = lab_cli("diagram", "--name", first, "-o", str(svg))
+    assert drawn.returncode == 0, drawn.stderr
+    assert "my-service" in ET.tostring(ET.parse(svg).getroot(), encoding="unicode")
+    # Taking one lab down leaves the other working.
+    assert lab_cli("down", "--name", first).returncode == 0
+    assert lab_cli("status", "--name", first).returncode == 1
+    still = lab_cli("probe", "--name", second, "--from", "my-app-1", "--to", "my-service",
+                    "--port", "80", "-n", "10", "--json")  # fmt: skip
+    assert json.loads(still.stdout)["ok"] == 10
+
+
+def test_cli_errors_are_one_line_and_exit_1() -> None:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    missing = lab_cli("status", "--name", "ktnone")
+    assert missing.returncode == 1 and "is not up" in missing.stderr
+    bad = lab_cli("up", "-f", "/nonexistent.yaml", "--name", "ktnone")
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
+
+
+def test_failed_up_leaves_nothing(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_sync(self: Lab, state: object) -> None:
+        raise CommandError(["apply"], 1, "simulated failure")
+
+    monkeypatch.setattr(Lab, "_sync", broken_sync)
+    lab = Lab(f"ktbad{mode[0]}")
+    with pytest.raises(CommandError, match="simulated"):
+        lab.up(load_documents([("seed", SEED.read_text())]), UpOptions(mode=mode))
+    assert lab.net.list_namespaces(lab.prefix) == []
+    assert not lab.store.exists()
