@@ -162,19 +162,40 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from kubeproxy.dataplane.base import SubprocessRunner
-    from kubeproxy.dataplane.iptables import IptablesDataPlane
+    from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
+    from kubeproxy.pipeline import cleanup_nftables
 
     runner = SubprocessRunner()
-    backends = ["legacy", "nft"] if args.iptables_backend == "auto" else [args.iptables_backend]
+    backends: list[Backend] = (["legacy", "nft"] if args.iptables_backend == "auto"
+                               else [cast(Backend, args.iptables_backend)])
     for backend in backends:
         for family in (4, 6):
             IptablesDataPlane(runner, family, backend).cleanup()
-    try:
-        from kubeproxy.pipeline import cleanup_nftables
-    except ImportError:
-        return 0
     cleanup_nftables(runner)
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run as this node's proxy until SIGTERM (upstream's kube-proxy); or clean up and exit."""
+    from kubeproxy import daemon
+    from kubeproxy.config import parse_duration, with_overrides
+
+    if args.cleanup:
+        return cmd_cleanup(args)
+    kw: dict[str, Any] = {}
+    if args.healthz_bind_address is not None:
+        kw["healthz_bind_address"] = args.healthz_bind_address
+    if args.metrics_bind_address is not None:
+        kw["metrics_bind_address"] = args.metrics_bind_address
+    if args.iptables_sync_period:
+        kw["sync_period"] = parse_duration(args.iptables_sync_period, "--iptables-sync-period")
+    if args.iptables_min_sync_period:
+        kw["min_sync_period"] = parse_duration(args.iptables_min_sync_period,
+                                               "--iptables-min-sync-period")
+    config = with_overrides(build_config(args), **kw)
+    kubeconfig = args.kubeconfig or (Path(config.kubeconfig) if config.kubeconfig else None)
+    return daemon.run(config, daemon.DaemonOptions(
+        kubeconfig=kubeconfig, master=args.master, iptables_backend=args.iptables_backend))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iptables-backend", choices=["auto", "legacy", "nft"], default="auto")
     p.add_argument("--mode", "--proxy-mode", dest="mode", choices=["iptables", "nftables"])
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("run", help="run as this node's proxy daemon, like kube-proxy "
+                                   "(needs root)")
+    _add_proxy_flags(p, files=False)
+    p.add_argument("--kubeconfig", type=Path, help="kubeconfig: API server and credentials")
+    p.add_argument("--master", help="API server URL (overrides the kubeconfig's server)")
+    p.add_argument("--healthz-bind-address", metavar="IP:PORT",
+                   help="/healthz and /livez (default 0.0.0.0:10256; empty: off)")
+    p.add_argument("--metrics-bind-address", metavar="IP:PORT",
+                   help="/metrics and /proxyMode (default 127.0.0.1:10249; empty: off)")
+    p.add_argument("--iptables-sync-period", metavar="DURATION",
+                   help="how often rules are fully resynced (default 30s)")
+    p.add_argument("--iptables-min-sync-period", metavar="DURATION",
+                   help="minimum time between syncs (default 1s)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove every rule kubeproxy wrote, then exit")
+    p.set_defaults(func=cmd_run)
 
     try:
         from kubeproxy.lab.cli import add_lab_parser

@@ -56,6 +56,7 @@ class ProxyConfig:
     min_sync_period: float = 1.0
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
+    kubeconfig: str = ""  # clientConnection.kubeconfig (`kubeproxy run`); --kubeconfig wins
 
     def __post_init__(self) -> None:
         if self.mode not in PROXY_MODES:
@@ -141,6 +142,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         out["healthz_bind_address"] = v
     if (v := _get.get_str("metricsBindAddress")) is not None and v:
         out["metrics_bind_address"] = v
+    if (v := _get.get_str("clientConnection", "kubeconfig")) is not None and v:
+        out["kubeconfig"] = v
     return out
 
 

@@ -2,40 +2,50 @@
 
 Theory of operation. The ruleset text is parsed generically (:mod:`.iptables_parse`):
 every rule becomes matches and a target, with no idea of what a renderer meant, so a
-renderer bug shows up as a wrong answer instead of being papered over. The tracer then
-plays the kernel for the first packet of a NEW connection:
+renderer bug shows up as a wrong answer instead of being papered over. Chains are parsed
+when the trace first enters them, so tracing through a huge dump stays cheap. The tracer
+then plays the kernel for the first packet of a NEW connection:
 
 * locally originated (the source is a local or loopback address):
-  OUTPUT -> POSTROUTING, then INPUT over ``lo`` if the (possibly DNATed) destination is local;
-* otherwise: PREROUTING -> routing on the (possibly DNATed) destination -> INPUT if it is
-  local, else FORWARD -> POSTROUTING.
+  nat OUTPUT -> filter OUTPUT -> nat POSTROUTING;
+* otherwise: mangle PREROUTING -> nat PREROUTING -> routing on the (possibly DNATed)
+  destination -> filter INPUT if it is local, else filter FORWARD -> nat POSTROUTING.
 
-Each hook runs its tables in kernel priority order (``_HOOK_TABLES``); a missing table or
-chain is empty with an ACCEPT policy. Inside a table the walk is iptables' own: rules in
-order, ``-j`` returns, ``-g`` returns to the caller's caller, RETURN or falling off a user
-chain resumes the caller, falling off a builtin chain applies its policy. DROP and REJECT
-end the packet; ACCEPT ends the table for this hook; DNAT, SNAT and MASQUERADE end the
-nat table for this hook. DNAT rewrites destination and port, so later hooks see the
-endpoint and conntrack status DNAT; MASQUERADE / SNAT mark the branch as masqueraded.
+(``HOOK_TABLES`` in :mod:`.iptables_parse` is that list; the parser refuses rules in any
+other builtin chain, since the trace would silently skip them.) A missing chain is empty
+with an ACCEPT policy. Inside a table the walk is iptables' own: rules in order, ``-j``
+returns, ``-g`` returns to the caller's caller, RETURN or falling off a user chain resumes
+the caller, falling off a builtin chain applies its policy. DROP and REJECT end the
+packet; ACCEPT ends the table for this hook; DNAT, SNAT and MASQUERADE end the nat table
+for this hook. DNAT rewrites destination and port, so later hooks see the endpoint and
+conntrack status DNAT; MASQUERADE / SNAT mark the branch as masqueraded.
 
-Branches: ``statistic`` and ``recent`` matches may go either way, so the walk forks and
-explores every branch depth-first. Identical branches (same position, same packet state)
-are explored once, which keeps the usual kube-proxy chains linear; the walk still stops
-with :class:`TraceLimitError` past ``_MAX_STEPS`` steps or ``_MAX_DEPTH`` nested jumps
-(parsing already refuses jump loops, as the kernel does). Merging: the endpoints are the
-DNAT destinations of every branch that is delivered, masquerade is true if any delivered
-branch is masqueraded, and if branches disagree on the verdict the most permissive wins
-(DNAT > ACCEPT > REJECT > DROP) and the explanation says so.
+Branches: ``statistic`` (random with probability below 1, nth with every above 1) and
+``recent`` (--rcheck / --update) matches may go either way, so the walk forks and
+explores both outcomes depth-first. Identical branches (same position, same packet
+state) are explored once, which keeps the usual kube-proxy chains linear; the walk still
+stops with :class:`TraceLimitError` past ``_MAX_STEPS`` steps or ``_MAX_DEPTH`` nested
+jumps, and refuses a jump into a chain it is already inside (a loop, which the kernel
+would refuse too) with a :class:`RulesetParseError` naming the line.
+
+Merging: the endpoints are the DNAT destinations of every branch that is delivered,
+masquerade is true if any delivered branch is masqueraded, the path lists the user chains
+in the order they were first entered, and if branches disagree on the verdict the most
+permissive wins (DNAT > ACCEPT > REJECT > DROP) and the explanation says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import Literal, TypeAlias
 
-from kubeproxy.trace.iptables_parse import Chain, Ruleset, RulesetParseError, parse_iptables_save
+from kubeproxy.trace.iptables_parse import (
+    HOOK_TABLES,
+    Chain,
+    Ruleset,
+    RulesetParseError,
+    parse_iptables_save,
+)
 from kubeproxy.trace.iptables_rules import (
     Dnat,
     Flow,
@@ -65,25 +75,13 @@ __all__ = [
     "trace_ruleset",
 ]
 
-# The tables each hook runs, in the kernel's priority order.
-_HOOK_TABLES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "PREROUTING": ("raw", "mangle", "nat"),  # nat here: DNAT (priority -100)
-        "INPUT": ("mangle", "filter", "security", "nat"),  # nat INPUT: SNAT only (100)
-        "FORWARD": ("mangle", "filter", "security"),
-        "OUTPUT": ("raw", "mangle", "nat", "filter", "security"),  # nat OUTPUT: DNAT (-100)
-        "POSTROUTING": ("mangle", "nat"),  # nat here: SNAT / MASQUERADE (100)
-    }
-)
 # Hooks a target may be reached from; iptables-restore refuses a ruleset that does otherwise.
-_TARGET_HOOKS: Mapping[str, frozenset[str]] = MappingProxyType(
-    {
-        "DNAT": frozenset({"PREROUTING", "OUTPUT"}),
-        "SNAT": frozenset({"POSTROUTING", "INPUT"}),
-        "MASQUERADE": frozenset({"POSTROUTING"}),
-        "REJECT": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
-    }
-)
+_TARGET_HOOKS: dict[str, frozenset[str]] = {
+    "DNAT": frozenset({"PREROUTING", "OUTPUT"}),
+    "SNAT": frozenset({"POSTROUTING", "INPUT"}),
+    "MASQUERADE": frozenset({"POSTROUTING"}),
+    "REJECT": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
+}
 _VERDICT_PRIORITY: tuple[Verdict, ...] = ("DROP", "REJECT", "ACCEPT", "DNAT")  # low to high
 _MAX_STEPS = 100_000  # chains entered plus branches explored, per trace
 _MAX_DEPTH = 64  # nested jumps
@@ -92,6 +90,7 @@ _MAX_DEPTH = 64  # nested jumps
 # NAT means a DNAT / SNAT / MASQUERADE ended the nat table for this hook.
 _End: TypeAlias = Literal["CONTINUE", "ACCEPT", "DROP", "REJECT", "NAT"]
 _Exit: TypeAlias = tuple[Flow, _End]
+_Pending: TypeAlias = list[tuple[int, Flow, str | None]]  # (rule position, state, note)
 
 
 def trace_iptables(
@@ -124,9 +123,21 @@ class _Outcome:
 
 
 @dataclass(frozen=True)
-class _Stage:
+class _Frame:
+    """One chain being walked: in which table and hook, and the chains that led here."""
+
     table: str
     hook: str
+    chain: Chain
+    calls: tuple[str, ...]  # chains entered in this table to get here, this one last
+
+    @property
+    def depth(self) -> int:
+        return len(self.calls)
+
+    @property
+    def label(self) -> str:
+        return f"{self.table}/{self.chain.name}" if self.chain.builtin else self.chain.name
 
 
 class _Tracer:
@@ -158,12 +169,7 @@ class _Tracer:
         )
         if local_origin:
             self._say(0, f"packet {packet.describe()} originates on this node")
-            sent = self._hook("POSTROUTING", self._hook("OUTPUT", [flow]))
-            local = [f for f in sent if f.dst_local]
-            delivered = [f for f in sent if not f.dst_local]
-            for f in local:
-                self._say(0, f"routing: {f.dst} is local: delivered over lo")
-            delivered += self._hook("INPUT", [replace(f, in_interface="lo") for f in local])
+            delivered = self._hook("POSTROUTING", self._hook("OUTPUT", [flow]))
         else:
             self._say(0, f"packet {packet.describe()} arrives on {packet.in_interface}")
             routed = self._hook("PREROUTING", [flow])
@@ -183,20 +189,20 @@ class _Tracer:
 
     def _hook(self, hook: str, flows: list[Flow]) -> list[Flow]:
         """Run each table of a hook over every branch; return the branches that pass."""
-        for table in _HOOK_TABLES[hook]:
+        for table in HOOK_TABLES[hook]:
             passed: dict[Flow, None] = {}
             for flow in flows:
-                passed.update(dict.fromkeys(self._table(_Stage(table, hook), flow)))
+                passed.update(dict.fromkeys(self._table(table, hook, flow)))
             flows = list(passed)
         return flows
 
-    def _table(self, stage: _Stage, flow: Flow) -> list[Flow]:
-        chain = self._ruleset.chain(stage.table, stage.hook)
+    def _table(self, table: str, hook: str, flow: Flow) -> list[Flow]:
+        chain = self._ruleset.chain(table, hook)
         if chain is None or (not chain.rules and chain.policy == "ACCEPT"):
             return [flow]
-        self._say(0, f"{stage.table}/{stage.hook}: {flow.describe()}")
+        self._say(0, f"{table}/{hook}: {flow.describe()}")
         passed = []
-        for exit_flow, end in self._walk(stage, chain, flow, 1):
+        for exit_flow, end in self._walk(_Frame(table, hook, chain, (hook,)), flow):
             if end in ("DROP", "REJECT"):
                 self._finish(exit_flow, "DROP" if end == "DROP" else "REJECT")
             elif end == "CONTINUE" and chain.policy == "DROP":
@@ -207,42 +213,34 @@ class _Tracer:
 
     # --- chains ----------------------------------------------------------------------------
 
-    def _walk(self, stage: _Stage, chain: Chain, flow: Flow, depth: int) -> list[_Exit]:
+    def _walk(self, frame: _Frame, flow: Flow) -> list[_Exit]:
         """Every way through one chain, each with the packet state at its exit."""
-        if depth > _MAX_DEPTH:
-            raise TraceLimitError(f"more than {_MAX_DEPTH} nested jumps at chain {chain.name}")
+        if frame.depth > _MAX_DEPTH:
+            raise TraceLimitError(f"more than {_MAX_DEPTH} nested jumps at {frame.label}")
         self._step()
-        if not chain.builtin:
-            self._path.setdefault(chain.name)
+        if not frame.chain.builtin:
+            self._path.setdefault(frame.chain.name)
         exits: dict[_Exit, None] = {}
-        pending: list[tuple[int, Flow, str | None]] = [(0, flow, None)]
+        pending: _Pending = [(0, flow, None)]
         explored: set[tuple[int, Flow]] = set()
         while pending:
             start, cursor, note = pending.pop()
             if (start, cursor) in explored:
                 if note is not None:
-                    self._say(depth, f"{note}: same as a branch already explored")
+                    self._say(frame.depth, f"{note}: same as a branch already explored")
                 continue
             explored.add((start, cursor))
             if note is not None:
-                self._say(depth, note)
+                self._say(frame.depth, note)
             self._step()
-            self._run(stage, chain, start, cursor, depth, pending, exits)
+            self._run(frame, start, cursor, pending, exits)
         return list(exits)
 
     def _run(
-        self,
-        stage: _Stage,
-        chain: Chain,
-        start: int,
-        flow: Flow,
-        depth: int,
-        pending: list[tuple[int, Flow, str | None]],
-        exits: dict[_Exit, None],
+        self, frame: _Frame, start: int, flow: Flow, pending: _Pending, exits: dict[_Exit, None]
     ) -> None:
         """Walk one branch from rule `start`; forks go on `pending`, endings into `exits`."""
-        label = f"{stage.table}/{chain.name}" if chain.builtin else chain.name
-        rules = chain.rules
+        depth, label, rules = frame.depth, frame.label, frame.chain.rules
         for i in range(start, len(rules)):
             rule = rules[i]
             answer = rule.test(flow)
@@ -257,7 +255,7 @@ class _Tracer:
                 pending.append((i + 1, flow, other))
             else:
                 self._say(depth, line)
-            result = self._apply(stage, chain, rule, flow, depth)
+            result = self._apply(frame, rule, flow)
             if isinstance(result, Flow):
                 flow = result
                 continue
@@ -270,46 +268,49 @@ class _Tracer:
                 for n, f in reversed(list(enumerate(resumed, 1))):
                     back = f"back in {label} after rule {rule.index} (branch {n} of {len(resumed)})"
                     pending.append((i + 1, f, back))
-            else:
+            else:  # a verdict, or a goto: whatever comes back returns to our caller
                 exits.update(dict.fromkeys((f, "CONTINUE") for f in resumed))
             return
-        self._fall_off(label, chain, depth)
-        exits[(flow, "CONTINUE")] = None
-
-    def _fall_off(self, label: str, chain: Chain, depth: int) -> None:
-        if chain.builtin:
-            self._say(depth, f"{label}: end of chain, policy {chain.policy}")
+        if frame.chain.builtin:
+            self._say(depth, f"{label}: end of chain, policy {frame.chain.policy}")
         else:
             self._say(depth, f"{label}: no further rule matches, return")
+        exits[(flow, "CONTINUE")] = None
 
-    def _apply(
-        self, stage: _Stage, chain: Chain, rule: Rule, flow: Flow, depth: int
-    ) -> Flow | list[_Exit]:
+    def _apply(self, frame: _Frame, rule: Rule, flow: Flow) -> Flow | list[_Exit]:
         """Apply a matched rule's target: a Flow to continue with, or how the walk ends."""
         target = rule.target
         if isinstance(target, Jump):
-            dest = self._ruleset.chain(stage.table, target.chain)
-            assert dest is not None, "the parser resolved every jump"
-            return self._walk(stage, dest, flow, depth + 1)
+            return self._walk(self._enter(frame, rule, target), flow)
         if isinstance(target, SetMark):
             return replace(flow, mark=target.apply(flow.mark))
         if isinstance(target, NoOp) or target is None:
             return flow
         if isinstance(target, Standard):
             if target.name == "RETURN":
-                if chain.builtin:
-                    self._say(depth, f"RETURN from a builtin chain: policy {chain.policy}")
+                if frame.chain.builtin:
+                    policy = frame.chain.policy
+                    self._say(frame.depth, f"RETURN from a builtin chain: policy {policy}")
                 return [(flow, "CONTINUE")]
             if target.name == "REJECT":
-                self._check_hook("REJECT", stage, rule)
+                self._check_hook("REJECT", frame, rule)
             return [(flow, target.name)]
         if isinstance(target, SourceNat):
-            self._check_hook(target.name, stage, rule)
+            self._check_hook(target.name, frame, rule)
             return [(replace(flow, masquerade=True), "NAT")]
-        return [(self._dnat(stage, rule, target, flow), "NAT")]
+        return [(self._dnat(frame, rule, target, flow), "NAT")]
 
-    def _dnat(self, stage: _Stage, rule: Rule, target: Dnat, flow: Flow) -> Flow:
-        self._check_hook("DNAT", stage, rule)
+    def _enter(self, frame: _Frame, rule: Rule, target: Jump) -> _Frame:
+        """The frame for a jump's destination; a jump back into the call stack is a loop."""
+        if target.chain in frame.calls:
+            loop = " -> ".join((*frame.calls[frame.calls.index(target.chain) :], target.chain))
+            raise RulesetParseError(rule.line, rule.text, f"chain loop {loop}")
+        dest = self._ruleset.chain(frame.table, target.chain)
+        assert dest is not None, "the parser resolved every jump"
+        return _Frame(frame.table, frame.hook, dest, (*frame.calls, target.chain))
+
+    def _dnat(self, frame: _Frame, rule: Rule, target: Dnat, flow: Flow) -> Flow:
+        self._check_hook("DNAT", frame, rule)
         address = flow.dst if target.address is None else target.address
         port = flow.dport if target.port is None else target.port
         if address.version != flow.dst.version:
@@ -327,11 +328,11 @@ class _Tracer:
         )
 
     @staticmethod
-    def _check_hook(target: str, stage: _Stage, rule: Rule) -> None:
+    def _check_hook(target: str, frame: _Frame, rule: Rule) -> None:
         allowed = _TARGET_HOOKS[target]
-        if stage.hook not in allowed:
+        if frame.hook not in allowed:
             raise TraceError(
-                f"line {rule.line}: {target} reached from {stage.table}/{stage.hook}, but the "
+                f"line {rule.line}: {target} reached from {frame.table}/{frame.hook}, but the "
                 f"kernel allows it only in {', '.join(sorted(allowed))}: {rule.text}"
             )
 

@@ -5,7 +5,8 @@ models (a rule using anything else is refused, never guessed at), and the builde
 one module's collected options into :mod:`~kubeproxy.trace.iptables_rules` objects. The
 builders also enforce the checks the kernel or iptables would (``-m tcp`` needs ``-p tcp``,
 ``--mode nth`` needs ``--every``, ...), raising :class:`OptionError`, which the parser
-turns into a ``RulesetParseError`` naming the line.
+turns into a ``RulesetParseError`` naming the line. ``split_arguments`` splits a rule
+line into arguments the way iptables-restore does, before any of that.
 """
 
 from __future__ import annotations
@@ -151,6 +152,77 @@ def normalize_protocol(text: str) -> str:
     if name not in _PROTOCOLS:
         raise OptionError(f"unknown protocol {text!r}")
     return name
+
+
+# --- tokenizing ----------------------------------------------------------------------------
+
+
+def split_arguments(line: str) -> list[str]:
+    """Split a rule line the way iptables-restore does.
+
+    Whitespace separates arguments; a double quote opens a quoted part, inside which a
+    backslash escapes the next character; the closing quote ends the argument. Outside
+    quotes a backslash is an ordinary character. Raises ValueError on an open quote.
+    """
+    if '"' not in line:
+        return line.split()
+    if "\\" not in line:  # the usual case: whole quoted arguments without escapes
+        parts = line.split('"')
+        if _quotes_are_whole(parts):
+            args: list[str] = []
+            for i, part in enumerate(parts):
+                if i % 2:
+                    args.append(part)
+                else:
+                    args.extend(part.split())
+            return args
+    return _split_slowly(line)
+
+
+def _quotes_are_whole(parts: list[str]) -> bool:
+    """True if every quoted part (odd index) is a whole argument, between whitespace."""
+    if len(parts) % 2 == 0:
+        return False  # an open quote: let the slow path say so
+    last = len(parts) - 1
+    for i in range(1, last, 2):
+        before, after = parts[i - 1], parts[i + 1]
+        if not (before[-1:].isspace() or (i == 1 and not before)):
+            return False
+        if not (after[:1].isspace() or (i + 1 == last and not after)):
+            return False
+    return True
+
+
+def _split_slowly(line: str) -> list[str]:
+    args: list[str] = []
+    buf: list[str] = []
+    quoted = escaped = False
+    for ch in line:
+        if quoted:
+            if escaped:
+                buf.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                args.append("".join(buf))
+                buf.clear()
+                quoted = False
+            else:
+                buf.append(ch)
+        elif ch == '"':
+            quoted = True
+        elif ch in " \t\r\n":
+            if buf:
+                args.append("".join(buf))
+                buf.clear()
+        else:
+            buf.append(ch)
+    if quoted:
+        raise ValueError("unterminated quote")
+    if buf:
+        args.append("".join(buf))
+    return args
 
 
 # --- value parsers -------------------------------------------------------------------------
@@ -300,7 +372,8 @@ def _build_statistic(opts: Options, ctx: RuleContext) -> list[Match]:
             raise OptionError(f"bad probability {text!r}") from None
         if not 0.0 <= probability <= 1.0:
             raise OptionError(f"probability {text} is not in [0, 1]")
-        answer = Tri.YES if probability >= 1.0 else Tri.NO if probability <= 0.0 else Tri.MAYBE
+        # Below 1 either outcome is possible (the contract explores both, even for 0).
+        answer = Tri.YES if probability >= 1.0 else Tri.MAYBE
         return [ChanceMatch(answer, f"random probability {text}", negated)]
     if mode == "nth":
         if "--every" not in opts or "--probability" in opts:

@@ -1,0 +1,184 @@
+"""Assembling and running the API server: listeners, store, reaper, kubeconfig.
+
+`ApiServer` owns one store (behind a Hub), one `Api`, and one HTTP server per listening
+socket: the root-namespace listener, which must be a loopback address (the API is meant
+for this machine and the lab, nobody else), plus one socket inside each requested lab
+network namespace (netns.py). A reaper thread finishes graceful deletions when their
+grace period is over. `start()` returns once every socket is listening, so a kubeconfig
+written after it is a readiness signal; `stop()` closes watches, connections and sockets.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import random
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from kubeproxy.apiserver import services
+from kubeproxy.apiserver.handlers import Api, ApiConfig
+from kubeproxy.apiserver.http import ApiHTTPServer
+from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.netns import netns_socket
+from kubeproxy.apiserver.store import Store, StoreConfig
+
+CLUSTER_NAME = "kubeproxy-lab"
+
+
+@dataclass(frozen=True)
+class NetnsListener:
+    netns: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> NetnsListener:
+        """NAME:IP:PORT."""
+        name, host, port = text.rsplit(":", 2) if text.count(":") >= 2 else ("", "", "")
+        if not name or not host or not port.isdigit():
+            raise ValueError(f"expected NAME:IP:PORT, got {text!r}")
+        ipaddress.IPv4Address(host)
+        return cls(name, host, int(port))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    netns: tuple[NetnsListener, ...] = ()
+    history: int = 1000
+    service_cidr: str = "10.96.0.0/16"
+    node_port_range: tuple[int, int] = (30000, 32767)
+    bookmark_interval: float = 60.0
+    watch_timeout: float = 1800.0
+    reap_interval: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not ipaddress.ip_address(self.host).is_loopback:
+            raise ValueError(f"the root-namespace listener must be a loopback address, "
+                             f"not {self.host}: the lab API is not for other machines")
+        ipaddress.IPv4Network(self.service_cidr)
+        first, last = self.node_port_range
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"bad NodePort range {first}-{last}")
+
+
+def kubeconfig_text(server_url: str, name: str = CLUSTER_NAME) -> str:
+    return (
+        "apiVersion: v1\n"
+        "kind: Config\n"
+        "clusters:\n"
+        f"- name: {name}\n"
+        "  cluster:\n"
+        f"    server: {server_url}\n"
+        "users:\n"
+        f"- name: {name}\n"
+        "  user: {}\n"
+        "contexts:\n"
+        f"- name: {name}\n"
+        "  context:\n"
+        f"    cluster: {name}\n"
+        f"    user: {name}\n"
+        "    namespace: default\n"
+        f"current-context: {name}\n"
+        "preferences: {}\n"
+    )
+
+
+def write_kubeconfig(path: str, server_url: str) -> None:
+    """Atomically (rename), so a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".kubeconfig-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(kubeconfig_text(server_url))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class ApiServer:
+    def __init__(self, config: ServerConfig | None = None, *,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+        self.config = cfg = config or ServerConfig()
+        network = services.ServiceNetwork(ipaddress.IPv4Network(cfg.service_cidr),
+                                          *cfg.node_port_range)
+        self.store = Store(StoreConfig(history=cfg.history, network=network), clock=clock, rng=rng)
+        self.hub = Hub(self.store)
+        self.api = Api(self.hub, clock=clock,
+                       config=ApiConfig(bookmark_interval=cfg.bookmark_interval,
+                                        watch_timeout=cfg.watch_timeout))
+        self._servers: list[ApiHTTPServer] = []
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        return int(self._servers[0].server_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    def start(self) -> ApiServer:
+        cfg = self.config
+        sockets = [socket.create_server((cfg.host, cfg.port), reuse_port=False)]
+        try:
+            sockets += [netns_socket(n.netns, n.host, n.port) for n in cfg.netns]
+        except BaseException:
+            for s in sockets:
+                s.close()
+            raise
+        for sock in sockets:
+            self._serve(sock)
+        self._spawn(self._reap_loop, "apiserver-reaper")
+        return self
+
+    def _serve(self, sock: socket.socket) -> None:
+        server = ApiHTTPServer(sock, self.api)
+        self._servers.append(server)
+        self._spawn(functools.partial(server.serve_forever, poll_interval=0.1),
+                    f"apiserver-{sock.getsockname()}")
+
+    def listen_in(self, listener: NetnsListener) -> None:
+        """Add a listener inside a network namespace to a running server (a new lab node)."""
+        self._serve(netns_socket(listener.netns, listener.host, listener.port))
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(self.config.reap_interval):
+            self.hub.call(lambda s: s.reap())
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.hub.close()
+        for server in self._servers:
+            server.shutdown()
+            server.close_connections()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def write_kubeconfig(self, path: str) -> None:
+        write_kubeconfig(path, self.url)
+
+    def __enter__(self) -> ApiServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

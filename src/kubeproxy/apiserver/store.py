@@ -1,0 +1,468 @@
+"""The in-memory object store: etcd plus the generic registry, with no I/O at all.
+
+Theory of operation. Every change to any object bumps one global counter, the
+resourceVersion (like etcd's revision), stamps it on the object and appends a `Change`
+to a bounded history. Lists are answered from the current objects; watches are answered
+from the history: a watch from resourceVersion R gets every change after R, filtered by
+namespace and selectors exactly as kube-apiserver's watch cache filters them (an object
+that stops matching a selector arrives as DELETED, one that starts matching as ADDED).
+When R is older than the oldest change still held the answer is 410 Expired, which is what
+makes clients relist; the history length is configurable so tests can force it.
+
+Updates carry optimistic concurrency: a body whose metadata.resourceVersion is not the
+current one is a 409 Conflict; a body without one is an unconditional update. Writes
+that change nothing do not bump the resourceVersion, as upstream skips them.
+
+Deletion is immediate except for Pods (upstream's graceful deletion) and objects with
+finalizers: those get metadata.deletionTimestamp (and deletionGracePeriodSeconds) and a
+MODIFIED event; the object goes away (DELETED) when the grace period has elapsed and no
+finalizer is left (`reap`, driven by the server with the injected clock), or at once on
+a second delete with gracePeriodSeconds=0. The clock and the random source (UIDs,
+generateName suffixes) are injected, so unit tests are exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import ipaddress
+import json
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeproxy.apiserver import errors, resources, services
+from kubeproxy.apiserver.errors import ApiError
+from kubeproxy.apiserver.resources import Resource
+from kubeproxy.apiserver.selectors import FieldSelector, LabelSelector
+from kubeproxy.apiserver.strategy import STRATEGIES, Context, validate_metadata
+
+Obj = dict[str, Any]
+Clock = Callable[[], float]
+
+PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
+INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # upstream's generateName alphabet
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    history: int = 1000  # changes kept for watches; older resourceVersions get 410
+    network: services.ServiceNetwork = field(
+        default_factory=lambda: services.ServiceNetwork(ipaddress.IPv4Network("10.96.0.0/16"))
+    )
+
+    def __post_init__(self) -> None:
+        if self.history < 1:
+            raise ValueError("history must hold at least one change")
+
+
+@dataclass(frozen=True)
+class Change:
+    rv: int
+    resource: str  # Resource.key
+    type: str  # ADDED, MODIFIED, DELETED
+    obj: Obj  # shared, never mutated
+    prev: Obj | None
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str
+    obj: Obj
+
+
+Events = list[WatchEvent]
+Causes = list[errors.Cause]
+
+
+@dataclass(frozen=True)
+class ListResult:
+    items: list[Obj]
+    resource_version: int
+    continue_token: str = ""
+    remaining: int | None = None
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    obj: Obj
+    deleted: bool  # False when deletion is pending (grace period or finalizers)
+
+
+def timestamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _key(obj: Obj) -> tuple[str, str]:
+    meta = obj["metadata"]
+    return meta.get("namespace", ""), meta["name"]
+
+
+def _sort_key(key: tuple[str, str]) -> str:
+    return f"{key[0]}/{key[1]}" if key[0] else key[1]
+
+
+class Store:
+    def __init__(self, config: StoreConfig | None = None, *, clock: Clock = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.config = config or StoreConfig()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._rv = 0
+        self._floor = 0  # resourceVersion of the newest change no longer in history
+        self._history: deque[Change] = deque()
+        self._objects: dict[str, dict[tuple[str, str], Obj]] = {r.key: {} for r in
+                                                                   resources.RESOURCES}
+        self._deadlines: dict[tuple[str, str, str], float] = {}
+        for name in INITIAL_NAMESPACES:
+            self.create(resources.NAMESPACES, None, {"metadata": {"name": name}})
+
+    # ---- reading ---------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        return self._rv
+
+    @property
+    def oldest_watchable(self) -> int:
+        return self._floor
+
+    def get(self, res: Resource, namespace: str | None, name: str) -> Obj:
+        obj = self._objects[res.key].get((namespace or "", name))
+        if obj is None:
+            raise errors.not_found(res.plural, name, res.group)
+        return copy.deepcopy(obj)
+
+    def list(self, res: Resource, namespace: str | None, *, labels: LabelSelector | None = None,
+             fields: FieldSelector | None = None, limit: int | None = None,
+             continue_token: str | None = None) -> ListResult:
+        rv, start = self._rv, ""
+        if continue_token:
+            rv, start = self._decode_continue(continue_token)
+        matching = [obj for key, obj in sorted(self._objects[res.key].items(),
+                                               key=lambda kv: _sort_key(kv[0]))
+                    if _sort_key(key) > start and self._matches(obj, namespace, labels, fields)]
+        if limit is None or limit <= 0 or len(matching) <= limit:
+            return ListResult(copy.deepcopy(matching), rv)
+        page = matching[:limit]
+        token = self._encode_continue(rv, _sort_key(_key(page[-1])))
+        return ListResult(copy.deepcopy(page), rv, token, len(matching) - limit)
+
+    @staticmethod
+    def _matches(obj: Obj, namespace: str | None, labels: LabelSelector | None,
+                 fields: FieldSelector | None) -> bool:
+        meta = obj["metadata"]
+        if namespace and meta.get("namespace") != namespace:
+            return False
+        if labels is not None and not labels.matches(meta.get("labels")):
+            return False
+        return fields is None or fields.matches(obj)
+
+    @staticmethod
+    def _encode_continue(rv: int, start: str) -> str:
+        raw = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start + "\x00"})
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    def _decode_continue(self, token: str) -> tuple[int, str]:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            data = json.loads(raw)
+            rv, start = int(data["rv"]), str(data["start"]).rstrip("\x00")
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise errors.bad_request(f"continue key is not valid: {exc}") from exc
+        if rv < self._floor:
+            raise errors.gone("The provided continue parameter is too old to display a "
+                              "consistent list result. You can start a new list without the "
+                              "continue parameter.")
+        return rv, start
+
+    # ---- watching --------------------------------------------------------------------
+
+    def initial_events(self, res: Resource, namespace: str | None, labels: LabelSelector,
+                       fields: FieldSelector) -> Events:
+        """Synthetic ADDED events for the current state (a watch without resourceVersion)."""
+        return [WatchEvent("ADDED", obj) for obj in self.list(res, namespace, labels=labels,
+                                                             fields=fields).items]
+
+    def events_since(self, res: Resource, namespace: str | None, after: int,
+                     labels: LabelSelector, fields: FieldSelector) -> Events:
+        """Changes after resourceVersion `after`, as the watcher should see them."""
+        if after < self._floor:
+            raise errors.gone(f"too old resource version: {after} ({self._floor + 1})")
+        out: Events = []
+        for change in self._history:
+            if change.rv <= after or change.resource != res.key:
+                continue
+            event = _filtered(change, namespace, labels, fields)
+            if event is not None:
+                out.append(event)
+        return out
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def _context(self, exclude: tuple[str, str] | None = None) -> Context:
+        ips: set[str] = set()
+        ports: set[int] = set()
+        for key, svc in self._objects[resources.SERVICES.key].items():
+            if key == exclude:
+                continue
+            spec = svc.get("spec") or {}
+            ips.update(ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]
+                       if ip and ip != "None")
+            ports.update(p["nodePort"] for p in spec.get("ports") or [] if p.get("nodePort"))
+            if spec.get("healthCheckNodePort"):
+                ports.add(spec["healthCheckNodePort"])
+        return Context(self.config.network, services.Allocations(frozenset(ips), frozenset(ports)))
+
+    def _commit(self, res: Resource, kind: str, obj: Obj, prev: Obj | None) -> Obj:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        key = _key(obj)
+        if kind == "DELETED":
+            self._objects[res.key].pop(key, None)
+            self._deadlines.pop((res.key, *key), None)
+        else:
+            self._objects[res.key][key] = obj
+        if len(self._history) >= self.config.history:
+            self._floor = self._history.popleft().rv
+        self._history.append(Change(self._rv, res.key, kind, obj, prev))
+        return copy.deepcopy(obj)
+
+    def _invalid(self, res: Resource, obj: Obj, causes: Causes) -> ApiError:
+        return errors.invalid(res.kind, obj.get("metadata", {}).get("name", ""), causes, res.group)
+
+    def create(self, res: Resource, namespace: str | None, body: Obj, *,
+               dry_run: bool = False) -> Obj:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise errors.bad_request("metadata must be an object")
+        if res.namespaced:
+            meta["namespace"] = namespace or meta.get("namespace") or "default"
+            if ("", meta["namespace"]) not in self._objects[resources.NAMESPACES.key]:
+                raise errors.not_found("namespaces", meta["namespace"])
+        else:
+            meta.pop("namespace", None)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = self._generate_name(res, meta)
+        strategy = STRATEGIES[res.kind]
+        if strategy.has_status and not strategy.keep_status_on_create:
+            obj.pop("status", None)
+        causes = validate_metadata(obj, strategy.name_check)
+        if causes:
+            raise self._invalid(res, obj, causes)
+        if _key(obj) in self._objects[res.key]:
+            raise errors.already_exists(res.plural, meta["name"], res.group)
+        ctx = self._context()
+        strategy.default(obj, ctx)
+        causes = strategy.validate(obj, None, ctx)
+        if causes:
+            raise self._invalid(res, obj, causes)
+        now = self._clock()
+        for drop in ("deletionTimestamp", "deletionGracePeriodSeconds", "selfLink",
+                     "managedFields", "resourceVersion"):
+            meta.pop(drop, None)
+        meta["uid"] = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+        meta["creationTimestamp"] = timestamp(now)
+        meta["generation"] = 1
+        obj["kind"], obj["apiVersion"] = res.kind, res.api_version
+        if dry_run:
+            return obj
+        return self._commit(res, "ADDED", obj, None)
+
+    def _generate_name(self, res: Resource, meta: Obj) -> str:
+        for _ in range(100):
+            suffix = "".join(self._rng.choice(_SUFFIX_ALPHABET) for _ in range(5))
+            name = str(meta["generateName"])[:58] + suffix
+            if (meta.get("namespace", ""), name) not in self._objects[res.key]:
+                return name
+        raise errors.ApiError(500, "InternalError", "could not generate a unique name")
+
+    def update(self, res: Resource, namespace: str | None, name: str, body: Obj, *,
+               subresource: str | None = None, dry_run: bool = False) -> Obj:
+        old = self._objects[res.key].get((namespace or "", name))
+        if old is None:
+            raise errors.not_found(res.plural, name, res.group)
+        new = copy.deepcopy(body)
+        meta = new.get("metadata")
+        if not isinstance(meta, dict):
+            meta = new["metadata"] = {}
+        if meta.get("name", name) != name:
+            raise errors.bad_request(f"the name of the object ({meta.get('name')}) does not "
+                                     f"match the name on the URL ({name})")
+        sent_rv = meta.get("resourceVersion")
+        if sent_rv not in (None, "") and sent_rv != old["metadata"]["resourceVersion"]:
+            raise errors.conflict(res.plural, name, errors.STALE, res.group)
+        new = self._merge_update(res, old, new, subresource)
+        if _comparable(new) == _comparable(old):
+            return copy.deepcopy(old)  # no-op: upstream does not write
+        if dry_run:
+            return new
+        deletion = new["metadata"].get("deletionTimestamp")
+        if deletion and not new["metadata"].get("finalizers") and \
+                self._deadlines.get((res.key, *_key(new)), 0.0) <= self._clock():
+            return self._commit(res, "DELETED", new, old)
+        return self._commit(res, "MODIFIED", new, old)
+
+    def _merge_update(self, res: Resource, old: Obj, new: Obj, subresource: str | None) -> Obj:
+        strategy = STRATEGIES[res.kind]
+        meta = new["metadata"]
+        for keep in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
+                     "deletionGracePeriodSeconds", "generation"):
+            if keep in old["metadata"]:
+                meta[keep] = old["metadata"][keep]
+            else:
+                meta.pop(keep, None)
+        for drop in ("selfLink", "managedFields"):
+            meta.pop(drop, None)
+        new["kind"], new["apiVersion"] = res.kind, res.api_version
+        if subresource == "status":
+            merged = copy.deepcopy(old)
+            merged["status"] = new.get("status") or {}
+            new = merged
+        else:
+            if strategy.has_status:
+                new.pop("status", None)
+                if "status" in old:
+                    new["status"] = copy.deepcopy(old["status"])
+            strategy.carry_over(old, new)
+            causes = validate_metadata(new, strategy.name_check)
+            if causes:
+                raise self._invalid(res, new, causes)
+            ctx = self._context(exclude=_key(old))
+            strategy.default(new, ctx)
+            causes = strategy.validate(new, old, ctx)
+            if causes:
+                raise self._invalid(res, new, causes)
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        if _spec_of(new) != _spec_of(old):
+            new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+        return new
+
+    def patch(self, res: Resource, namespace: str | None, name: str,
+              apply: Callable[[Obj], Obj], *, subresource: str | None = None,
+              dry_run: bool = False) -> Obj:
+        """Apply `apply` to the current object and update with the current RV as precondition."""
+        current = self.get(res, namespace, name)
+        patched = apply(copy.deepcopy(current))
+        if not isinstance(patched, dict) or not isinstance(patched.get("metadata"), dict):
+            raise errors.bad_request("the patch produced an object without metadata")
+        if patched["metadata"].get("resourceVersion") in (None, ""):
+            patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        return self.update(res, namespace, name, patched, subresource=subresource,
+                           dry_run=dry_run)
+
+    def delete(self, res: Resource, namespace: str | None, name: str, *,
+               grace: int | None = None, preconditions: Obj | None = None,
+               dry_run: bool = False) -> DeleteResult:
+        old = self._objects[res.key].get((namespace or "", name))
+        if old is None:
+            raise errors.not_found(res.plural, name, res.group)
+        _check_preconditions(res, old, preconditions or {})
+        if res is resources.NAMESPACES and name in PROTECTED_NAMESPACES:
+            raise errors.forbidden(res.plural, name, "this namespace may not be deleted")
+        grace = self._grace(res, old, grace)
+        obj = copy.deepcopy(old)
+        meta = obj["metadata"]
+        now = self._clock()
+        pending = bool(meta.get("finalizers")) or grace > 0
+        if dry_run:
+            return DeleteResult(obj, not pending)
+        if not pending:
+            if res is resources.NAMESPACES:
+                self._delete_namespace_contents(name)
+            return DeleteResult(self._commit(res, "DELETED", obj, old), True)
+        deadline = now + grace
+        previous = self._deadlines.get((res.key, namespace or "", name))
+        if previous is not None and previous <= deadline and meta.get("deletionTimestamp"):
+            return DeleteResult(copy.deepcopy(old), False)  # already going, not sooner
+        self._deadlines[(res.key, namespace or "", name)] = deadline
+        meta["deletionTimestamp"] = timestamp(deadline)
+        meta["deletionGracePeriodSeconds"] = grace
+        return DeleteResult(self._commit(res, "MODIFIED", obj, old), False)
+
+    @staticmethod
+    def _grace(res: Resource, obj: Obj, requested: int | None) -> int:
+        if res is not resources.PODS:
+            return 0
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        if not spec.get("nodeName") or status.get("phase") in ("Succeeded", "Failed"):
+            return 0  # nothing runs it: upstream deletes unscheduled pods at once
+        if requested is None:
+            requested = spec.get("terminationGracePeriodSeconds", 30)
+        return max(0, int(requested))
+
+    def _delete_namespace_contents(self, namespace: str) -> None:
+        for res in resources.RESOURCES:
+            if not res.namespaced:
+                continue
+            for key in [k for k in self._objects[res.key] if k[0] == namespace]:
+                obj = copy.deepcopy(self._objects[res.key][key])
+                self._commit(res, "DELETED", obj, self._objects[res.key][key])
+
+    def reap(self) -> int:
+        """Remove objects whose grace period is over and that have no finalizers left."""
+        now, removed = self._clock(), 0
+        for (res_key, namespace, name), deadline in sorted(self._deadlines.items()):
+            if deadline > now:
+                continue
+            res = resources.BY_KEY[res_key]
+            current = self._objects[res_key].get((namespace, name))
+            if current is None:
+                self._deadlines.pop((res_key, namespace, name), None)
+            elif not current["metadata"].get("finalizers"):
+                self._commit(res, "DELETED", copy.deepcopy(current), current)
+                removed += 1
+        return removed
+
+    def next_deadline(self) -> float | None:
+        return min(self._deadlines.values(), default=None)
+
+
+def _check_preconditions(res: Resource, obj: Obj, pre: Obj) -> None:
+    meta = obj["metadata"]
+    for key, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+        want = pre.get(key)
+        if want and want != meta.get(key):
+            raise errors.conflict(res.plural, meta["name"],
+                                  f"Precondition failed: {label} in precondition: {want}, "
+                                  f"{label} in object meta: {meta.get(key)}", res.group)
+
+
+def _spec_of(obj: Obj) -> Any:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "kind", "apiVersion")}
+
+
+def _comparable(obj: Obj) -> Obj:
+    out = dict(obj)
+    out["metadata"] = {k: v for k, v in obj["metadata"].items()
+                       if k not in ("resourceVersion", "generation")}
+    return out
+
+
+def _filtered(change: Change, namespace: str | None, labels: LabelSelector,
+              fields: FieldSelector) -> WatchEvent | None:
+    """Upstream cacheWatcher semantics: transitions across the selector become ADDED/DELETED."""
+
+    def passes(obj: Obj | None) -> bool:
+        return obj is not None and Store._matches(obj, namespace, labels, fields)
+
+    if change.type == "DELETED":
+        return WatchEvent("DELETED", change.obj) if passes(change.prev) else None
+    now, before = passes(change.obj), passes(change.prev)
+    if now and before:
+        return WatchEvent(change.type, change.obj)
+    if now:
+        return WatchEvent("ADDED", change.obj)
+    if before:
+        assert change.prev is not None
+        gone = copy.deepcopy(change.prev)
+        gone["metadata"]["resourceVersion"] = str(change.rv)
+        return WatchEvent("DELETED", gone)
+    return None

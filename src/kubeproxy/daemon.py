@@ -1,0 +1,297 @@
+"""`kubeproxy run`: the proxy as a long-running daemon, as upstream's kube-proxy binary.
+
+Theory of operation
+-------------------
+Three informer threads (Services, EndpointSlices, this Node; sources/informer.py) list
+and watch the API server and put decoded updates on one queue. The main thread is the
+only one that touches the proxy's state: it drains the queue, folds the updates into
+the :class:`~kubeproxy.tracker.Tracker`, and runs the :class:`~kubeproxy.sync.SyncLoop`
+when it is due. A sync renders this node's rules from the tracker's cluster (node view
+-> iptables or nftables renderer) and hands them to the data plane, whole or for the
+changed services only. Between turns the main thread sleeps on the queue, with the loop's
+next deadline as the timeout, so it wakes for an event or for a sync, never to poll.
+
+After each turn it publishes a health snapshot and the sync's metrics for the HTTP
+servers (server.py). SIGTERM / SIGINT put a stop marker on the queue (a SimpleQueue,
+whose put is safe in a signal handler); the main thread then stops the informers and
+servers and returns. Rules stay in place on exit, as upstream's do; ``--cleanup``
+removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import cast
+
+from kubeproxy.config import ConfigError, ProxyConfig
+from kubeproxy.dataplane.base import Runner, SubprocessRunner
+from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
+from kubeproxy.model import Cluster, Family, InvalidObject, NamespacedName
+from kubeproxy.nodeview import NodeView, Route, build_node_view
+from kubeproxy.pipeline import families_in_use, paused_gc
+from kubeproxy.render import iptables
+from kubeproxy.server import (
+    Health,
+    HealthState,
+    HttpEndpoint,
+    Metrics,
+    health_endpoint,
+    metrics_endpoint,
+    parse_bind_address,
+)
+from kubeproxy.sources.client import Client, ClientError
+from kubeproxy.sources.informer import Informer, Replace, resources
+from kubeproxy.sources.kubeconfig import resolve
+from kubeproxy.sync import Proxier, SyncLoop, SyncReport, SyncResult
+from kubeproxy.tracker import Tracker, Update
+
+log = logging.getLogger("kubeproxy.daemon")
+HEALTHZ_PORT = 10256
+METRICS_PORT = 10249
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    kubeconfig: Path | None = None
+    master: str | None = None
+    iptables_backend: str = "auto"  # auto, legacy, nft
+    watch_timeout: tuple[int, int] = (300, 600)  # seconds, randomized per watch
+
+
+# --- data planes ------------------------------------------------------------------
+
+
+def no_local_report(views: Iterable[NodeView]) -> SyncReport:
+    """Service ports whose Local policy leaves this node without endpoints (DROP)."""
+    internal = external = 0
+    for view in views:
+        for spv in view.services:
+            internal += spv.internal is Route.DROP
+            external += spv.external_policy_local and spv.external is Route.DROP
+    return SyncReport(no_local_internal=internal, no_local_external=external)
+
+
+class IptablesProxier:
+    """Renders each family in use and applies it with its own IptablesDataPlane."""
+
+    def __init__(self, config: ProxyConfig, runner: Runner, backend: Backend) -> None:
+        self.config = config
+        self.runner = runner
+        self.backend = backend
+        self.planes: dict[Family, IptablesDataPlane] = {}
+
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+        # A family once in use stays rendered, so its rules are emptied, not orphaned.
+        families = sorted(set(self.planes) | set(families_in_use(cluster, self.config)))
+        with paused_gc():
+            views = {f: build_node_view(cluster, self.config, f) for f in families}
+            rulesets = {f: iptables.render(v) for f, v in views.items()}
+        for family in families:
+            plane = self.planes.setdefault(
+                family, IptablesDataPlane(self.runner, family, self.backend))
+            plane.sync(rulesets[family], changed)
+        return no_local_report(views.values())
+
+
+class NftablesProxier:
+    """Both families in one ruleset (tables ip/ip6 kube-proxy), as pipeline does it."""
+
+    def __init__(self, config: ProxyConfig, runner: Runner) -> None:
+        from kubeproxy.dataplane.nftables import NftablesDataPlane
+
+        self.plane = NftablesDataPlane(runner)
+        self.config = config
+        self.families: set[Family] = set()
+
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+        from kubeproxy.render import nftables
+
+        self.families |= set(families_in_use(cluster, self.config))
+        with paused_gc():
+            views = [build_node_view(cluster, self.config, f) for f in sorted(self.families)]
+            ruleset = nftables.render(views)
+        self.plane.sync(ruleset, changed)
+        return no_local_report(views)
+
+
+def make_proxier(config: ProxyConfig, runner: Runner, backend: str) -> Proxier:
+    if config.mode == "nftables":
+        return NftablesProxier(config, runner)
+    chosen = detect_backend(runner) if backend == "auto" else cast(Backend, backend)
+    log.info("iptables backend: %s", chosen)
+    return IptablesProxier(config, runner, chosen)
+
+
+# --- the main loop ----------------------------------------------------------------
+
+
+class _Stop:
+    """The marker that ends the main loop."""
+
+
+Item = Update | Replace | _Stop
+
+
+def _report_invalid(error: InvalidObject) -> None:
+    log.warning("ignoring invalid %s %s: %s: %s", error.kind, error.ref, error.field_path,
+                error.message)
+
+
+class Daemon:
+    def __init__(self, config: ProxyConfig, proxier: Proxier, *, health: Health,
+                 metrics: Metrics, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self.tracker = Tracker(config.hostname, report=_report_invalid)
+        self.loop = SyncLoop(self.tracker, proxier, clock,
+                             min_sync_period=config.min_sync_period,
+                             sync_period=config.sync_period)
+        self.health = health
+        self.metrics = metrics
+        self._clock = clock
+        self._wall = wall
+        self._last_updated: float | None = None
+
+    def emit(self, item: Update | Replace) -> None:
+        """Called by the informer threads."""
+        self.queue.put(item)
+
+    def stop(self) -> None:
+        """Safe from a signal handler and from any thread."""
+        self.queue.put(_Stop())
+
+    def run(self) -> None:
+        """Until stop(): fold events, sync when due, publish health."""
+        while True:
+            for item in self._wait():
+                if isinstance(item, _Stop):
+                    return
+                self._fold(item)
+            result = self.loop.run_if_due()
+            if result is not None:
+                self._record(result)
+            self._publish()
+
+    def _wait(self) -> list[Item]:
+        """The queued items: blocks until the first one or until the next sync is due."""
+        due = self.loop.next_run()
+        timeout = None if due is None else max(0.0, due - self._clock())
+        items: list[Item] = []
+        try:
+            items.append(self.queue.get(timeout=timeout))
+            while True:
+                items.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
+    def _fold(self, item: Update | Replace) -> None:
+        if isinstance(item, Replace):
+            changed = self.tracker.replace(item.kind, item.updates)
+            if not self.loop.ready:
+                log.info("initial %s list: %d objects", item.kind, len(item.updates))
+            self.loop.initial_list_done(item.kind)
+        else:
+            changed = self.tracker.update(item)
+        if changed:
+            self.loop.trigger()
+
+    def _record(self, result: SyncResult) -> None:
+        wall = self._wall()
+        self.metrics.record_sync(result, wall)
+        if result.ok:
+            self._last_updated = wall
+        log_sync(result, self.loop.min_sync_period)
+
+    def _publish(self) -> None:
+        node = self.tracker.node
+        eligible = node is None or not (node.deleting or node.to_be_deleted)
+        self.health.publish(HealthState(self.loop.oldest_pending, self._last_updated, eligible))
+        self.metrics.set_pending(*self.tracker.pending)
+
+
+def log_sync(result: SyncResult, retry: float) -> None:
+    """One line per sync: kind, services changed, duration."""
+    kind = "full" if result.full else "partial"
+    names = sorted(str(n) for n in result.changed)
+    shown = ", ".join(names[:5]) + (f", +{len(names) - 5} more" if len(names) > 5 else "")
+    changed = f"{len(names)} changed" + (f" ({shown})" if names else "")
+    if not result.ok:
+        log.warning("%s sync failed after %.3fs (%s): %s; retrying in %.1fs as a full sync",
+                    kind, result.duration, changed, result.error, retry)
+    elif result.skipped:
+        log.debug("sync skipped: changes cancelled out")
+    else:
+        log.info("%s sync: %d services, %s, %.3fs", kind, result.service_count, changed,
+                 result.duration)
+
+
+# --- wiring -----------------------------------------------------------------------
+
+
+def _endpoints(config: ProxyConfig, health: Health, metrics: Metrics) -> list[HttpEndpoint]:
+    out: list[HttpEndpoint] = []
+    try:
+        if config.healthz_bind_address:
+            address = parse_bind_address(config.healthz_bind_address, HEALTHZ_PORT)
+            out.append(health_endpoint(address, health).start())
+            log.info("healthz on %s:%d", address[0], out[-1].port)
+        if config.metrics_bind_address:
+            address = parse_bind_address(config.metrics_bind_address, METRICS_PORT)
+            out.append(metrics_endpoint(address, metrics, health).start())
+            log.info("metrics on %s:%d", address[0], out[-1].port)
+    except (OSError, ValueError) as err:
+        for endpoint in out:
+            endpoint.stop()
+        raise ConfigError(f"cannot serve healthz/metrics: {err}") from err
+    return out
+
+
+def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Raises ConfigError for bad settings (exit 2)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(name)s] %(message)s")
+    if config.sync_period <= 0 or config.min_sync_period < 0:
+        raise ConfigError("syncPeriod must be > 0 and minSyncPeriod >= 0")
+    access = resolve(options.kubeconfig, options.master)
+    try:
+        client = Client(access)
+    except ClientError as err:
+        raise ConfigError(str(err)) from err
+    runner = runner or SubprocessRunner()
+    proxier = make_proxier(config, runner, options.iptables_backend)
+    health, metrics = Health(2 * config.sync_period), Metrics(config.mode)
+    daemon = Daemon(config, proxier, health=health, metrics=metrics)
+    endpoints = _endpoints(config, health, metrics)
+    log.info("kubeproxy run: node %s, mode %s, API server %s", config.hostname, config.mode,
+             access.server)
+    informers = [Informer(client, res, daemon.emit, watch_timeout=options.watch_timeout)
+                 for res in resources(config.hostname)]
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        daemon.stop()  # only this: a signal handler must not take locks
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for informer in informers:
+            informer.start()
+        daemon.run()
+        log.info("stopping")
+    finally:
+        for informer in informers:
+            informer.stop()
+        for endpoint in endpoints:
+            endpoint.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    log.info("stopped")
+    return 0

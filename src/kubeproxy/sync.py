@@ -1,0 +1,167 @@
+"""The sync loop: when to write rules, and whether to write all of them or a few.
+
+Theory of operation
+-------------------
+This is upstream's BoundedFrequencyRunner plus the proxier's full/partial bookkeeping,
+as a state machine its caller drives. The daemon folds events into the tracker and calls
+:meth:`SyncLoop.trigger` when something changed; it sleeps until :meth:`SyncLoop.next_run`
+(or until the next event) and then calls :meth:`SyncLoop.run_if_due`. Nothing here
+sleeps or does I/O, and time comes from the injected clock, so tests drive hours of
+fake time through the loop instantly.
+
+The rules:
+
+* Nothing is written before the initial lists of Services AND EndpointSlices are done
+  (writing earlier would briefly REJECT every service whose slices are not listed yet).
+* Runs start at least ``min_sync_period`` apart. A trigger asks for a run at the first
+  allowed moment; triggers before that moment coalesce into that one run.
+* Without triggers, a run happens ``sync_period`` after the previous one started.
+* A run is *full* (the data plane rewrites everything and removes stale rules) when it
+  is the first, when the previous one failed, when this Node changed, or when
+  ``full_sync_period`` (by default ``sync_period``) has passed since the last full one.
+  Otherwise it is *partial*: the data plane gets only the services changed since the
+  previous run; with none changed, the data plane is not called at all.
+* A failed run (DataPlaneError) is retried ``min_sync_period`` after it started, and the
+  retry is full: the changes the failed run took from the tracker are covered that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.model import Cluster, NamespacedName
+from kubeproxy.tracker import Changes, Kind, Tracker
+
+Clock = Callable[[], float]  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What a data plane tells the loop about a successful sync (for metrics)."""
+
+    no_local_internal: int = 0  # service ports with internalTrafficPolicy Local, no endpoints
+    no_local_external: int = 0  # service ports with externalTrafficPolicy Local, no endpoints
+
+
+class Proxier(Protocol):
+    """Renders the cluster and writes it; ``changed`` None = full sync."""
+
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+        ...
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    started: float  # monotonic
+    duration: float
+    full: bool
+    changes: Changes  # what the tracker reported for this run
+    service_count: int  # services rendered (all of them, on partial syncs too)
+    report: SyncReport | None = None  # None when the run failed or was skipped
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def skipped(self) -> bool:
+        """A partial run with nothing changed: the data plane was not called."""
+        return self.ok and self.report is None
+
+    @property
+    def changed(self) -> frozenset[NamespacedName]:
+        return self.changes.services
+
+
+class SyncLoop:
+    def __init__(self, tracker: Tracker, proxier: Proxier, clock: Clock, *,
+                 min_sync_period: float = 1.0, sync_period: float = 30.0,
+                 full_sync_period: float | None = None) -> None:
+        if sync_period <= 0 or min_sync_period < 0:
+            raise ValueError("sync_period must be > 0 and min_sync_period >= 0")
+        self._tracker = tracker
+        self._proxier = proxier
+        self._clock = clock
+        self.min_sync_period = min_sync_period
+        self.sync_period = sync_period
+        self.full_sync_period = sync_period if full_sync_period is None else full_sync_period
+        self._synced: set[Kind] = set()
+        self._ready_at: float | None = None
+        self._last_start: float | None = None
+        self._last_full: float | None = None
+        self._wanted = False  # a trigger since the last run started
+        self._needs_full = True
+        self.oldest_pending: float | None = None  # first trigger not yet written (healthz)
+        self.last_success: float | None = None  # end of the last successful run
+
+    # --- inputs -------------------------------------------------------------------
+
+    def initial_list_done(self, kind: Kind) -> None:
+        """A source finished its first list; rules may be written once both are done."""
+        self._synced.add(kind)
+        if self._ready_at is None and self.ready:
+            self._ready_at = self._clock()
+            self.oldest_pending = self._ready_at
+
+    def trigger(self) -> None:
+        """Something changed in the tracker: ask for a run (coalesced)."""
+        self._wanted = True
+        if self.ready and self.oldest_pending is None:
+            self.oldest_pending = self._clock()
+
+    @property
+    def ready(self) -> bool:
+        return {"Service", "EndpointSlice"} <= self._synced
+
+    # --- scheduling ---------------------------------------------------------------
+
+    def next_run(self) -> float | None:
+        """When the next run is due (monotonic); None while the initial lists are running."""
+        if self._ready_at is None:
+            return None
+        if self._last_start is None:
+            return self._ready_at
+        due = self._last_start + self.sync_period
+        if self._wanted:
+            due = min(due, self._last_start + self.min_sync_period)
+        return due
+
+    def run_if_due(self) -> SyncResult | None:
+        due = self.next_run()
+        now = self._clock()
+        if due is None or now < due:
+            return None
+        return self._run(now)
+
+    # --- running ------------------------------------------------------------------
+
+    def _run(self, start: float) -> SyncResult:
+        changes = self._tracker.apply()
+        full = (self._needs_full or changes.full or self._last_full is None
+                or start - self._last_full >= self.full_sync_period)
+        self._last_start = start
+        self._wanted = False
+        cluster = self._tracker.cluster()
+        count = len(cluster.services)
+        if not full and not changes.services:
+            self._succeeded(start, full)
+            return SyncResult(start, 0.0, False, changes, count)
+        try:
+            report = self._proxier.sync(cluster, None if full else changes.services)
+        except DataPlaneError as err:
+            self._needs_full = True
+            self._wanted = True  # retried min_sync_period after this start
+            return SyncResult(start, self._clock() - start, full, changes, count, error=str(err))
+        self._succeeded(start, full)
+        return SyncResult(start, self._clock() - start, full, changes, count, report)
+
+    def _succeeded(self, start: float, full: bool) -> None:
+        self._needs_full = False
+        if full:
+            self._last_full = start
+        self.oldest_pending = None
+        self.last_success = self._clock()

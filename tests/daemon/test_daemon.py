@@ -1,0 +1,397 @@
+"""`kubeproxy run` end to end: the real API server, the real daemon, the real kernel.
+
+Everything that writes rules runs inside a network namespace this test creates
+(``kpd-<random>``) and deletes, also on failure. The API server runs in the root
+namespace on 127.0.0.1 and, through its ``--netns`` listener, on 127.0.0.1 inside ours;
+the daemon runs in ours with ``ip netns exec`` and reaches it with ``--master``. Objects
+are created through the API; what the daemon did is read back with iptables-save / nft
+and over its healthz and metrics endpoints. Waits poll with a deadline, never sleep a
+fixed time. Every process started here is stopped by its PID.
+
+A second, unprivileged test runs the daemon's main loop in this process against an
+in-process API server and a fake data plane: the wiring without the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TypeVar
+
+import pytest
+
+from kubeproxy.apiserver import ApiServer, ServerConfig
+from kubeproxy.config import ProxyConfig
+from kubeproxy.daemon import Daemon
+from kubeproxy.model import Cluster, NamespacedName
+from kubeproxy.render.iptables import service_chain
+from kubeproxy.server import Health, Metrics
+from kubeproxy.sources.client import Client
+from kubeproxy.sources.informer import Backoff, Informer, resources
+from kubeproxy.sources.kubeconfig import ClusterAccess
+from kubeproxy.sync import SyncReport
+from tests.builders import Obj, endpoint, endpoint_slice, node
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+NS_API_PORT, HEALTHZ_PORT, METRICS_PORT = 6443, 10256, 10249
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+SERVICES = "/api/v1/namespaces/default/services"
+CLONE_NEWNET = 0x40000000
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux",
+                                reason="needs root to create network namespaces")
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def eventually(what: Callable[[], T | None], timeout: float = 15.0, every: float = 0.1,
+               message: str | Callable[[], str] = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = what()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"not within {timeout}s: {text}")
+        time.sleep(every)  # polling interval, bounded by the deadline above
+
+
+# --- the API, from the root namespace ----------------------------------------------
+
+
+def call(url: str, method: str, path: str, body: Obj | None = None) -> Obj:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        doc: Obj = json.loads(resp.read())
+        return doc
+
+
+def web_service(name: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"ports": [{"name": "http", "port": 80}]}}
+
+
+def web_slice(service: str, ip: str, *, name: str | None = None,
+              labels: dict[str, str] | None = None) -> Obj:
+    obj = endpoint_slice(service, [endpoint(ip, "node1")], "default", name=name,
+                         ports=[("http", 8080, "TCP")], labels=labels)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    obj["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": now}
+    return obj
+
+
+# --- inside the namespace ----------------------------------------------------------
+
+
+def ns_connect(ns: str, port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:port inside namespace ns (from a throwaway thread)."""
+    out: list[socket.socket | OSError] = []
+
+    def worker() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                out.append(OSError(ctypes.get_errno(), "setns"))
+                return
+            try:
+                out.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError as err:
+                out.append(err)
+            finally:
+                libc.setns(own, CLONE_NEWNET)
+        finally:
+            os.close(own)
+            os.close(target)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    if isinstance(out[0], OSError):
+        raise out[0]
+    return out[0]
+
+
+def ns_get(ns: str, port: int, path: str) -> tuple[int, str] | None:
+    """(status, body) of a GET inside the namespace; None when nothing answers."""
+    try:
+        sock = ns_connect(ns, port)
+    except OSError:
+        return None
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.sock = sock
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def in_ns(ns: str, *argv: str) -> str:
+    done = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
+                          timeout=60, check=False)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def rules(ns: str, mode: str) -> str:
+    if mode == "nftables":
+        return in_ns(ns, "nft", "list", "ruleset")
+    return "".join(in_ns(ns, tool) for tool in ("iptables-legacy-save", "iptables-nft-save"))
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+# --- fixtures ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"kpd-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    """SIGTERM this one process (by PID), then SIGKILL if it does not go."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout)
+
+
+@pytest.fixture
+def apiserver(netns: str, tmp_path: Path) -> Iterator[str]:
+    """The API server (history of 12 changes, so a burst forces 410); yields its URL."""
+    kubeconfig = tmp_path / "api.kubeconfig"
+    log = (tmp_path / "apiserver.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubeproxy.apiserver", "--listen", "127.0.0.1:0",
+         "--netns", f"{netns}:127.0.0.1:{NS_API_PORT}", "--history", "12",
+         "--bookmark-interval", "1", "--kubeconfig-out", str(kubeconfig)],
+        stdout=log, stderr=log, env=env())
+    try:
+        eventually(lambda: kubeconfig.exists() or proc.poll() is not None, 30,
+                   message="the API server writes its kubeconfig")
+        assert proc.poll() is None, (tmp_path / "apiserver.log").read_text()
+        match = re.search(r"server: (\S+)", kubeconfig.read_text())
+        assert match
+        yield match.group(1)
+    finally:
+        stop(proc)
+        log.close()
+
+
+# --- the root test -----------------------------------------------------------------
+
+
+def start_proxy(ns: str, tmp_path: Path, mode: str, log: IO[bytes]
+                ) -> subprocess.Popen[bytes]:
+    """`kubeproxy run` inside the namespace; its kubeconfig's server is overridden."""
+    (tmp_path / "kubeconfig").write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'http://192.0.2.1:1'}}]\n"
+        "users: [{name: u, user: {}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n")
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "kubeproxy", "run",
+         "--kubeconfig", str(tmp_path / "kubeconfig"),
+         "--master", f"http://127.0.0.1:{NS_API_PORT}", "--hostname-override", "node1",
+         "--proxy-mode", mode, "--cluster-cidr", "10.180.0.0/16",
+         "--healthz-bind-address", f"127.0.0.1:{HEALTHZ_PORT}",
+         "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
+         "--iptables-min-sync-period", "100ms", "--iptables-sync-period", "10s"],
+        stdout=log, stderr=log, env=env())
+
+
+
+@needs_root
+@pytest.mark.kernel
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_run_converges_relists_and_cleans_up(netns: str, apiserver: str, tmp_path: Path,
+                                             mode: str) -> None:
+    url = apiserver
+    call(url, "POST", "/api/v1/nodes", node("node1", ips=["192.168.0.2"]))
+    log_path = tmp_path / "proxy.log"
+    log = log_path.open("wb")
+    proc = start_proxy(netns, tmp_path, mode, log)
+
+    def proxy_log() -> str:
+        return log_path.read_text()
+
+    try:
+        check = Checks(netns, mode, proxy_log)
+        eventually(lambda: "full sync" in proxy_log(), 30, message="the first sync")
+        svc = call(url, "POST", SERVICES, web_service("web"))
+        ip = svc["spec"]["clusterIP"]
+        call(url, "POST", SLICES, web_slice("web", "10.180.0.5", name="web-1"))
+        check.forwards("web", ip, "10.180.0.5")
+
+        call(url, "DELETE", f"{SLICES}/web-1")
+        check.rejects("web", ip)
+
+        # Twenty slices for "web", then all deleted in one request: more changes at once
+        # than the server's history of 12, so every watch gets 410 Gone and never sees
+        # those DELETEs. Only the relist can tell the proxy that web is empty again.
+        for i in range(20):
+            call(url, "POST", SLICES, web_slice("web", f"10.180.1.{i}", name=f"junk-{i}",
+                                                labels={"junk": "y"}))
+        check.forwards("web", ip, "10.180.1.19")
+        call(url, "DELETE", f"{SLICES}?labelSelector=junk%3Dy")
+        eventually(lambda: re.search(r"watch: 410 .*relisting", proxy_log()),
+                   message="a 410 and a relist")
+        late = call(url, "POST", SERVICES, web_service("late"))["spec"]["clusterIP"]
+        call(url, "POST", SLICES, web_slice("late", "10.180.0.9", name="late-1"))
+        check.forwards("late", late, "10.180.0.9")
+        check.rejects("web", ip)
+
+        check.health_and_metrics(mode)
+        assert stop(proc) == 0, proxy_log()
+        assert "stopping" in proxy_log()
+        assert check.has_service("late"), "rules stay when the proxy stops"
+
+        cleanup = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m",
+                                  "kubeproxy", "run", "--cleanup"], env=env(),
+                                 capture_output=True, text=True, timeout=60, check=False)
+        assert cleanup.returncode == 0, cleanup.stderr
+        leftover = rules(netns, mode)
+        assert "KUBE-" not in leftover and "kube-proxy" not in leftover, leftover
+    finally:
+        stop(proc)
+        log.close()
+
+
+class Checks:
+    def __init__(self, ns: str, mode: str, proxy_log: Callable[[], str]) -> None:
+        self.ns, self.mode, self.proxy_log = ns, mode, proxy_log
+
+    def has_service(self, name: str) -> bool:
+        text = rules(self.ns, self.mode)
+        if self.mode == "nftables":
+            return "service-" in text and f"default/{name}/tcp/http" in text
+        return f":{service_chain('KUBE-SVC-', f'default/{name}:http', 'tcp')} " in text
+
+    def forwards(self, name: str, ip: str, endpoint_ip: str) -> None:
+        def ok() -> bool:
+            text = rules(self.ns, self.mode)
+            return self.has_service(name) and f"{endpoint_ip}" in text and (
+                self.mode == "nftables" or f"--to-destination {endpoint_ip}:8080" in text)
+
+        eventually(ok, message=lambda: f"rules for {name} ({ip} -> {endpoint_ip})\n"
+                   f"{rules(self.ns, self.mode)}\n{self.proxy_log()}")
+
+    def rejects(self, name: str, ip: str) -> None:
+        def ok() -> bool:
+            text = rules(self.ns, self.mode)
+            if self.mode == "nftables":
+                element = rf"{re.escape(ip)} \. tcp \. 80 (comment \S+ )?: goto reject-chain"
+                return bool(re.search(element, text)) and f"/{name}/tcp/http" not in text
+            reject = [line for line in text.splitlines()
+                      if f"-d {ip}/32" in line and "-j REJECT" in line]
+            return bool(reject) and not self.has_service(name)
+
+        eventually(ok, message=lambda: f"a REJECT for {name} ({ip})\n"
+                   f"{rules(self.ns, self.mode)}\n{self.proxy_log()}")
+
+    def health_and_metrics(self, mode: str) -> None:
+        status, body = eventually(lambda: ns_get(self.ns, HEALTHZ_PORT, "/healthz"),
+                                  message="healthz answers")
+        doc = json.loads(body)
+        assert status == 200 and doc["nodeEligible"] is True
+        assert set(doc) == {"lastUpdated", "currentTime", "nodeEligible"}
+        livez = ns_get(self.ns, HEALTHZ_PORT, "/livez")
+        assert livez is not None and livez[0] == 200
+        assert ns_get(self.ns, METRICS_PORT, "/proxyMode") == (200, mode)
+        answer = ns_get(self.ns, METRICS_PORT, "/metrics")
+        assert answer is not None and answer[0] == 200
+        text = answer[1]
+        p = "kubeproxy_"
+        assert metric(text, p + "sync_proxy_rules_service_changes_total") >= 2
+        assert metric(text, p + "sync_proxy_rules_endpoint_changes_total") >= 3
+        assert metric(text, p + "sync_full_proxy_rules_duration_seconds_count") >= 1
+        assert metric(text, p + "sync_partial_proxy_rules_duration_seconds_count") >= 1
+        assert metric(text, p + "network_programming_duration_seconds_count") >= 1
+        assert metric(text, p + "sync_proxy_rules_last_timestamp_seconds") > 1.6e9
+
+
+# --- the wiring, without root --------------------------------------------------------
+
+
+class RecordingProxier:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Cluster, frozenset[NamespacedName] | None]] = []
+
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+        self.calls.append((cluster, changed))
+        return SyncReport()
+
+
+def test_daemon_loop_in_process() -> None:
+    """Informers -> queue -> tracker -> sync loop -> proxier, and stop()."""
+    server = ApiServer(ServerConfig(bookmark_interval=0.2)).start()
+    config = ProxyConfig(hostname="node1", min_sync_period=0.05, sync_period=5.0)
+    proxier = RecordingProxier()
+    health, metrics = Health(10.0), Metrics("iptables")
+    daemon = Daemon(config, proxier, health=health, metrics=metrics)
+    client = Client(ClusterAccess(server.url))
+    informers = [Informer(client, r, daemon.emit, watch_timeout=(30, 60),
+                          backoff=Backoff(0.01, 0.05)).start()
+                 for r in resources("node1")]
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        call(server.url, "POST", "/api/v1/nodes", node("node1"))
+        call(server.url, "POST", SERVICES, web_service("web"))
+        call(server.url, "POST", SLICES, web_slice("web", "10.180.0.5", name="web-1"))
+
+        def synced() -> bool:
+            if not proxier.calls:
+                return False
+            cluster = proxier.calls[-1][0]
+            return bool(cluster.slices and cluster.nodes and cluster.services)
+
+        eventually(synced, 10, 0.02, "a sync that saw all three kinds")
+        assert proxier.calls[0][1] is None, "the first sync is full"
+        assert health.answer(node=True)[0] == 200
+    finally:
+        daemon.stop()
+        thread.join(5)
+        for informer in informers:
+            informer.stop()
+        server.stop()
+    assert not thread.is_alive()
+    assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds 0\n" not in metrics.render()
+
+

@@ -1,0 +1,590 @@
+"""Sources: kubeconfig, the HTTP client and informers.
+
+The client and the informer's failure paths run against a strict fake HTTP server on
+127.0.0.1: it holds a script of the exact requests it expects (path, query, headers)
+and what to answer; anything else is recorded as an error and fails the test. The
+informer's normal life (list, watch, bookmarks, a real 410 and the relist) runs against
+the project's own API server, in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+
+from kubeproxy.apiserver import ApiServer, ServerConfig
+from kubeproxy.config import ConfigError
+from kubeproxy.model import NamespacedName
+from kubeproxy.sources.client import (
+    Client,
+    GoneError,
+    ProtocolError,
+    StatusError,
+    TransportError,
+)
+from kubeproxy.sources.informer import (
+    SERVICE_SELECTOR,
+    SLICE_SELECTOR,
+    Backoff,
+    Informer,
+    Replace,
+    Resource,
+    resources,
+    to_update,
+)
+from kubeproxy.sources.kubeconfig import (
+    ClusterAccess,
+    KubeconfigError,
+    in_cluster,
+    load_kubeconfig,
+    resolve,
+)
+from kubeproxy.tracker import Tracker, Update
+from tests.builders import Obj, endpoint, endpoint_slice, service
+
+ANY = object()  # a query value the fake does not check (randomized watch timeouts)
+SVC = Resource("Service", "/api/v1/services", SERVICE_SELECTOR)
+SVC_Q: dict[str, object] = {"labelSelector": SERVICE_SELECTOR, "limit": "500"}
+
+
+def watch_q(rv: str) -> dict[str, object]:
+    return {"labelSelector": SERVICE_SELECTOR, "watch": "true", "allowWatchBookmarks": "true",
+            "resourceVersion": rv, "timeoutSeconds": ANY}
+
+
+# --- the strict fake API server ---------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: Any = None  # a JSON document (or bytes, sent as they are)
+    events: list[Obj] | None = None  # a watch: one JSON line per event, chunked
+    broken: bool = False  # cut the watch stream in the middle of a chunk
+    hold: bool = False  # keep the watch open until the fake is closed
+
+
+@dataclass
+class Expect:
+    path: str
+    query: Mapping[str, object]
+    reply: Reply
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeApi:
+    def __init__(self, script: list[Expect], tls: ssl.SSLContext | None = None) -> None:
+        self.script = list(script)
+        self.errors: list[str] = []
+        self.served = 0
+        self.closing = threading.Event()
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                del format, args
+
+            def do_GET(self) -> None:
+                fake.serve(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.tls = tls
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.peer_certs: list[Any] = []
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,),
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def next(self, path: str, query: dict[str, str], headers: Any) -> Expect | None:
+        with self.lock:
+            if not self.script:
+                self.errors.append(f"unexpected request {path} {query}")
+                return None
+            exp = self.script.pop(0)
+            self.served += 1
+        want = {k: v for k, v in exp.query.items() if v is not ANY}
+        got = {k: v for k, v in query.items() if exp.query.get(k) is not ANY}
+        if exp.path != path or want != got or set(exp.query) != set(query):
+            self.errors.append(f"expected {exp.path} {exp.query}, got {path} {query}")
+            return None
+        for name, value in exp.headers.items():
+            if headers.get(name) != value:
+                self.errors.append(f"header {name}: {headers.get(name)!r} != {value!r}")
+        return exp
+
+    def serve(self, h: BaseHTTPRequestHandler) -> None:
+        if isinstance(h.connection, ssl.SSLSocket):
+            self.peer_certs.append(h.connection.getpeercert())
+        url = urlsplit(h.path)
+        exp = self.next(url.path, dict(parse_qsl(url.query)), h.headers)
+        reply = exp.reply if exp else Reply(500, {"kind": "Status", "code": 500})
+        if reply.events is None:
+            body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+            h.send_response(reply.status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for event in reply.events:
+            line = json.dumps(event).encode() + b"\n"
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            h.wfile.flush()
+        if reply.broken:
+            h.wfile.write(b"40\r\n{\"type\":")  # a chunk that never ends
+            h.wfile.flush()
+            h.close_connection = True
+            return
+        if reply.hold:
+            self.closing.wait(10)
+        h.wfile.write(b"0\r\n\r\n")
+
+    def close(self) -> None:
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+MakeFake = Callable[..., FakeApi]
+
+
+@pytest.fixture
+def fake() -> Iterator[MakeFake]:
+    made: list[FakeApi] = []
+
+    def make(script: list[Expect], tls: ssl.SSLContext | None = None) -> FakeApi:
+        made.append(FakeApi(script, tls))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+    for f in made:
+        assert not f.errors, f.errors
+
+
+def items_list(rv: str, *items: Obj, cont: str | None = None) -> Obj:
+    meta: Obj = {"resourceVersion": rv}
+    if cont:
+        meta["continue"] = cont
+    return {"kind": "ServiceList", "apiVersion": "v1", "metadata": meta, "items": list(items)}
+
+
+def svc_obj(name: str, rv: str, port: int = 80) -> Obj:
+    obj = service(name, ports=[("p80", port, "TCP", 0)])
+    obj["metadata"]["resourceVersion"] = rv
+    return obj
+
+
+def status(code: int, reason: str, message: str = "") -> Obj:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": reason, "message": message}
+
+
+def ev(kind: str, obj: Obj) -> Obj:
+    return {"type": kind, "object": obj}
+
+
+def bookmark(rv: str) -> Obj:
+    return ev("BOOKMARK", {"kind": "Service", "apiVersion": "v1",
+                           "metadata": {"resourceVersion": rv}})
+
+
+# --- kubeconfig -------------------------------------------------------------------
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def kubeconfig(tmp: Path, cluster: Obj, user: Obj | None = None, current: str = "c") -> Path:
+    doc = {"apiVersion": "v1", "kind": "Config", "current-context": current,
+           "clusters": [{"name": "k", "cluster": cluster}],
+           "users": [{"name": "u", "user": user or {}}],
+           "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}},
+                        {"name": "other", "context": {"cluster": "missing", "user": "u"}}]}
+    path = tmp / "kubeconfig"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+B64 = base64.b64encode(PEM.encode()).decode()
+
+
+@pytest.mark.parametrize(("cluster", "user", "want"), [
+    ({"server": "http://127.0.0.1:8080"}, None,
+     lambda d: ClusterAccess("http://127.0.0.1:8080")),
+    ({"server": "https://k:6443", "certificate-authority-data": B64}, {"token": "abc"},
+     lambda d: ClusterAccess("https://k:6443", ca_data=PEM, token="abc")),
+    ({"server": "https://k:6443", "certificate-authority": "ca.crt"}, {"tokenFile": "/t"},
+     lambda d: ClusterAccess("https://k:6443", ca_file=f"{d}/ca.crt", token_file="/t")),
+    ({"server": "https://k", "insecure-skip-tls-verify": True},
+     {"client-certificate": "c.pem", "client-key": "/abs/k.pem"},
+     lambda d: ClusterAccess("https://k", insecure=True, client_cert_file=f"{d}/c.pem",
+                             client_key_file="/abs/k.pem")),
+    ({"server": "https://k"}, {"client-certificate-data": B64, "client-key-data": B64},
+     lambda d: ClusterAccess("https://k", client_cert_data=PEM, client_key_data=PEM)),
+], ids=["plain-http", "ca-data-token", "relative-ca-file", "insecure-client-cert", "cert-data"])
+def test_kubeconfig(tmp_path: Path, cluster: Obj, user: Obj | None,
+                    want: Callable[[Path], ClusterAccess]) -> None:
+    assert load_kubeconfig(kubeconfig(tmp_path, cluster, user)) == want(tmp_path)
+
+
+@pytest.mark.parametrize(("cluster", "user", "current", "message"), [
+    ({"server": "ftp://x"}, None, "c", "not an http"),
+    ({}, None, "c", r"clusters\[k\].cluster.server: is required"),
+    ({"server": "https://k"}, None, "nope", "contexts: no entry named 'nope'"),
+    ({"server": "https://k"}, None, "other", "clusters: no entry named 'missing'"),
+    ({"server": "https://k", "certificate-authority-data": "%%%"}, None, "c",
+     "certificate-authority-data: is not base64"),
+    ({"server": "https://k", "insecure-skip-tls-verify": "yes"}, None, "c",
+     "insecure-skip-tls-verify: must be true or false"),
+    ({"server": "https://k"}, {"client-certificate": "c.pem"}, "c", "needs a client key"),
+])
+def test_kubeconfig_errors_name_the_key(tmp_path: Path, cluster: Obj, user: Obj | None,
+                                        current: str, message: str) -> None:
+    with pytest.raises(KubeconfigError, match=message) as info:
+        load_kubeconfig(kubeconfig(tmp_path, cluster, user, current))
+    assert isinstance(info.value, ConfigError), "the CLI turns it into exit code 2"
+    assert str(tmp_path) in str(info.value)
+
+
+def test_master_overrides_and_in_cluster(tmp_path: Path) -> None:
+    path = kubeconfig(tmp_path, {"server": "https://k"}, {"token": "t"})
+    assert resolve(path, "http://127.0.0.1:1") == ClusterAccess("http://127.0.0.1:1", token="t")
+    assert resolve(None, "http://m:1") == ClusterAccess("http://m:1")
+    (tmp_path / "token").write_text("x")
+    env = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
+    assert in_cluster(env, tmp_path) == ClusterAccess(
+        "https://[fd00::1]:443", ca_file=f"{tmp_path}/ca.crt", token_file=f"{tmp_path}/token")
+    with pytest.raises(KubeconfigError, match="not running in a cluster"):
+        in_cluster({}, tmp_path)
+
+
+# --- the client -------------------------------------------------------------------
+
+
+def make_pki(tmp: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=tmp, check=True, capture_output=True,
+                       timeout=60)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", *key, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "1",
+            "-subj", f"/CN={ca}")
+    (tmp / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, cn in (("server", "127.0.0.1"), ("client", "system:kube-proxy")):
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile", "san.ext")
+    return {p.stem + p.suffix: p for p in tmp.iterdir()}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_https_with_a_ca_and_a_client_certificate(fake: MakeFake, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(pki["server.crt"], pki["server.key"])
+    tls.load_verify_locations(pki["ca.crt"])
+    tls.verify_mode = ssl.CERT_REQUIRED
+    nodes = Reply(body=items_list("1"))
+    api = fake([Expect("/api/v1/nodes", {}, nodes) for _ in range(3)], tls)
+    access = ClusterAccess(api.url, ca_data=pki["ca.crt"].read_text(),
+                           client_cert_data=pki["client.crt"].read_text(),
+                           client_key_file=str(pki["client.key"]))
+    assert Client(access).list_page("/api/v1/nodes")["items"] == []
+    subject = dict(x[0] for x in api.peer_certs[0]["subject"])
+    assert subject["commonName"] == "system:kube-proxy"
+    insecure = ClusterAccess(api.url, insecure=True, client_cert_file=str(pki["client.crt"]),
+                             client_key_file=str(pki["client.key"]))
+    assert Client(insecure).list_page("/api/v1/nodes")["items"] == []
+    wrong_ca = ClusterAccess(api.url, ca_file=str(pki["other-ca.crt"]),
+                             client_cert_file=str(pki["client.crt"]),
+                             client_key_file=str(pki["client.key"]))
+    with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+        Client(wrong_ca).list_page("/api/v1/nodes")
+    api.script.clear()  # the refused client never got as far as a request
+
+
+def test_list_all_follows_continue_and_sends_the_token(
+        fake: MakeFake) -> None:
+    auth = {"Authorization": "Bearer s3cret", "Accept": "application/json"}
+    api = fake([
+        Expect("/prefix/api/v1/services", {**SVC_Q, "limit": "2"},
+               Reply(body=items_list("7", svc_obj("a", "5"), svc_obj("b", "6"), cont="t1")),
+               auth),
+        Expect("/prefix/api/v1/services", {**SVC_Q, "limit": "2", "continue": "t1"},
+               Reply(body=items_list("7", svc_obj("c", "7"))), auth),
+    ])
+    client = Client(ClusterAccess(api.url + "/prefix/", token="s3cret"))
+    items, rv = client.list_all("/api/v1/services", label_selector=SERVICE_SELECTOR,
+                                page_size=2)
+    assert [i["metadata"]["name"] for i in items] == ["a", "b", "c"] and rv == "7"
+
+
+def test_an_expired_continue_token_restarts_the_list(
+        fake: MakeFake) -> None:
+    api = fake([
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("7", svc_obj("a", "5"),
+                                                                cont="t1"))),
+        Expect("/api/v1/services", {**SVC_Q, "continue": "t1"},
+               Reply(410, status(410, "Expired", "continue too old"))),
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("9", svc_obj("b", "9")))),
+    ])
+    items, rv = Client(ClusterAccess(api.url)).list_all("/api/v1/services",
+                                                        label_selector=SERVICE_SELECTOR)
+    assert [i["metadata"]["name"] for i in items] == ["b"] and rv == "9"
+
+
+@pytest.mark.parametrize(("reply", "error", "text"), [
+    (Reply(404, status(404, "NotFound", "the server could not find it")), StatusError,
+     "404 NotFound: the server could not find it"),
+    (Reply(410, status(410, "Expired", "too old resource version: 1 (5)")), GoneError,
+     "410 Expired"),
+    (Reply(500, b"<html>oops</html>"), StatusError, "500 Internal Server Error"),
+    (Reply(403, status(403, "Forbidden", "nodes is forbidden")), StatusError, "Forbidden"),
+    (Reply(200, b"not json"), ProtocolError, "not a list"),
+    (Reply(200, {"items": 3}), ProtocolError, "not a list"),
+])
+def test_errors_are_translated(fake: MakeFake, reply: Reply,
+                               error: type[Exception], text: str) -> None:
+    api = fake([Expect("/api/v1/nodes", {}, reply)])
+    with pytest.raises(error, match=text) as info:
+        Client(ClusterAccess(api.url)).list_page("/api/v1/nodes")
+    if isinstance(info.value, StatusError):
+        assert info.value.code == reply.status
+
+
+def test_no_server_is_a_transport_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here once closed
+    with pytest.raises(TransportError, match="GET /api/v1/nodes"):
+        Client(ClusterAccess(f"http://127.0.0.1:{port}"), timeout=2).list_page("/api/v1/nodes")
+
+
+def test_watch_stream_events_and_breakage(fake: MakeFake) -> None:
+    api = fake([
+        Expect("/api/v1/services", watch_q("5"),
+               Reply(events=[ev("ADDED", svc_obj("a", "6")), bookmark("8")])),
+        Expect("/api/v1/services", watch_q("8"),
+               Reply(events=[ev("DELETED", svc_obj("a", "9"))], broken=True)),
+    ])
+    client = Client(ClusterAccess(api.url))
+    with client.watch("/api/v1/services", resource_version="5", timeout_seconds=60,
+                      label_selector=SERVICE_SELECTOR) as stream:
+        assert [e["type"] for e in stream] == ["ADDED", "BOOKMARK"]
+    seen: list[str] = []
+    with pytest.raises(TransportError, match="the stream broke"), client.watch(
+            "/api/v1/services", resource_version="8", timeout_seconds=60,
+            label_selector=SERVICE_SELECTOR) as stream:
+        seen.extend(e["type"] for e in stream)
+    assert seen == ["DELETED"]
+
+
+# --- decoding at the edge ---------------------------------------------------------
+
+
+def test_to_update() -> None:
+    good = to_update("Service", service("a"))
+    assert good is not None and good.key == NamespacedName("ns1", "a") and good.obj is not None
+    bad = to_update("Service", service("a", cluster_ip="999.1.1.1"))
+    assert bad is not None and bad.obj is None and bad.error is not None
+    assert (bad.error.kind, bad.error.ref, bad.error.field_path) == (
+        "Service", "ns1/a", "spec.clusterIPs[0]")
+    deleted = to_update("Service", service("a", cluster_ip="999.1.1.1"), deleted=True)
+    assert deleted == Update("Service", NamespacedName("ns1", "a"), None)
+    headless = to_update("Service", service("h", cluster_ip="None"))
+    assert headless is not None and headless.obj is None and headless.error is None
+    assert to_update("Service", {"metadata": {}}) is None
+    node = to_update("Node", {"metadata": {"name": "n1", "namespace": "x"}})
+    assert node is not None and node.key == NamespacedName("", "n1")
+
+
+def test_the_three_resources() -> None:
+    svc, eps, node = resources("node1")
+    assert (svc.path, svc.label_selector) == ("/api/v1/services", SERVICE_SELECTOR)
+    assert eps.label_selector == SLICE_SELECTOR
+    assert (node.path, node.field_selector) == ("/api/v1/nodes", "metadata.name=node1")
+
+
+# --- informers against the fake ---------------------------------------------------
+
+
+class Sink:
+    """What an informer emitted, folded into a tracker, with a deadline-bound wait."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.items: list[Update | Replace] = []
+        self.tracker = Tracker("node1")
+
+    def emit(self, item: Update | Replace) -> None:
+        with self.cond:
+            self.items.append(item)
+            if isinstance(item, Replace):
+                self.tracker.replace(item.kind, item.updates)
+            else:
+                self.tracker.update(item)
+            self.cond.notify_all()
+
+    def wait(self, what: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Until what() holds: woken by emits, re-checked every 20 ms for other state."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not what():
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out; got {self.items}"
+                self.cond.wait(min(left, 0.02))
+
+    def names(self) -> list[str]:
+        with self.cond:
+            return sorted(s.name for s in self.tracker.cluster().services)
+
+    def replaces(self) -> int:
+        with self.cond:
+            return sum(isinstance(i, Replace) for i in self.items)
+
+
+def informer(client: Client, sink: Sink, resource: Resource = SVC) -> Informer:
+    return Informer(client, resource, sink.emit, watch_timeout=(60, 120),
+                    backoff=Backoff(initial=0.01, cap=0.05))
+
+
+def test_informer_lists_watches_resumes_and_relists(
+        fake: MakeFake) -> None:
+    api = fake([
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("5", svc_obj("a", "4")))),
+        # A normal end (timeoutSeconds): watch again from the bookmark's version.
+        Expect("/api/v1/services", watch_q("5"),
+               Reply(events=[ev("ADDED", svc_obj("b", "6")), bookmark("8")])),
+        Expect("/api/v1/services", watch_q("8"),
+               Reply(events=[ev("MODIFIED", svc_obj("b", "9", port=81)),
+                             ev("ERROR", status(410, "Expired", "too old"))])),
+        # 410: relist; the list no longer holds "a".
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("12", svc_obj("b", "9", 81),
+                                                                svc_obj("c", "11")))),
+        Expect("/api/v1/services", watch_q("12"),
+               Reply(events=[ev("DELETED", svc_obj("c", "13"))], broken=True)),
+        # A broken stream: back off, relist.
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("13", svc_obj("b", "9", 81)))),
+        Expect("/api/v1/services", watch_q("13"), Reply(events=[], hold=True)),
+    ])
+    sink = Sink()
+    inf = informer(Client(ClusterAccess(api.url)), sink).start()
+    try:
+        sink.wait(lambda: api.served == 7 and inf.lists == 3 and len(sink.items) == 6)
+    finally:
+        started = time.monotonic()
+        inf.stop()
+        assert time.monotonic() - started < 2, "stop() wakes a quiet watch"
+    assert sink.replaces() == 3
+    assert sink.names() == ["b"] and inf.resource_version == "13"
+    (b,) = sink.tracker.cluster().services
+    assert b.ports[0].port == 81
+
+
+def test_informer_backs_off_while_the_server_fails(
+        fake: MakeFake) -> None:
+    api = fake([
+        Expect("/api/v1/services", SVC_Q, Reply(500, status(500, "InternalError"))),
+        Expect("/api/v1/services", SVC_Q, Reply(503, status(503, "ServiceUnavailable"))),
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("3", svc_obj("a", "3")))),
+        Expect("/api/v1/services", watch_q("3"), Reply(events=[], hold=True)),
+    ])
+    sink = Sink()
+    inf = informer(Client(ClusterAccess(api.url)), sink).start()
+    try:
+        sink.wait(lambda: sink.names() == ["a"])
+    finally:
+        inf.stop()
+    assert api.served in (3, 4)
+
+
+def test_backoff_grows_to_the_cap_and_resets() -> None:
+    class NoJitter:
+        def random(self) -> float:
+            return 0.0
+
+    b = Backoff(initial=0.5, cap=4.0, rng=NoJitter())  # type: ignore[arg-type]
+    assert [b.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    b.reset()
+    assert b.next() == 0.5
+
+
+# --- an informer against the project's API server ---------------------------------
+
+
+def post(url: str, path: str, obj: Obj) -> None:
+    req = urllib.request.Request(url + path, json.dumps(obj).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+def delete(url: str, path: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(url + path, method="DELETE"),
+                           timeout=10).close()
+
+
+@pytest.fixture
+def apiserver() -> Iterator[ApiServer]:
+    server = ApiServer(ServerConfig(history=4, bookmark_interval=0.2)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_informer_against_the_api_server_survives_410(apiserver: ApiServer) -> None:
+    url = apiserver.url
+    slices = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+    post(url, "/api/v1/namespaces", {"metadata": {"name": "ns1"}})
+    post(url, "/api/v1/namespaces/ns1/services", service("early", cluster_ip="10.96.0.5"))
+    sink = Sink()
+    client = Client(ClusterAccess(url))
+    svc_inf = informer(client, sink, resources("node1")[0]).start()
+    try:
+        sink.wait(lambda: sink.names() == ["early"])
+        post(url, "/api/v1/namespaces/ns1/services", service("web", cluster_ip="10.96.0.6"))
+        post(url, "/api/v1/namespaces/ns1/services",
+             service("other", cluster_ip="10.96.0.7",
+                     labels={"service.kubernetes.io/service-proxy-name": "x"}))
+        sink.wait(lambda: sink.names() == ["early", "web"])
+        # More changes at once than the server's history holds: the watch gets 410.
+        for i in range(6):
+            post(url, slices, endpoint_slice("junk", [endpoint(f"10.0.0.{i}")], "default",
+                                             name=f"junk-{i}", labels={"junk": "y"}))
+        delete(url, "/api/v1/namespaces/ns1/services/early")
+        delete(url, slices + "?labelSelector=junk%3Dy")
+        post(url, "/api/v1/namespaces/ns1/services", service("late", cluster_ip="10.96.0.8"))
+        sink.wait(lambda: sink.names() == ["late", "web"] and svc_inf.lists >= 2)
+    finally:
+        svc_inf.stop()

@@ -1,0 +1,276 @@
+"""The sync loop with a fake clock and a strict fake data plane: no sleeping anywhere.
+
+The fake data plane keeps its own "kernel": per service, what it was last given. A full
+sync replaces all of it; a partial sync may only rewrite the services it is told about.
+After every successful sync the kernel must equal the cluster, so a partial sync that
+forgets a changed service shows up as a mismatch, not as a passing test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.model import Cluster, NamespacedName, Service
+from kubeproxy.sync import SyncLoop, SyncReport, SyncResult
+from kubeproxy.tracker import Kind, Tracker, Update
+from tests.builders import NODE
+from tests.unit.test_tracker import eps, gone, nd, svc
+
+MIN, PERIOD = 1.0, 30.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Call:
+    at: float
+    changed: frozenset[NamespacedName] | None  # None: full
+
+
+@dataclass
+class StrictDataPlane:
+    clock: FakeClock
+    kernel: dict[NamespacedName, object] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    fail: int = 0  # fail the next n syncs (all or nothing, as iptables-restore)
+
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+        if self.calls:
+            assert self.clock.now - self.calls[-1].at >= MIN, "synced faster than minSyncPeriod"
+        self.calls.append(Call(self.clock.now, changed))
+        if changed is not None:
+            assert changed, "a partial sync must name the services it rewrites"
+            assert any(c.changed is None for c in self.calls), "partial before any full sync"
+        if self.fail:
+            self.fail -= 1
+            raise DataPlaneError("iptables-restore: line 7 failed")
+        want = state_of(cluster)
+        if changed is None:
+            self.kernel = want
+        else:
+            for name in changed:
+                if name in want:
+                    self.kernel[name] = want[name]
+                else:
+                    self.kernel.pop(name, None)
+        self.clock.now += 0.05  # a sync takes time
+        return SyncReport()
+
+
+def state_of(cluster: Cluster) -> dict[NamespacedName, object]:
+    """Per service: its spec and its endpoints (what its chains depend on)."""
+    out: dict[NamespacedName, object] = {}
+    services: dict[NamespacedName, Service] = {s.ref: s for s in cluster.services}
+    for ref in services.keys() | {e.service for e in cluster.slices}:
+        out[ref] = (services.get(ref),
+                    sorted((e.name, e.endpoints) for e in cluster.slices if e.service == ref),
+                    cluster.nodes)
+    return out
+
+
+@dataclass
+class Rig:
+    clock: FakeClock
+    tracker: Tracker
+    plane: StrictDataPlane
+    loop: SyncLoop
+    results: list[SyncResult] = field(default_factory=list)
+
+    def feed(self, *updates: Update) -> None:
+        for update in updates:
+            if self.tracker.update(update):
+                self.loop.trigger()
+
+    def list_done(self, *, services: list[Update] | None = None,
+                  slices: list[Update] | None = None) -> None:
+        lists: tuple[tuple[Kind, list[Update] | None], ...] = (
+            ("Service", services), ("EndpointSlice", slices))
+        for kind, items in lists:
+            if items is not None:
+                changed = self.tracker.replace(kind, items)
+                self.loop.initial_list_done(kind)
+                if changed:
+                    self.loop.trigger()
+
+    def advance(self, seconds: float) -> None:
+        """What the daemon does: sleep until the next deadline, run, repeat."""
+        end = self.clock.now + seconds
+        while True:
+            due = self.loop.next_run()
+            if due is None or due > end:
+                break
+            self.clock.now = max(self.clock.now, due)
+            result = self.loop.run_if_due()
+            assert result is not None, "next_run() said a run was due"
+            self.results.append(result)
+            if result.ok:
+                assert self.plane.kernel == state_of(self.tracker.cluster())
+        self.clock.now = max(self.clock.now, end)
+
+    def kinds(self) -> list[str]:
+        return ["full" if c.changed is None else ",".join(sorted(map(str, c.changed)))
+                for c in self.plane.calls]
+
+
+def rig(**kw: float) -> Rig:
+    clock = FakeClock()
+    tracker = Tracker(NODE)
+    plane = StrictDataPlane(clock)
+    loop = SyncLoop(tracker, plane, clock, min_sync_period=MIN, sync_period=PERIOD, **kw)
+    return Rig(clock, tracker, plane, loop)
+
+
+def started(**kw: float) -> Rig:
+    r = rig(**kw)
+    r.list_done(services=[svc("a"), svc("b", "172.30.0.42")],
+                slices=[eps("a-1", "a", "10.180.0.1")])
+    r.advance(0)
+    assert r.kinds() == ["full"]
+    return r
+
+
+def test_nothing_is_written_before_both_initial_lists() -> None:
+    r = rig()
+    r.feed(svc("early"))
+    r.list_done(services=[svc("a")])
+    r.advance(100)
+    assert r.plane.calls == [] and r.loop.next_run() is None
+    r.list_done(slices=[])
+    r.advance(0)
+    assert r.kinds() == ["full"], "the first sync follows the second list at once"
+
+
+def test_a_change_waits_for_min_sync_period_then_is_partial() -> None:
+    r = started()
+    t0 = r.plane.calls[0].at
+    r.clock.now = t0 + 0.3
+    r.feed(eps("a-1", "a", "10.180.0.2"))
+    assert r.loop.next_run() == t0 + MIN
+    assert r.loop.run_if_due() is None
+    r.advance(0.8)
+    assert r.kinds() == ["full", "ns1/a"]
+    assert r.plane.calls[1].at == t0 + MIN
+
+
+def test_repeated_triggers_coalesce_into_one_partial_sync() -> None:
+    r = started()
+    for i in range(20):
+        r.feed(eps("a-1", "a", f"10.180.0.{i + 2}"), svc(f"s{i}", f"172.30.1.{i}"))
+        r.advance(0.04)
+    r.advance(2)
+    assert len(r.plane.calls) == 2
+    changed = r.plane.calls[1].changed
+    assert changed is not None and len(changed) == 21
+
+
+def test_a_full_resync_every_sync_period_without_changes() -> None:
+    r = started()
+    r.advance(PERIOD * 3 + 1)
+    assert r.kinds() == ["full"] * 4
+    gaps = [b.at - a.at for a, b in itertools.pairwise(r.plane.calls)]
+    assert all(g == pytest.approx(PERIOD) for g in gaps)
+
+
+def test_partial_syncs_do_not_push_the_periodic_full_sync_back() -> None:
+    r = started()
+    for _ in range(40):
+        r.feed(svc("a", port=81 + len(r.plane.calls)))
+        r.advance(1)
+    fulls = [c.at for c in r.plane.calls if c.changed is None]
+    assert len(fulls) == 2 and fulls[1] - fulls[0] == pytest.approx(PERIOD, abs=MIN)
+
+
+def test_full_sync_period_longer_than_sync_period() -> None:
+    r = started(full_sync_period=3600.0)
+    r.advance(PERIOD * 2 + 1)
+    assert r.kinds() == ["full"], "periodic runs with nothing changed do not call the plane"
+    assert [x.skipped for x in r.results] == [False, True, True]
+
+
+def test_a_failed_sync_is_retried_after_min_period_as_a_full_one() -> None:
+    r = started()
+    r.plane.fail = 2
+    r.clock.now += 5
+    r.feed(svc("c", "172.30.0.43"))
+    r.advance(0)
+    assert r.results[-1].error is not None and "iptables-restore" in r.results[-1].error
+    assert r.loop.next_run() == r.plane.calls[-1].at + MIN
+    r.advance(MIN)
+    assert not r.results[-1].ok, "second failure"
+    r.advance(MIN)
+    assert r.kinds() == ["full", "ns1/c", "full", "full"]
+    assert r.results[-1].ok and r.results[-1].full
+
+
+def test_a_node_change_makes_the_next_sync_full() -> None:
+    r = started()
+    r.clock.now += 5
+    r.feed(nd(zone="z1"))
+    r.advance(1)
+    assert r.kinds() == ["full", "full"]
+
+
+def test_changes_that_cancel_out_do_not_call_the_data_plane() -> None:
+    r = started()
+    r.clock.now += 5
+    r.feed(svc("a", port=99), svc("a"))
+    r.advance(1)
+    assert r.kinds() == ["full"]
+    assert r.results[-1].skipped and r.loop.oldest_pending is None
+
+
+def test_health_bookkeeping() -> None:
+    r = rig()
+    r.feed(svc("a"))
+    assert r.loop.oldest_pending is None, "nothing is queued before the initial lists"
+    r.list_done(services=[svc("a")], slices=[])
+    ready_at = r.clock.now
+    assert r.loop.oldest_pending == ready_at
+    r.plane.fail = 1
+    r.advance(0)
+    assert r.loop.oldest_pending == ready_at and r.loop.last_success is None
+    r.advance(MIN)
+    assert r.loop.oldest_pending is None and r.loop.last_success == r.clock.now
+    r.clock.now += 3
+    r.feed(svc("b", "172.30.0.42"))
+    assert r.loop.oldest_pending == r.clock.now
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_event_streams_converge(seed: int) -> None:
+    """Any interleaving of events, failures and time: kernel == cluster after each success,
+    syncs at least MIN apart (checked by the plane), never longer than PERIOD apart."""
+    rng = random.Random(seed)
+    r = started()
+    for _ in range(300):
+        choice = rng.random()
+        name = f"s{rng.randrange(6)}"
+        if choice < 0.3:
+            r.feed(svc(name, f"172.30.2.{rng.randrange(6)}", rng.choice([80, 81])))
+        elif choice < 0.6:
+            r.feed(eps(f"{name}-{rng.randrange(2)}", rng.choice([name, "s0"]),
+                       f"10.180.0.{rng.randrange(3)}"))
+        elif choice < 0.7:
+            r.feed(gone(rng.choice(["Service", "EndpointSlice"]), name))
+        elif choice < 0.75:
+            r.feed(Update("Node", NamespacedName("", NODE),
+                          nd(zone=rng.choice(["z1", "z2"])).obj))
+        elif choice < 0.8:
+            r.plane.fail = 1
+        r.advance(rng.choice([0.0, 0.1, 0.5, 1.0, 3.0]))
+    r.advance(PERIOD)
+    starts = [c.at for c in r.plane.calls]
+    assert all(b - a <= PERIOD + 1e-9 for a, b in itertools.pairwise(starts))
+    assert r.plane.kernel == state_of(r.tracker.cluster())
+    assert any(c.changed is not None for c in r.plane.calls), "some syncs were partial"
