@@ -21,10 +21,7 @@ from kubeproxy.trace.iptables import trace_iptables
 from kubeproxy.trace.result import Packet, TraceResult
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
 
-try:
-    from kubeproxy.trace.nftables import trace_nftables
-except ImportError:  # pragma: no cover - until the nftables tracer lands
-    trace_nftables = None
+from kubeproxy.trace.nftables import trace_nftables
 
 MODES = ("iptables", "nftables")
 POD = "10.180.0.9"  # a pod on this node that is not an endpoint
@@ -272,10 +269,7 @@ def trace(mode: str, case: Case) -> TraceResult:
     if mode == "iptables":
         text = render_iptables(cluster, config)[4 if dst.version == 4 else 6].save_text()
         return trace_iptables(text, packet, local)
-    if trace_nftables is None:
-        pytest.skip("nftables tracer not built yet")
-    result: TraceResult = trace_nftables(render_nftables(cluster, config), packet, local)
-    return result
+    return trace_nftables(render_nftables(cluster, config), packet, local)
 
 
 @pytest.mark.parametrize("mode", MODES)
