@@ -18,10 +18,9 @@ from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.pipeline import render_iptables, render_nftables
 from kubeproxy.trace.iptables import trace_iptables
+from kubeproxy.trace.nftables import trace_nftables
 from kubeproxy.trace.result import Packet, TraceResult
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
-
-from kubeproxy.trace.nftables import trace_nftables
 
 MODES = ("iptables", "nftables")
 POD = "10.180.0.9"  # a pod on this node that is not an endpoint
