@@ -1,17 +1,21 @@
 """Kernel tests of the lab: real packets through real rules, inside network namespaces.
 
-They need root, iproute2, iptables/nft and the core's ``kubeproxy apply``; otherwise they
+They need root, iproute2, iptables/nft and the core's ``kubeproxy run``; otherwise they
 skip with the reason. Every lab a test brings up is taken down by its fixture, also on
-failure; test labs are named ``kt...`` so a user's own lab (default ``lab``) is never
-touched. The session ends by failing if a ``kpl-`` namespace or a lab process that was not
-there before the session is still there after it (they are removed, then reported).
+failure; test labs are named ``kt...<session>`` so that a user's own lab (default ``lab``)
+and another test session's labs are never touched. The session ends by failing if a
+``kpl-`` namespace, a lab process (pod server, agent, a lab's API server or proxy) or a
+lab file of this session's labs is still there after it (they are removed, then reported).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import secrets
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
@@ -23,7 +27,8 @@ import pytest
 
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.netns import Netns
-from kubeproxy.lab.runtime import Lab, UpOptions, python_env
+from kubeproxy.lab.processes import python_env
+from kubeproxy.lab.runtime import Lab, UpOptions
 from kubeproxy.lab.state import Store
 
 NFTABLES_NOT_READY = "nftables data plane not built yet"
@@ -45,8 +50,8 @@ def skip_reason() -> str | None:
     for tool in ("ip", "iptables", "nft", "sysctl"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    if not _core_runs("apply", "--help"):
-        return "the core's `python -m kubeproxy apply` is not available"
+    if not _core_runs("run", "--help"):
+        return "the core's `python -m kubeproxy run` (the proxy daemon) is not available"
     return None
 
 
@@ -98,6 +103,17 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 MakeLab = Callable[..., Lab]
 
+# Test labs are named kt<what><mode><session>: the session suffix keeps two test sessions
+# on one machine (several people work here) from taking down each other's labs, and lets
+# the leftover check below look at this session's labs only.
+SESSION = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(2))
+
+
+def session_lab(name: str) -> str:
+    """This session's name for test lab ``name`` (kt..., at most 6 characters)."""
+    assert name.startswith("kt") and len(name) <= 6, "test labs are named kt... (<= 6)"
+    return name + SESSION
+
 
 @pytest.fixture(scope="module")
 def make_lab() -> Iterator[MakeLab]:
@@ -105,9 +121,7 @@ def make_lab() -> Iterator[MakeLab]:
     labs: list[Lab] = []
 
     def make(name: str, text: str, **options: Any) -> Lab:
-        assert name.startswith("kt"), "test labs are named kt..."
-        lab = Lab(name)
-        lab.down()  # left over from an interrupted run
+        lab = Lab(session_lab(name))
         labs.append(lab)
         lab.up(load_documents([(name, text)]), UpOptions(**options))
         return lab
@@ -119,8 +133,26 @@ def make_lab() -> Iterator[MakeLab]:
             lab.down()
 
 
+def _mine(lab: str) -> bool:
+    return lab.startswith("kt") and lab.endswith(SESSION)
+
+
 def _lab_namespaces() -> set[str]:
-    return set(Netns().list_namespaces("kpl-"))
+    return {ns for ns in Netns().list_namespaces("kpl-") if _mine(ns.split("-")[1])}
+
+
+LAB_DIR = str(Store("x").base) + "/"  # in the argv of a lab's API server and proxies
+
+
+def _lab_of(argv: list[str]) -> str | None:
+    """The lab a lab process belongs to (pod server, agent, API server, proxy), if any."""
+    for flag, value in itertools.pairwise(argv):
+        if flag in ("--lab", "--name") and any(a.startswith("kubeproxy.lab.") for a in argv):
+            return value
+    for arg in argv:
+        if LAB_DIR in arg:
+            return arg.split(LAB_DIR, 1)[1].split("/")[0]
+    return None
 
 
 def _lab_processes() -> set[int]:
@@ -129,10 +161,11 @@ def _lab_processes() -> set[int]:
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            raw = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if any(a.startswith(b"kubeproxy.lab.") for a in argv):
+        lab = _lab_of([a.decode(errors="replace") for a in raw.split(b"\0")])
+        if lab is not None and _mine(lab):
             pids.add(int(proc.name))
     return pids
 
@@ -148,8 +181,7 @@ def nothing_left_behind() -> Iterator[None]:
     left_procs = sorted(_lab_processes() - processes)
     left_files = sorted(str(p) for p in set(_test_lab_files()) - set(files))
     for name in sorted({ns.split("-")[1] for ns in left_ns}):
-        if name.startswith("kt"):
-            Lab(name).down()
+        Lab(name).down()
     if left_ns or left_procs or left_files:
         pytest.fail(
             f"lab tests left behind namespaces {left_ns}, processes {left_procs}, "
@@ -159,4 +191,6 @@ def nothing_left_behind() -> Iterator[None]:
 
 def _test_lab_files() -> list[Path]:
     base = Store("x").base
-    return sorted(base.glob("kt*")) if base.exists() else []
+    return (
+        sorted(p for p in base.glob("kt*") if _mine(p.name.split(".")[0])) if base.exists() else []
+    )

@@ -1,7 +1,8 @@
 """Readiness and termination taking effect on a running lab, then round-robin.
 
-The endpoint controller recomputes the EndpointSlices after each change and every node
-is re-programmed; the probes show the data plane following.
+Each change is an API write (pods/status, a DELETE with a grace period); the lab agent's
+endpoint controller rewrites the EndpointSlices, every node's proxy re-programs its rules,
+and the command returns once they did: the probes right after show the data plane following.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from kubeproxy.lab.runtime import Lab, alive
+from kubeproxy.lab.runtime import Lab
 from tests.kernel.conftest import MakeLab
 
 pytestmark = pytest.mark.kernel
@@ -56,7 +57,7 @@ def test_readiness_and_termination(lab: Lab) -> None:
 
     # Terminating: not used while ready endpoints exist ...
     lab.delete_pod("c3", grace=120)
-    assert lab.state().pods["default/c3"].delete_at is not None
+    assert lab.find_pod("c3").terminating
     assert backends(lab) == ["c1", "c2"]
     # ... but used when only serving-and-terminating ones are left (upstream fallback).
     lab.set_pod_ready("c1", False)
@@ -65,7 +66,7 @@ def test_readiness_and_termination(lab: Lab) -> None:
 
     # A new delete with no grace ends the pod now: nothing usable -> REJECT.
     lab.delete_pod("c3", grace=0)
-    assert "default/c3" not in lab.state().pods
+    assert "default/c3" not in pod_keys(lab)
     assert not any(ns.endswith(".c3") for ns in lab.net.list_namespaces(lab.prefix))
     refused = lab.probe("client", "web", 80, n=3, timeout=0.5)
     assert (refused.ok, refused.refused) == (0, 3), refused
@@ -76,19 +77,19 @@ def test_readiness_and_termination(lab: Lab) -> None:
 
 def test_deleted_pod_goes_away_after_its_grace_period(lab: Lab) -> None:
     lab.set_pod_ready("c2", True)
-    deadline = lab.delete_pod("c2", grace=1.0)  # a detached reaper finishes it
-    reaper = lab.state().pods["default/c2"].reaper
-    assert reaper is not None
+    deadline = lab.delete_pod("c2", grace=1.0)  # the agent (kubelet) finishes it
+    assert lab.find_pod("c2").terminating
     assert backends(lab, 10) == ["c1"]
-    while "default/c2" in lab.state().pods and time.time() < deadline + 15:
+    while "default/c2" in pod_keys(lab) and time.time() < deadline + 15:
         time.sleep(0.2)
-    assert "default/c2" not in lab.state().pods
-    for _ in range(100):
-        if not alive(reaper):
-            break
-        time.sleep(0.05)
-    assert not alive(reaper)
+    assert "default/c2" not in pod_keys(lab)
+    lab.settle()
+    assert not any(ns.endswith(".c2") for ns in lab.net.list_namespaces(lab.prefix))
     assert backends(lab, 10) == ["c1"]
+
+
+def pod_keys(lab: Lab) -> set[str]:
+    return {p.key for p in lab.pods()}
 
 
 @pytest.fixture(scope="module")

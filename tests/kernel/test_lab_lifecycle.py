@@ -16,8 +16,9 @@ import pytest
 
 from kubeproxy.lab.errors import CommandError
 from kubeproxy.lab.manifest import load_documents
-from kubeproxy.lab.runtime import Lab, UpOptions, python_env
-from tests.kernel.conftest import skip_reason
+from kubeproxy.lab.processes import python_env
+from kubeproxy.lab.runtime import Lab, UpOptions
+from tests.kernel.conftest import session_lab, skip_reason
 
 pytestmark = pytest.mark.kernel
 
@@ -37,7 +38,7 @@ def lab_cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def two_cli_labs(mode: str) -> Iterator[tuple[str, str]]:
-    names = (f"ktcli{mode[0]}", f"ktcl2{mode[0]}")
+    names = (session_lab(f"ktcli{mode[0]}"), session_lab(f"ktcl2{mode[0]}"))
     try:
         for name in names:
             done = lab_cli("up", "-f", str(SEED), "--mode", mode, "--name", name)
@@ -82,19 +83,34 @@ def test_cli_errors_are_one_line_and_exit_1() -> None:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    missing = lab_cli("status", "--name", "ktnone")
+    missing = lab_cli("status", "--name", session_lab("ktnone"))
     assert missing.returncode == 1 and "is not up" in missing.stderr
-    bad = lab_cli("up", "-f", "/nonexistent.yaml", "--name", "ktnone")
+    bad = lab_cli("up", "-f", "/nonexistent.yaml", "--name", session_lab("ktnone"))
     assert bad.returncode == 1 and "cannot read" in bad.stderr
 
 
 def test_failed_up_leaves_nothing(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_sync(self: Lab, state: object) -> None:
-        raise CommandError(["apply"], 1, "simulated failure")
+    """Up fails after the API server, the agent and the proxies started: all are stopped."""
 
-    monkeypatch.setattr(Lab, "_sync", broken_sync)
-    lab = Lab(f"ktbad{mode[0]}")
+    def broken_settle(self: Lab, state: object) -> None:
+        raise CommandError(["settle"], 1, "simulated failure")
+
+    monkeypatch.setattr(Lab, "_settle", broken_settle)
+    lab = Lab(session_lab(f"ktbad{mode[0]}"))
     with pytest.raises(CommandError, match="simulated"):
         lab.up(load_documents([("seed", SEED.read_text())]), UpOptions(mode=mode))
     assert lab.net.list_namespaces(lab.prefix) == []
-    assert not lab.store.exists()
+    assert not lab.store.exists() and not lab.store.dir.exists()
+    assert not _processes_mentioning(str(lab.store.dir))
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found

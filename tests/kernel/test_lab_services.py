@@ -150,9 +150,7 @@ def test_source_ranges_drop_a_blocked_client(lab: Lab) -> None:
     blocked = lab.probe("external", "1.2.3.4", 80, n=3, timeout=0.5, source_ip=BLOCKED)
     assert (blocked.ok, blocked.timeout) == (0, 3), blocked
     # Source ranges guard the LB IP only, not the node port of the same Service.
-    state = lab.state()
-    svc = next(d for d in state.documents if d["metadata"]["name"] == "web-lb")
-    node_port = svc["spec"]["ports"][0]["nodePort"]
+    node_port = lab.service("web-lb")["spec"]["ports"][0]["nodePort"]
     via_node_port = lab.probe("external", "node-1", node_port, n=5, source_ip=BLOCKED)
     assert via_node_port.ok == 5, via_node_port
 

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from kubeproxy.lab import topology
 from kubeproxy.lab.cli import add_lab_parser
 from kubeproxy.lab.errors import LabStateError
-from kubeproxy.lab.state import LabState, PodRecord, Store
+from kubeproxy.lab.manifest import load_documents, parse_objects
+from kubeproxy.lab.state import LabState, Processes, Store
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -28,6 +30,8 @@ def parse(*argv: str) -> argparse.Namespace:
         ["pod-ready", "web-1", "false"],
         ["pod-delete", "web-1", "--grace", "5"],
         ["diagram", "-o", "x.svg"],
+        ["kubeconfig"],
+        ["wait"],
         ["down"],
     ],
 )
@@ -55,6 +59,9 @@ def test_bad_values_are_usage_errors() -> None:
 
 def test_store_round_trip(tmp_path: Path) -> None:
     store = Store("s1", tmp_path)
+    plan = topology.plan(
+        "s1", parse_objects(load_documents([("t", "kind: Node\nmetadata: {name: node-1}\n")]))
+    )
     with pytest.raises(LabStateError, match="not up"):
         store.load()
     state = LabState(
@@ -64,8 +71,11 @@ def test_store_round_trip(tmp_path: Path) -> None:
         cluster_cidr="10.244.0.0/16",
         service_cidr="10.96.0.0/16",
         external_node=None,
-        documents=({"kind": "Pod", "metadata": {"name": "p"}},),
-        pods={"default/p": PodRecord(ready=False, delete_at=12.5, pid=42, reaper=7)},
+        switch_ns=plan.switch_ns,
+        nodes=plan.nodes,
+        external=plan.external,
+        api_port=40123,
+        processes=Processes(apiserver=10, agent=11, proxies={"node-1": 12}),
     )
     with store.lock():
         store.prepare()

@@ -15,8 +15,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from kubeproxy.lab import diagram
+from kubeproxy.lab import diagram, topology
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.probe import format_table
@@ -26,9 +27,9 @@ from kubeproxy.lab.topology import DEFAULT_CLUSTER_CIDR, DEFAULT_SERVICE_CIDR
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _guarded(handler: Callable[[argparse.Namespace], int]) -> Handler:
+def _guarded(handler: Callable[[argparse.Namespace], int], root: bool = True) -> Handler:
     def run(args: argparse.Namespace) -> int:
-        if os.geteuid() != 0:
+        if root and os.geteuid() != 0:
             print("kubeproxy lab: needs root (it creates network namespaces)", file=sys.stderr)
             return 1
         try:
@@ -101,6 +102,21 @@ def cmd_pod_ready(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    print(Lab(args.name).kubeconfig)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    Lab(args.name).settle()
+    print(
+        f"lab {args.name!r}: every node's rules hold what the API holds "
+        f"({time.monotonic() - started:.1f} s)"
+    )
+    return 0
+
+
 def cmd_pod_delete(args: argparse.Namespace) -> int:
     lab = Lab(args.name)
     deadline = lab.delete_pod(args.pod, args.grace, wait=args.wait)
@@ -114,7 +130,7 @@ def cmd_pod_delete(args: argparse.Namespace) -> int:
 
 def cmd_diagram(args: argparse.Namespace) -> int:
     lab = Lab(args.name)
-    state = lab.reconcile()
+    state = lab.state()
     plan = lab.plan(state)
     node = args.node or plan.nodes[0].name
     svg = diagram.render(plan, lab.node_rules(node), mode=state.mode, node=node)
@@ -139,25 +155,20 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def status_text(lab: Lab) -> str:
-    state = lab.reconcile()
+    state = lab.state()
     plan = lab.plan(state)
     rows: list[str] = [
         f"lab {lab.name!r}: mode {state.mode}, load balancing {state.lb_algorithm}, "
         f"cluster CIDR {state.cluster_cidr}, service CIDR {state.service_cidr}",
+        f"API server: kubectl --kubeconfig {lab.store.kubeconfig} "
+        f"(127.0.0.1:{state.api_port}; inside each node namespace 127.0.0.1:6443)",
         "",
     ]
     rows += _table(
         ["NODE", "LAB IP", "POD CIDR", "ZONE", "NAMESPACE"],
         [[n.name, n.lab_ip, n.pod_cidr, n.zone or "-", n.ns] for n in plan.nodes],
     )
-    now = time.time()
-    pod_rows = []
-    for p in plan.pods:
-        rec = state.pods[p.key]
-        life = "running" if rec.delete_at is None else f"terminating ({rec.delete_at - now:.0f}s)"
-        ports = ",".join(sorted({x.split("/")[0] for x in p.listen})) or "-"
-        pod_rows.append([p.key, p.node, p.ip, str(rec.ready).lower(), life, ports])
-    rows += ["", *_table(["POD", "NODE", "IP", "READY", "STATE", "PORTS"], pod_rows)]
+    rows += ["", *_table(["POD", "NODE", "IP", "READY", "STATE", "PORTS"], _pod_rows(lab, plan))]
     svc_rows = []
     for s in plan.objects.services:
         ports = ",".join(
@@ -168,24 +179,11 @@ def status_text(lab: Lab) -> str:
         ext = ",".join((*s.external_ips, *s.lb_ips)) or "-"
         svc_rows.append([s.key, s.type, s.cluster_ip or "-", ports or "-", ext])
     rows += ["", *_table(["SERVICE", "TYPE", "CLUSTER-IP", "PORTS", "EXTERNAL"], svc_rows)]
-    slice_rows = []
-    for sl in lab.slices(state):
-        meta = sl["metadata"]
-        eps = []
-        for ep in sl.get("endpoints") or []:
-            cond = ep.get("conditions") or {}
-            flags = "".join(
-                c[0].upper() if cond.get(c) else "-" for c in ("ready", "serving", "terminating")
-            )
-            eps.append(f"{ep['addresses'][0]}({flags})")
-        ports = ",".join(str(p.get("port")) for p in sl.get("ports") or [])
-        slice_rows.append(
-            [f"{meta.get('namespace', 'default')}/{meta['name']}", ports or "-", " ".join(eps)]
-        )
     rows += [
         "",
         *_table(
-            ["ENDPOINTSLICE", "PORTS", "ENDPOINTS (R=ready S=serving T=terminating)"], slice_rows
+            ["ENDPOINTSLICE", "PORTS", "ENDPOINTS (R=ready S=serving T=terminating)"],
+            [_slice_row(sl) for sl in lab.slices()],
         ),
     ]
     outside = plan.external
@@ -195,6 +193,32 @@ def status_text(lab: Lab) -> str:
         f"Service external/LB IPs routed to {outside.via}",
     ]
     return "\n".join(rows)
+
+
+def _pod_rows(lab: Lab, plan: topology.Plan) -> list[list[str]]:
+    listen = {p.key: p.listen for p in plan.pods}
+    now = time.time()
+    rows = []
+    for p in sorted(lab.pods(), key=lambda p: p.key):
+        life = p.phase.lower()
+        if p.deletion_at is not None:
+            life = f"terminating ({max(0.0, p.deletion_at - now):.0f}s)"
+        ports = ",".join(sorted({x.split("/")[0] for x in listen.get(p.key, ())})) or "-"
+        rows.append([p.key, p.node or "-", p.ip or "-", str(p.ready).lower(), life, ports])
+    return rows
+
+
+def _slice_row(sl: dict[str, Any]) -> list[str]:
+    meta = sl["metadata"]
+    eps = []
+    for ep in sl.get("endpoints") or []:
+        cond = ep.get("conditions") or {}
+        flags = "".join(
+            c[0].upper() if cond.get(c) else "-" for c in ("ready", "serving", "terminating")
+        )
+        eps.append(f"{ep['addresses'][0]}({flags})")
+    ports = ",".join(str(p.get("port")) for p in sl.get("ports") or [])
+    return [f"{meta.get('namespace', 'default')}/{meta['name']}", ports or "-", " ".join(eps)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -208,22 +232,40 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 # ---------------------------------------------------------------- parser
 
 
+Command = Callable[..., argparse.ArgumentParser]
+
+
 def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lab = subparsers.add_parser(
         "lab",
         help="a mini cluster in network namespaces (needs root)",
         description="Run kube-proxy's rules on real kernels: nodes and pods are network "
-        "namespaces on this machine. Nothing changes in the root namespace.",
+        "namespaces on this machine, driven through the lab's own Kubernetes API (kubectl "
+        "works). Nothing changes in the root namespace; only the lab's API server listens "
+        "there, on 127.0.0.1.",
     )
     sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
 
-    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Handler, help_text: str, root: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--name", default="lab", help="lab name, [a-z0-9]{1,8} (default: lab)")
-        p.set_defaults(func=_guarded(handler))
+        p.set_defaults(func=_guarded(handler, root))
         return p
 
-    up = command("up", cmd_up, "create the lab from Kubernetes YAML and program its nodes")
+    _life_commands(command)
+    _use_commands(command)
+    _change_commands(command)
+
+
+def _life_commands(command: Command) -> None:
+    up = command(
+        "up",
+        cmd_up,
+        "create the lab from Kubernetes YAML: namespaces, its API "
+        "server, agent and one proxy per node",
+    )
     up.add_argument("-f", "--file", action="append", nargs="+", required=True, metavar="FILE")
     up.add_argument("--mode", choices=MODES, default="iptables")
     up.add_argument("--lb-algorithm", choices=LB_ALGORITHMS, default="random")
@@ -232,9 +274,22 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     up.add_argument(
         "--external-node", help="node that Service external/LB IPs are routed to (default: first)"
     )
-
     command("status", cmd_status, "show nodes, pods, services and endpoint slices")
+    command(
+        "kubeconfig",
+        cmd_kubeconfig,
+        "print the path of the lab's kubeconfig (for kubectl)",
+        root=False,
+    )
+    command(
+        "wait",
+        cmd_wait,
+        "wait until every node's rules hold what the API holds (after kubectl changes)",
+    )
+    command("down", cmd_down, "remove the lab and everything it started")
 
+
+def _use_commands(command: Command) -> None:
     ex = command("exec", cmd_exec, "run a command in a pod, node, 'external' or 'net'")
     ex.add_argument("target")
     ex.add_argument("command", nargs=argparse.REMAINDER)
@@ -249,6 +304,15 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     pr.add_argument("--source-ip", help="bind this source address (e.g. 203.0.113.130)")
     pr.add_argument("--json", action="store_true")
 
+    dg = command("diagram", cmd_diagram, "draw clients -> frontends -> chains -> pods as SVG")
+    dg.add_argument("-o", "--output", default="lab.svg")
+    dg.add_argument("--node", help="whose rules to draw (default: first node)")
+
+    rules = command("rules", cmd_rules, "print a node's live rules")
+    rules.add_argument("--node", help="default: first node")
+
+
+def _change_commands(command: Command) -> None:
     ready = command("pod-ready", cmd_pod_ready, "set a pod's Ready condition")
     ready.add_argument("pod")
     ready.add_argument("ready", choices=["true", "false"])
@@ -257,15 +321,6 @@ def add_lab_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     delete.add_argument("pod")
     delete.add_argument("--grace", type=float, default=30.0, help="seconds (default 30)")
     delete.add_argument("--wait", action="store_true", help="return once the pod is gone")
-
-    dg = command("diagram", cmd_diagram, "draw clients -> frontends -> chains -> pods as SVG")
-    dg.add_argument("-o", "--output", default="lab.svg")
-    dg.add_argument("--node", help="whose rules to draw (default: first node)")
-
-    rules = command("rules", cmd_rules, "print a node's live rules")
-    rules.add_argument("--node", help="default: first node")
-
-    command("down", cmd_down, "remove the lab and everything it started")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

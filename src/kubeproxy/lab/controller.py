@@ -144,9 +144,7 @@ def _slice(svc: Service, ports: tuple[_Port, ...], endpoints: list[JSON], chunk:
             "name": f"{svc.name}-{digest}",
             "namespace": svc.namespace,
             "labels": labels,
-            "ownerReferences": [
-                {"apiVersion": "v1", "kind": "Service", "name": svc.name, "controller": True}
-            ],
+            "ownerReferences": [_owner(svc)],
         },
         "addressType": "IPv4",
         "endpoints": endpoints,
@@ -154,5 +152,66 @@ def _slice(svc: Service, ports: tuple[_Port, ...], endpoints: list[JSON], chunk:
     }
 
 
+def _owner(svc: Service) -> JSON:
+    ref: JSON = {"apiVersion": "v1", "kind": "Service", "name": svc.name, "controller": True}
+    uid = (svc.raw.get("metadata") or {}).get("uid")
+    if uid:  # a Service read from the API server: point at that very object
+        ref["uid"] = uid
+        ref["blockOwnerDeletion"] = True
+    return ref
+
+
 def _ip_key(ip: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in ip.split(".")) if ip else ()
+
+
+# ---------------------------------------------------------------- writing them back
+
+# The parts of a slice the controller owns; anything else (uid, resourceVersion, the
+# trigger-time annotation) does not make two slices different.
+_COMPARED = ("addressType", "endpoints", "ports")
+
+
+def _owned(slice_: JSON) -> tuple[object, ...]:
+    meta = slice_.get("metadata") or {}
+    return (
+        meta.get("labels") or {},
+        meta.get("ownerReferences") or [],
+        *(slice_.get(k) or [] for k in _COMPARED),
+    )
+
+
+def is_managed(slice_: JSON) -> bool:
+    labels = (slice_.get("metadata") or {}).get("labels") or {}
+    return labels.get(MANAGED_BY_LABEL) == CONTROLLER_NAME
+
+
+def slice_changes(
+    desired: Sequence[JSON], existing: Sequence[JSON]
+) -> tuple[list[JSON], list[JSON], list[JSON]]:
+    """What to write so the API holds exactly ``desired`` among the controller's slices.
+
+    ``existing`` is every EndpointSlice in the API; only those labelled managed-by this
+    controller are its own (a user's slice of a selector-less Service is left alone).
+    Returns (to create, to update: desired with the current resourceVersion, to delete).
+    """
+    ours = {_slice_key(s): s for s in existing if is_managed(s)}
+    others = {_slice_key(s) for s in existing if not is_managed(s)}
+    creates: list[JSON] = []
+    updates: list[JSON] = []
+    for want in desired:
+        key = _slice_key(want)
+        have = ours.pop(key, None)
+        if have is None:
+            if key not in others:  # never take over a slice someone else wrote
+                creates.append(want)
+        elif _owned(have) != _owned(want):
+            meta = dict(want["metadata"])
+            meta["resourceVersion"] = (have.get("metadata") or {}).get("resourceVersion")
+            updates.append({**want, "metadata": meta})
+    return creates, updates, sorted(ours.values(), key=_slice_key)
+
+
+def _slice_key(slice_: JSON) -> tuple[str, str]:
+    meta = slice_.get("metadata") or {}
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")

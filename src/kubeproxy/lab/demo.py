@@ -1,15 +1,18 @@
 """``make demo``: watch kube-proxy work on real kernels, in network namespaces, in a minute.
 
 Brings up examples/seed.yaml as lab ``demo`` (one node, three pods app=my-app, the
-ClusterIP Service my-service:80 -> 8080 and its NodePort 30080 variant), probes the
-ClusterIP from a pod and the NodePort from outside the cluster, prints which pod answered
-how often, shows the node's ``iptables -t nat -L KUBE-SERVICES -n``, writes the diagram
-to ``out/seed.svg`` and takes everything down again, also on failure. Needs root.
+ClusterIP Service my-service:80 -> 8080 and its NodePort 30080 variant) with its API
+server, agent and the node's proxy daemon, probes the ClusterIP from a pod and the
+NodePort from outside the cluster, prints which pod answered how often, shows what
+kubectl sees (when kubectl is installed) and the node's ``iptables -t nat -L
+KUBE-SERVICES -n``, writes the diagram to ``out/seed.svg`` and takes everything down
+again, also on failure. Needs root.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +38,19 @@ def seed_file() -> Path:
 
 def banner(text: str) -> None:
     print(f"\n=== {text}", flush=True)
+
+
+def _kubectl(lab: Lab) -> None:
+    """The same lab as kubectl sees it, through the lab's API server (if kubectl is here)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return
+    argv = [kubectl, "--kubeconfig", str(lab.kubeconfig), "get", "pods,endpointslices", "-o",
+            "wide"]  # fmt: skip
+    banner(f"kubectl --kubeconfig $(kubeproxy lab kubeconfig --name {LAB}) get "
+           "pods,endpointslices -o wide")  # fmt: skip
+    sys.stdout.flush()
+    subprocess.run(argv, check=False, timeout=60)
 
 
 def main() -> int:
@@ -68,6 +84,7 @@ def main() -> int:
         result = lab.probe("external", "node-1", 30080, n=REQUESTS)
         print(format_table(result, "external 203.0.113.2 -> node-1 192.168.0.2:30080"))
         print("  (externalTrafficPolicy Cluster: the source is masqueraded)")
+        _kubectl(lab)
         state = lab.state()
         node_ns = lab.plan(state).nodes[0].ns
         binary = lab.iptables_binary(node_ns)

@@ -2,7 +2,7 @@
 
 Every command either names a lab namespace (``ip -n kpl-...``, ``ip netns exec kpl-...``)
 or manages lab namespaces themselves (``ip netns add/del/pids kpl-...``). The guard
-``_lab_ns`` refuses any other name, so nothing here can touch the machine's root namespace
+``lab_namespace`` refuses any other name, so nothing here can touch the machine's root namespace
 or another tool's namespaces. Commands go through a ``Runner`` so tests can record them.
 """
 
@@ -31,7 +31,8 @@ def run(argv: Sequence[str], *, input: str | None = None) -> str:
     return proc.stdout
 
 
-def _lab_ns(ns: str) -> str:
+def lab_namespace(ns: str) -> str:
+    """ns itself if it is a lab namespace; ValueError otherwise."""
     if not ns.startswith(LAB_NS_PREFIX) or "/" in ns or len(ns) <= len(LAB_NS_PREFIX):
         raise ValueError(f"refusing to touch namespace {ns!r}: not a lab namespace")
     return ns
@@ -47,25 +48,25 @@ class Netns:
 
     def list_namespaces(self, prefix: str = LAB_NS_PREFIX) -> list[str]:
         """Names of existing namespaces that start with prefix (a lab prefix)."""
-        _lab_ns(prefix + "x")
+        lab_namespace(prefix + "x")
         out = self._run(["ip", "netns", "list"])
         names = [line.split()[0] for line in out.splitlines() if line.strip()]
         return sorted(n for n in names if n.startswith(prefix))
 
     def add(self, ns: str) -> None:
-        self._run(["ip", "netns", "add", _lab_ns(ns)])
+        self._run(["ip", "netns", "add", lab_namespace(ns)])
         self._run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
     def delete(self, ns: str) -> None:
-        self._run(["ip", "netns", "delete", _lab_ns(ns)])
+        self._run(["ip", "netns", "delete", lab_namespace(ns)])
 
     def pids(self, ns: str) -> list[int]:
-        out = self._run(["ip", "netns", "pids", _lab_ns(ns)])
+        out = self._run(["ip", "netns", "pids", lab_namespace(ns)])
         return [int(x) for x in out.split() if x.isdigit()]
 
     def exec_argv(self, ns: str, argv: Sequence[str]) -> list[str]:
         """The argv that runs argv inside ns (for callers that manage the process)."""
-        return ["ip", "netns", "exec", _lab_ns(ns), *argv]
+        return ["ip", "netns", "exec", lab_namespace(ns), *argv]
 
     def sysctl(self, ns: str, key: str, value: str) -> None:
         self._run(self.exec_argv(ns, ["sysctl", "-q", "-w", f"{key}={value}"]))
@@ -80,7 +81,7 @@ class Netns:
         """A veth pair: name in ns, peer_name in peer_ns (created there directly)."""
         self._ip(
             ns, "link", "add", name, "type", "veth", "peer", "name", peer_name,
-            "netns", _lab_ns(peer_ns),
+            "netns", lab_namespace(peer_ns),
         )  # fmt: skip
 
     def set_master(self, ns: str, dev: str, bridge: str) -> None:
@@ -114,5 +115,18 @@ class Netns:
             argv += ["src", src]
         self._ip(ns, *argv)
 
+    def del_route(self, ns: str, dst: str) -> None:
+        self._ip(ns, "route", "del", dst)
+
+    def flush_neighbor(self, ns: str, ip: str, dev: str) -> None:
+        self._ip(ns, "neigh", "flush", "to", ip, "dev", dev)
+
+    def routes(self, ns: str) -> list[str]:
+        """``ip -4 route show`` lines of ns."""
+        return [line for line in self._ip(ns, "-4", "route", "show").splitlines() if line]
+
+    def exists(self, ns: str) -> bool:
+        return lab_namespace(ns) in self.list_namespaces(ns)
+
     def _ip(self, ns: str, *argv: str) -> str:
-        return self._run(["ip", "-n", _lab_ns(ns), *argv])
+        return self._run(["ip", "-n", lab_namespace(ns), *argv])

@@ -1,5 +1,10 @@
 """A topology plan -> iproute2 calls (through the Netns adapter), and back to nothing.
 
+``lab up`` builds the base network (``build_base``: switch, nodes, external client); the
+lab agent adds and removes Pods one by one (``add_pod``; a Pod's veth goes away with its
+namespace) and keeps the external client's routes to Service external/LB IPs current
+(``set_external_routes``). ``build`` does all of it at once for a static plan.
+
 Sysctls, all set inside lab namespaces only (they are per network namespace):
 
 - node: ``net.ipv4.ip_forward=1`` (nodes route for their pods and for Services);
@@ -19,7 +24,15 @@ from __future__ import annotations
 
 from kubeproxy.lab.errors import CommandError, LabError
 from kubeproxy.lab.netns import Netns
-from kubeproxy.lab.topology import BRIDGE, LAB_CIDR, SWITCH_BRIDGE, Plan
+from kubeproxy.lab.topology import (
+    BRIDGE,
+    LAB_CIDR,
+    SWITCH_BRIDGE,
+    ExternalPlan,
+    NodePlan,
+    Plan,
+    PodPlan,
+)
 
 LAB_IF = "eth0"
 
@@ -36,7 +49,14 @@ SWITCH_SYSCTLS = (
 
 def build(net: Netns, plan: Plan) -> None:
     """Create every namespace, link, address and route of the plan."""
-    for ns in plan.namespaces():
+    build_base(net, plan)
+    for pod in plan.pods:
+        add_pod(net, plan.node(pod.node), pod)
+
+
+def build_base(net: Netns, plan: Plan) -> None:
+    """The lab network without its Pods: switch, nodes, external client and its routes."""
+    for ns in (plan.switch_ns, plan.external.ns, *(n.ns for n in plan.nodes)):
         net.add(ns)
     sw = plan.switch_ns
     net.add_bridge(sw, SWITCH_BRIDGE)
@@ -72,15 +92,45 @@ def build(net: Netns, plan: Plan) -> None:
     net.add_route(ext.ns, str(LAB_CIDR), dev=LAB_IF, src=ext.clients[0])
     for dst in ext.routes:
         net.add_route(ext.ns, dst, via=ext.via, src=ext.clients[0])
-    for pod in plan.pods:
-        node_ns = plan.node(pod.node).ns
-        net.add_veth(node_ns, pod.host_if, pod.ns, LAB_IF)
-        net.set_master(node_ns, pod.host_if, BRIDGE)
-        net.set_hairpin(node_ns, pod.host_if)
-        net.up(node_ns, pod.host_if)
-        net.add_address(pod.ns, LAB_IF, f"{pod.ip}/{pod.prefixlen}")
-        net.up(pod.ns, LAB_IF)
-        net.add_route(pod.ns, "default", via=pod.gateway)
+
+
+def add_pod(net: Netns, node: NodePlan, pod: PodPlan) -> None:
+    """A Pod's namespace, its veth to the node's cbr0 (hairpin on), address and route."""
+    net.add(pod.ns)
+    net.flush_neighbor(node.ns, pod.ip, BRIDGE)
+    net.add_veth(node.ns, pod.host_if, pod.ns, LAB_IF)
+    net.set_master(node.ns, pod.host_if, BRIDGE)
+    net.set_hairpin(node.ns, pod.host_if)
+    net.up(node.ns, pod.host_if)
+    net.add_address(pod.ns, LAB_IF, f"{pod.ip}/{pod.prefixlen}")
+    net.up(pod.ns, LAB_IF)
+    net.add_route(pod.ns, "default", via=pod.gateway)
+
+
+def forget_pod(net: Netns, node: NodePlan, pod: PodPlan) -> None:
+    """Drop the node's neighbour entry of a Pod that went away, so that a new Pod given
+    the same address later is reached at its own MAC address, not the old one's."""
+    net.flush_neighbor(node.ns, pod.ip, BRIDGE)
+
+
+def external_routes(net: Netns, ext: ExternalPlan) -> set[str]:
+    """The Service external/LB IP routes the external namespace has now (x.x.x.x/32)."""
+    out = set()
+    for line in net.routes(ext.ns):
+        words = line.split()
+        if len(words) >= 3 and words[1:3] == ["via", ext.via] and "/" not in words[0]:
+            out.add(f"{words[0]}/32")
+    return out
+
+
+def set_external_routes(net: Netns, ext: ExternalPlan, want: set[str]) -> bool:
+    """Route exactly ``want`` (x.x.x.x/32) to the external node; True if anything changed."""
+    have = external_routes(net, ext)
+    for dst in sorted(have - want):
+        net.del_route(ext.ns, dst)
+    for dst in sorted(want - have):
+        net.add_route(ext.ns, dst, via=ext.via, src=ext.clients[0])
+    return have != want
 
 
 def _wire_to_switch(net: Netns, switch: str, port: str, ns: str) -> None:

@@ -1,50 +1,75 @@
-"""A running lab: bring it up, change it, program its nodes, probe it, take it down.
+"""A running lab: bring it up, change it through its API server, probe it, take it down.
 
-``Lab`` is the Python API the CLI and the kernel tests share. Its state lives in a
-``Store`` (``/run/kubeproxy-lab/<name>/``); every mutating call holds the store's lock,
-first finishes deletions whose grace period has ended (``reconcile``), then changes the
-state and re-syncs. A sync recomputes the EndpointSlices (``controller``), writes
-``state.yaml`` (Nodes, Services, EndpointSlices) and runs the core's one-shot
-``python -m kubeproxy apply`` inside every node namespace, in parallel: each node's
-kernel gets its own rules from the real data plane of the chosen mode.
+Theory of operation
+-------------------
+``Lab`` is the Python API the CLI and the kernel tests share. A lab is four kinds of
+processes around one API server, all started detached by ``up`` and recorded by PID in
+the lab's ``Store`` (``/run/kubeproxy-lab/<name>/``):
 
-Processes the lab starts (pod servers, the deletion reaper) are detached, recorded by
-PID, and killed by PID at ``down`` after checking their command line, together with any
-process still inside a lab namespace (``ip netns pids``).
+``kubeproxy.apiserver``  in the root namespace, on 127.0.0.1:<free port> (kubectl, the
+                         agent, ``lab`` commands) and on 127.0.0.1:6443 *inside* each
+                         node namespace (that node's proxy): a loopback address is
+                         reachable only from its own namespace, so nothing else (pods,
+                         the external client, other machines) can reach the API;
+``kubeproxy.lab.agent``  in the root namespace: kubelet, CNI, scheduler, endpoint and
+                         LoadBalancer controllers (agent.py);
+``kubeproxy run``        one per node, inside the node namespace: the real proxy
+                         daemon, watching the API and writing that node's rules;
+pod servers              one per Pod, inside the Pod's namespace, started by the agent.
+
+``up`` plans the network (topology), builds the namespaces that do not come and go
+(switch, nodes, external client), starts the API server, creates the objects through it
+(objects.py), starts the agent and the proxies, and waits until every node's rules hold
+everything (converge.py). Changes (``set_pod_ready``, ``delete_pod``, and anything done
+with kubectl) are API writes; the commands that make them, and ``probe``, return only
+once the change reached every node's rules (``settle``). ``down`` stops the agent, then
+every process in a lab namespace, the proxies and the API server, and deletes the
+namespaces and the lab's files.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ipaddress
 import json
-import os
-import signal
+import logging
+import math
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import yaml
-
-import kubeproxy
-from kubeproxy.lab import controller, network, topology
+from kubeproxy.lab import converge, network, objects, topology, view
+from kubeproxy.lab.agent import AgentStatus
+from kubeproxy.lab.api import JSON, ApiError, LabApi
 from kubeproxy.lab.errors import CommandError, LabError, LabStateError
-from kubeproxy.lab.manifest import LabObjects, Pod, Service, parse_objects
+from kubeproxy.lab.manifest import parse_objects
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.probe import ProbeResult
-from kubeproxy.lab.state import DEFAULT_BASE, LabState, PodRecord, Store
+from kubeproxy.lab.processes import (
+    AGENT_MODULE,
+    APISERVER_MODULE,
+    PROXY_MODULE,
+    is_lab_process,
+    kill,
+    log_tail,
+    python_env,
+    spawn,
+)
+from kubeproxy.lab.state import DEFAULT_BASE, LabState, Processes, Store, write_atomic
+from kubeproxy.lab.view import LivePod
+from kubeproxy.sources.kubeconfig import load_kubeconfig
 
-JSON = dict[str, Any]
+log = logging.getLogger("kubeproxy.lab")
 MODES = ("iptables", "nftables")
 LB_ALGORITHMS = ("random", "round-robin")
-READY_TIMEOUT = 20.0
-SERVER_MODULE = "kubeproxy.lab.podserver"
-REAPER_MODULE = "kubeproxy.lab.runtime"
+NODE_API_PORT = 6443  # the API server inside each node namespace, on 127.0.0.1
+BOOKMARK_INTERVAL = 0.2  # seconds; how closely the agent's caches follow the API
+START_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -56,14 +81,6 @@ class UpOptions:
     external_node: str | None = None
 
 
-def python_env() -> dict[str, str]:
-    """The environment for lab subprocesses: this kubeproxy importable even uninstalled."""
-    env = dict(os.environ)
-    root = str(Path(next(iter(kubeproxy.__path__))).parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def read_files(paths: Sequence[str]) -> list[tuple[str, str]]:
     out = []
     for path in paths:
@@ -73,6 +90,10 @@ def read_files(paths: Sequence[str]) -> list[tuple[str, str]]:
             raise LabError(f"cannot read {path}: {exc}") from exc
         out.append((path, text))
     return out
+
+
+def _with_status(status: JSON, current: JSON) -> JSON:
+    return {**current, "status": status}
 
 
 class Lab:
@@ -91,7 +112,7 @@ class Lab:
             raise LabError(f"--mode must be one of {', '.join(MODES)}")
         if options.lb_algorithm not in LB_ALGORITHMS:
             raise LabError(f"--lb-algorithm must be one of {', '.join(LB_ALGORITHMS)}")
-        objects = parse_objects(documents)
+        objects_ = parse_objects(documents)
         with self.store.lock():
             if self.store.exists() or self.net.list_namespaces(self.prefix):
                 raise LabStateError(
@@ -100,26 +121,28 @@ class Lab:
                 )
             plan = topology.plan(
                 self.name,
-                objects,
+                objects_,
                 topology.Options(options.cluster_cidr, options.service_cidr, options.external_node),
             )
+            bodies, statuses = objects.api_objects(plan, documents, time.time())
             state = LabState(
-                name=self.name,
-                mode=options.mode,
-                lb_algorithm=options.lb_algorithm,
-                cluster_cidr=plan.cluster_cidr,
-                service_cidr=plan.service_cidr,
-                external_node=options.external_node,
-                documents=_documents(plan.objects),
-                pods={p.key: PodRecord() for p in plan.pods},
-            )
+                name=self.name, mode=options.mode, lb_algorithm=options.lb_algorithm,
+                cluster_cidr=plan.cluster_cidr, service_cidr=plan.service_cidr,
+                external_node=options.external_node, switch_ns=plan.switch_ns,
+                nodes=plan.nodes, external=replace(plan.external, routes=()),
+            )  # fmt: skip
             self.store.prepare()
             self.store.save(state)
             try:
-                network.build(self.net, plan)
-                state = self._start_servers(state, plan)
-                self.store.save(state)
-                self._sync(state)
+                network.build_base(self.net, replace(plan, external=state.external))
+                state = self._start_apiserver(state)
+                self._create(self.api(state), bodies, statuses)
+                state = self._start_agent(state)
+                # The proxies start once the Pods run and the slices are written, so their
+                # first sync has it all (a second one would wait out the min sync period).
+                self._wait_for_agent(state)
+                state = self._start_proxies(state)
+                self._settle(state)
             except BaseException:
                 self._down_locked()
                 self.store.remove_lock()
@@ -134,247 +157,203 @@ class Lab:
         return gone
 
     def _down_locked(self) -> list[str]:
-        pids: list[int] = []
+        recorded = Processes()
         if self.store.exists():
             with contextlib.suppress(LabStateError):
-                state = self.store.load()
-                recorded = [p for r in state.pods.values() for p in (r.pid, r.reaper) if p]
-                pids += [p for p in recorded if is_lab_process(p, self.name)]
+                recorded = self.store.load().processes
+        mine = [p for p in recorded.all() if is_lab_process(p, self.name, self.store.dir)]
+        # The agent first, so that no Pod starts while the rest is being stopped.
+        kill([p for p in mine if p == recorded.agent])
+        pids = [p for p in mine if p != recorded.agent]
         for ns in self.net.list_namespaces(self.prefix):
             with contextlib.suppress(CommandError):
                 pids += self.net.pids(ns)
-        _kill(pids, self.name)
+        kill(pids)  # pod servers, proxies, and the API server (its sockets in the nodes)
         gone = network.teardown(self.net, self.prefix)
         self.store.remove()
         return gone
 
-    # ------------------------------------------------------------ state
+    # ------------------------------------------------------------ starting processes
+
+    def _record(self, state: LabState, **pids: Any) -> LabState:
+        state = replace(state, processes=replace(state.processes, **pids))
+        self.store.save(state)  # PIDs first, so that a failure below still stops them
+        return state
+
+    def _start_apiserver(self, state: LabState) -> LabState:
+        argv = [sys.executable, "-m", APISERVER_MODULE, "--listen", "127.0.0.1:0",
+                *(f"--netns={n.ns}:127.0.0.1:{NODE_API_PORT}" for n in state.nodes),
+                "--service-cidr", state.service_cidr,
+                "--bookmark-interval", str(BOOKMARK_INTERVAL),
+                "--kubeconfig-out", str(self.store.kubeconfig)]  # fmt: skip
+        log = self.store.log_file("apiserver")
+        proc = spawn(argv, log)
+        state = self._record(state, apiserver=proc.pid)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.store.kubeconfig.exists():  # written once every listener is up
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"the lab's API server did not start:\n{log_tail(log)}")
+            time.sleep(0.02)
+        from kubeproxy.apiserver.server import kubeconfig_text
+
+        write_atomic(
+            self.store.node_kubeconfig, kubeconfig_text(f"http://127.0.0.1:{NODE_API_PORT}")
+        )
+        port = urlsplit(load_kubeconfig(self.store.kubeconfig).server).port
+        state = replace(state, api_port=port)
+        self.store.save(state)
+        return state
+
+    def _create(self, api: LabApi, bodies: Sequence[JSON], statuses: Sequence[JSON]) -> None:
+        """The lab's objects, in order; then the LoadBalancer statuses the plan chose."""
+        writes = [(b, False) for b in bodies] + [(s, True) for s in statuses]
+        for body, is_status in writes:
+            meta = body.get("metadata") or {}
+            what = f"{body['kind']} {objects.namespace_of(body)}/{meta.get('name')}"
+            try:
+                if is_status:
+                    api.mutate(
+                        "Service",
+                        objects.namespace_of(body),
+                        meta["name"],
+                        partial(_with_status, body["status"]),
+                        "status",
+                    )
+                else:
+                    api.create(body)
+            except ApiError as exc:
+                raise LabError(f"{what}: the API server refused it: {exc}") from exc
+
+    def _start_agent(self, state: LabState) -> LabState:
+        argv = [sys.executable, "-m", AGENT_MODULE, "--name", self.name,
+                "--base", str(self.store.base)]  # fmt: skip
+        return self._record(state, agent=spawn(argv, self.store.log_file("agent")).pid)
+
+    def _start_proxies(self, state: LabState) -> LabState:
+        proxies = {}
+        for node in state.nodes:
+            argv = [sys.executable, "-m", PROXY_MODULE, "run",
+                    "--kubeconfig", str(self.store.node_kubeconfig),
+                    "--hostname-override", node.name, "--proxy-mode", state.mode,
+                    "--cluster-cidr", state.cluster_cidr,
+                    "--healthz-bind-address", f"127.0.0.1:{converge.HEALTHZ_PORT}",
+                    "--metrics-bind-address", f"127.0.0.1:{converge.METRICS_PORT}"]  # fmt: skip
+            if state.lb_algorithm != "random":
+                argv += ["--lb-algorithm", state.lb_algorithm]
+            log = self.store.log_file(f"proxy-{node.name}")
+            proxies[node.name] = spawn(self.net.exec_argv(node.ns, argv), log).pid
+        return self._record(state, proxies=proxies)
+
+    # ------------------------------------------------------------ waiting
+
+    def settle(self) -> None:
+        """Return once everything written to the API so far is in every node's rules."""
+        self._settle(self.state())
+
+    def _settle(self, state: LabState) -> None:
+        api = self.api(state)
+        current = api.resource_version()
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.store.settled_file.read_text()) == current:
+                return  # nothing was written since the last wait
+        status = self._wait_for_agent(state)
+        converge.wait_for_proxies(
+            {n.name: n.ns for n in state.nodes},
+            status.proxy_event,
+            {n.name: self.store.log_file(f"proxy-{n.name}") for n in state.nodes},
+        )
+        if api.resource_version() <= status.seen:  # no one wrote meanwhile
+            write_atomic(self.store.settled_file, str(status.seen))
+
+    def _wait_for_agent(self, state: LabState) -> AgentStatus:
+        return converge.wait_for_agent(
+            self.api(state),
+            self.store.agent_status,
+            state.processes.agent,
+            self.store.log_file("agent"),
+        )
+
+    # ------------------------------------------------------------ reading
 
     def state(self) -> LabState:
         return self.store.load()
 
+    def api(self, state: LabState | None = None) -> LabApi:
+        state = state or self.state()
+        return LabApi(f"http://127.0.0.1:{state.api_port}")
+
+    @property
+    def kubeconfig(self) -> Path:
+        self.store.load()  # say so when the lab is not up
+        return self.store.kubeconfig
+
+    def pods(self) -> list[LivePod]:
+        return [LivePod.from_api(o) for o in self.api().list("Pod")[0]]
+
+    def find_pod(self, ref: str) -> LivePod:
+        return view.find_pod(self.pods(), ref)
+
+    def service(self, ref: str) -> JSON:
+        svc = view.find_service(self.api().list("Service")[0], ref)
+        if svc is None:
+            raise LabError(f"no Service {ref!r} in the lab")
+        return svc
+
+    def slices(self) -> list[JSON]:
+        return self.api().list("EndpointSlice")[0]
+
     def plan(self, state: LabState | None = None) -> topology.Plan:
+        """The lab as it is now (its network plus what the API holds)."""
         state = state or self.state()
-        return topology.plan(
-            self.name,
-            parse_objects(state.documents),
-            topology.Options(state.cluster_cidr, state.service_cidr, state.external_node),
-        )
+        api = self.api(state)
+        lists = [api.list(k)[0] for k in ("Node", "Pod", "Service", "EndpointSlice")]
+        return view.live_plan(state, *lists)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[LabState]:
-        self.store.load()  # a lab that is not up: say so, and leave no lock file behind
-        with self.store.lock():
-            yield self._reconcile(self.store.load(), time.time())
-
-    def reconcile(self) -> LabState:
-        """Finish deletions whose grace period is over (every command does this first)."""
-        with self._locked() as state:
-            return state
-
-    def slices(self, state: LabState | None = None) -> list[JSON]:
-        state = state or self.state()
-        objects = parse_objects(state.documents)
-        statuses = {
-            key: controller.PodStatus(ready=rec.ready, terminating=rec.delete_at is not None)
-            for key, rec in state.pods.items()
-        }
-        computed = controller.endpoint_slices(
-            objects.services, objects.pods, objects.nodes, statuses
-        )
-        return computed + list(objects.slices)
-
-    # ------------------------------------------------------------ pods
-
-    def find_pod(self, ref: str, state: LabState | None = None) -> Pod:
-        objects = parse_objects((state or self.state()).documents)
-        return _find_pod(objects, ref)
+    # ------------------------------------------------------------ changing
 
     def set_pod_ready(self, ref: str, ready: bool) -> None:
-        with self._locked() as state:
-            pod = _find_pod(parse_objects(state.documents), ref)
-            state = state.with_pod(pod.key, replace(state.pods[pod.key], ready=ready))
-            self.store.save(state)
-            self._sync(state)
+        pod = self.find_pod(ref)
+        self.api().mutate(
+            "Pod",
+            pod.namespace,
+            pod.name,
+            lambda cur: objects.with_ready(cur, ready, time.time()),
+            "status",
+        )
+        self.settle()
 
     def delete_pod(self, ref: str, grace: float = 30.0, wait: bool = False) -> float:
-        """Start deleting a Pod: terminating for grace seconds, then gone.
+        """Delete a Pod: terminating for grace seconds (rounded up), then gone.
 
-        Returns the wall-clock deadline. Without wait a detached reaper finishes it.
-        Deleting a terminating Pod again with a shorter grace brings its end forward
-        (``--grace 0`` ends it now, like ``kubectl delete --force``).
+        Returns the wall-clock time its grace period ends. Deleting a terminating Pod
+        again with a shorter grace brings its end forward (``--grace 0``: now).
         """
-        with self._locked() as state:
-            pod = _find_pod(parse_objects(state.documents), ref)
-            record = state.pods[pod.key]
-            deadline = time.time() + max(grace, 0.0)
-            if record.delete_at is not None and record.delete_at <= deadline:
-                return record.delete_at  # already going; a new delete may only hurry it
-            if record.reaper and is_lab_process(record.reaper, self.name):
-                _kill([record.reaper], self.name)  # its deadline is no longer the one
-            reaper = None if wait or grace <= 0 else self._spawn_reaper(deadline)
-            state = state.with_pod(pod.key, replace(record, delete_at=deadline, reaper=reaper))
-            if grace <= 0:
-                self._reconcile(state, deadline)
-                return deadline
-            self.store.save(state)
-            self._sync(state)
+        pod = self.find_pod(ref)
+        seconds = max(0, math.ceil(grace))
+        deadline = time.time() + seconds
+        if pod.deletion_at is not None:
+            deadline = min(deadline, pod.deletion_at + 1)  # the API keeps whole seconds
+        self.api().delete("Pod", pod.namespace, pod.name, grace=seconds)
+        self.settle()
         if wait:
-            time.sleep(max(0.0, deadline - time.time()))
-            self.reconcile()
+            limit = time.monotonic() + max(0.0, deadline - time.time()) + 30
+            while any(p.key == pod.key for p in self.pods()):
+                if time.monotonic() > limit:
+                    raise LabError(f"Pod {pod.key} is still there after its grace period")
+                time.sleep(0.1)
+            self.settle()
         return deadline
-
-    def _reconcile(self, state: LabState, now: float) -> LabState:
-        due = [k for k, r in state.pods.items() if r.delete_at is not None and r.delete_at <= now]
-        if not due:
-            return state
-        plan = self.plan(state)
-        pods = dict(state.pods)
-        for key in due:
-            record = pods.pop(key)
-            own = [p for p in (record.pid, record.reaper) if p and p != os.getpid()]
-            _kill([p for p in own if is_lab_process(p, self.name)], self.name)
-            ns = next(p.ns for p in plan.pods if p.key == key)
-            with contextlib.suppress(CommandError):
-                _kill(self.net.pids(ns), self.name)
-                self.net.delete(ns)
-        documents = tuple(
-            d for d in state.documents if not (d.get("kind") == "Pod" and _doc_key(d) in due)
-        )
-        state = replace(state, documents=documents, pods=pods)
-        self.store.save(state)
-        self._sync(state)
-        return state
-
-    def _spawn_reaper(self, deadline: float) -> int:
-        argv = [sys.executable, "-m", REAPER_MODULE, "reap", "--name", self.name]
-        argv += ["--base", str(self.store.base), "--at", repr(deadline)]
-        proc = subprocess.Popen(
-            argv,
-            env=python_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.store.dir / "logs" / "reaper.log", "a"),  # noqa: SIM115
-            start_new_session=True,
-        )
-        return proc.pid
-
-    # ------------------------------------------------------------ processes
-
-    def _start_servers(self, state: LabState, plan: topology.Plan) -> LabState:
-        env = python_env()
-        started: dict[str, int] = {}
-        waiting: dict[str, subprocess.Popen[bytes]] = {}
-        for pod in plan.pods:
-            if not pod.listen:
-                continue
-            ready = self.store.ready_file(pod.key)
-            ready.unlink(missing_ok=True)
-            argv = [sys.executable, "-m", SERVER_MODULE, "--lab", self.name]
-            argv += ["--pod", _display(pod.namespace, pod.name), "--node", pod.node]
-            argv += [f"--listen={x}" for x in pod.listen]
-            argv += ["--ready-file", str(ready)]
-            with open(self.store.log_file(pod.key), "ab") as log:
-                proc = subprocess.Popen(
-                    self.net.exec_argv(pod.ns, argv),
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            started[pod.key] = proc.pid
-            waiting[pod.key] = proc
-        state = replace(
-            state,
-            pods={k: replace(r, pid=started.get(k)) for k, r in state.pods.items()},
-        )
-        self.store.save(state)  # PIDs first, so a failure below still cleans them up
-        deadline = time.monotonic() + READY_TIMEOUT
-        while waiting:
-            for key, proc in list(waiting.items()):
-                if self.store.ready_file(key).exists():
-                    del waiting[key]
-                elif proc.poll() is not None or time.monotonic() > deadline:
-                    text = self.store.log_file(key).read_text(errors="replace")[-2000:]
-                    raise LabError(f"pod server of {key} did not start:\n{text}")
-            time.sleep(0.02)
-        return state
-
-    # ------------------------------------------------------------ programming nodes
-
-    def sync(self) -> None:
-        with self._locked() as state:
-            self._sync(state)
-
-    def _sync(self, state: LabState) -> None:
-        plan = self.plan(state)
-        objects = plan.objects
-        docs = [n.raw for n in objects.nodes] + [s.raw for s in objects.services]
-        docs += self.slices(state)
-        tmp = self.store.apply_file.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-        os.replace(tmp, self.store.apply_file)
-        procs = []
-        for node in plan.nodes:
-            argv = [sys.executable, "-m", "kubeproxy", "apply", "-f", str(self.store.apply_file)]
-            argv += ["--hostname-override", node.name, "--mode", state.mode]
-            argv += ["--cluster-cidr", state.cluster_cidr]
-            if state.lb_algorithm != "random":
-                argv += ["--lb-algorithm", state.lb_algorithm]
-            full = self.net.exec_argv(node.ns, argv)
-            procs.append(
-                (
-                    full,
-                    subprocess.Popen(
-                        full,
-                        env=python_env(),
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                    ),
-                )
-            )
-        errors = []
-        for full, proc in procs:
-            _, err = proc.communicate(timeout=120)
-            if proc.returncode != 0:
-                errors.append(CommandError(full, proc.returncode, err))
-        if errors:
-            raise errors[0]
 
     # ------------------------------------------------------------ using the lab
 
-    def namespace_of(self, target: str, state: LabState | None = None) -> str:
+    def namespace_of(self, target: str) -> str:
         """The namespace of ``external``, a node, a pod, or ``net`` (the switch)."""
-        plan = self.plan(state)
-        if target == "external":
-            return plan.external.ns
-        if target == "net":
-            return plan.switch_ns
-        for node in plan.nodes:
-            if node.name == target:
-                return node.ns
-        pod = _find_pod(plan.objects, target)
-        return next(p.ns for p in plan.pods if p.key == pod.key)
+        return view.namespace_of(self.state(), self.pods(), target)
 
-    def address_of(self, target: str, state: LabState | None = None) -> str:
+    def address_of(self, target: str) -> str:
         """An IP, a node's lab address, a Service's ClusterIP, or a pod's IP."""
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.IPv4Address(target))
-        plan = self.plan(state)
-        for node in plan.nodes:
-            if node.name == target:
-                return node.lab_ip
-        svc = _find_service(plan.objects, target)
-        if svc is not None:
-            if not svc.cluster_ip or svc.headless:
-                raise LabError(f"Service {svc.key} has no ClusterIP")
-            return svc.cluster_ip
-        pod = _find_pod(plan.objects, target)
-        assert pod.pod_ip is not None
-        return pod.pod_ip
+        state = self.state()
+        return view.address_of(state, self.pods(), self.api(state).list("Service")[0], target)
 
     def probe(
         self,
@@ -387,9 +366,14 @@ class Lab:
         timeout: float = 1.0,
         source_ip: str | None = None,
     ) -> ProbeResult:
-        state = self.reconcile()
-        ns = self.namespace_of(source, state)
-        ip = self.address_of(target, state)
+        """n requests from source to target:port; first waits for the rules to catch up
+        with the API (if they cannot, it says why on the log and probes anyway)."""
+        try:
+            self.settle()
+        except LabError as exc:
+            log.warning("probing a lab that has not caught up with its API: %s", exc)
+        ns = self.namespace_of(source)
+        ip = self.address_of(target)
         argv = [sys.executable, "-m", "kubeproxy.lab.probe", "--to", ip, "--port", str(port)]
         argv += ["--proto", proto, "-n", str(n), "--timeout", str(timeout)]
         if source_ip:
@@ -408,20 +392,25 @@ class Lab:
         return ProbeResult.from_json(json.loads(proc.stdout))
 
     def exec(self, target: str, argv: Sequence[str], **kwargs: Any) -> int:
-        ns = self.namespace_of(target, self.reconcile())
+        ns = self.namespace_of(target)
         return subprocess.run(self.net.exec_argv(ns, list(argv)), check=False, **kwargs).returncode
 
     def node_rules(self, node: str | None = None) -> str:
         """The live rules of a node: ``iptables-save`` or the nftables kube-proxy table."""
-        state = self.reconcile()
-        plan = self.plan(state)
-        ns = plan.node(node).ns if node else plan.nodes[0].ns
+        state = self.state()
+        try:
+            ns = state.node(node).ns if node else state.nodes[0].ns
+        except KeyError:
+            raise LabError(f"no node {node!r} in lab {self.name!r}") from None
         if state.mode == "nftables":
             argv = ["nft", "list", "table", "ip", "kube-proxy"]
             return subprocess.run(
                 self.net.exec_argv(ns, argv), capture_output=True, text=True, check=False
             ).stdout
-        return self._iptables(ns, "save")
+        binary = self.iptables_binary(ns)
+        return subprocess.run(
+            self.net.exec_argv(ns, [f"{binary}-save"]), capture_output=True, text=True, check=False
+        ).stdout
 
     def iptables_binary(self, ns: str) -> str:
         """The iptables variant (nft or legacy backend) that holds kube-proxy's rules."""
@@ -432,122 +421,3 @@ class Lab:
                 if "KUBE-SERVICES" in out:
                     return binary
         return "iptables"
-
-    def _iptables(self, ns: str, what: str) -> str:
-        binary = self.iptables_binary(ns)
-        argv = self.net.exec_argv(ns, [f"{binary}-save"] if what == "save" else [binary])
-        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _documents(objects: LabObjects) -> tuple[JSON, ...]:
-    return (
-        *(n.raw for n in objects.nodes),
-        *(p.raw for p in objects.pods),
-        *(s.raw for s in objects.services),
-        *objects.slices,
-    )
-
-
-def _doc_key(doc: JSON) -> str:
-    meta = doc.get("metadata") or {}
-    return f"{meta.get('namespace', 'default')}/{meta.get('name')}"
-
-
-def _display(namespace: str, name: str) -> str:
-    return name if namespace == "default" else f"{namespace}/{name}"
-
-
-def _find_pod(objects: LabObjects, ref: str) -> Pod:
-    if "/" in ref:
-        matches = [p for p in objects.pods if p.key == ref]
-    else:
-        matches = [p for p in objects.pods if p.name == ref]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise LabError(f"no Pod, Node or Service {ref!r} in the lab")
-    raise LabError(f"Pod name {ref!r} is ambiguous; use NAMESPACE/NAME")
-
-
-def _find_service(objects: LabObjects, ref: str) -> Service | None:
-    name, _, namespace = ref.partition(".")
-    for svc in objects.services:
-        if svc.name == name and svc.namespace == (namespace or "default"):
-            return svc
-    return None
-
-
-def alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists() and not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
-
-
-def is_lab_process(pid: int, lab: str) -> bool:
-    """Whether pid runs one of this lab's own programs (checked before killing it)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    mine = any(m.encode() in argv for m in (SERVER_MODULE, REAPER_MODULE))
-    named = any(a == b"--lab" or a == b"--name" for a in argv) and lab.encode() in argv
-    return mine and named
-
-
-def _kill(pids: Sequence[int], lab: str, grace: float = 2.0) -> None:
-    """SIGTERM then SIGKILL, by PID. Recorded PIDs are checked to still be this lab's
-    programs; PIDs found inside lab namespaces are the lab's by construction."""
-    targets = sorted({p for p in pids if p != os.getpid() and alive(p)})
-    for pid in targets:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap_children(targets)
-        if not any(alive(p) for p in targets):
-            return
-        time.sleep(0.02)
-    for pid in targets:
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    time.sleep(0.05)
-    _reap_children(targets)
-
-
-def _reap_children(pids: Sequence[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
-
-
-def _reaper_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {REAPER_MODULE}")
-    parser.add_argument("command", choices=["reap"])
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--base", default=str(DEFAULT_BASE))
-    parser.add_argument("--at", type=float, required=True)
-    args = parser.parse_args(argv)
-    time.sleep(max(0.0, args.at - time.time()))
-    lab = Lab(args.name, base=Path(args.base))
-    if not lab.store.exists():
-        return 0
-    try:
-        lab.reconcile()
-    except LabError as exc:
-        print(f"reaper: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_reaper_main(sys.argv[1:]))

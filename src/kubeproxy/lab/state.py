@@ -1,10 +1,15 @@
 """What a running lab remembers between commands, kept under ``/run/kubeproxy-lab/<name>/``.
 
-``state.json`` holds the resolved objects (Pods with their node and IP, Services with
-their allocated IPs and ports: re-planning them gives the same topology), each Pod's life
-(ready, being deleted until when, its server's PID) and of the process finishing its deletion.
-``state.yaml`` is what the core's ``apply`` reads. Writers hold ``<name>.lock`` (flock);
-``state.json`` is replaced atomically.
+The lab's Kubernetes objects live in its API server, not here. ``state.json`` holds
+what the API does not: the settings ``lab up`` was given, the network plan of the nodes
+and of the external client (fixed for the lab's life), the API server's port, and the
+PIDs of the processes the lab runs (API server, agent, one proxy per node). Writers hold
+``<name>.lock`` (flock); ``state.json`` is replaced atomically.
+
+Other files in the directory: ``kubeconfig`` (for kubectl, server on 127.0.0.1 in the
+root namespace), ``node.kubeconfig`` (for the proxies, server on 127.0.0.1 inside their
+node namespace), ``agent.json`` (the agent's progress, read by the convergence wait),
+``logs/`` and ``ready/`` (pod servers' ready files).
 """
 
 from __future__ import annotations
@@ -14,23 +19,27 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubeproxy.lab.errors import LabStateError
+from kubeproxy.lab.topology import ExternalPlan, NodePlan
 
 JSON = dict[str, Any]
 DEFAULT_BASE = Path("/run/kubeproxy-lab")
 
 
 @dataclass(frozen=True)
-class PodRecord:
-    ready: bool = True
-    # Wall-clock time (time.time()) the deletion's grace period ends; None: not deleting.
-    delete_at: float | None = None
-    pid: int | None = None  # its pod server
-    reaper: int | None = None  # the process that finishes its deletion
+class Processes:
+    """PIDs of the lab's long-running processes (pod servers are the agent's)."""
+
+    apiserver: int | None = None
+    agent: int | None = None
+    proxies: dict[str, int] = field(default_factory=dict)  # node name -> PID
+
+    def all(self) -> list[int]:
+        return [p for p in (self.agent, *self.proxies.values(), self.apiserver) if p]
 
 
 @dataclass(frozen=True)
@@ -41,19 +50,26 @@ class LabState:
     cluster_cidr: str
     service_cidr: str
     external_node: str | None
-    documents: tuple[JSON, ...]
-    pods: dict[str, PodRecord] = field(default_factory=dict)
+    switch_ns: str
+    nodes: tuple[NodePlan, ...]
+    external: ExternalPlan
+    api_port: int | None = None
+    processes: Processes = field(default_factory=Processes)
 
-    def with_pod(self, key: str, record: PodRecord) -> LabState:
-        return replace(self, pods={**self.pods, key: record})
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
 
     def to_json(self) -> JSON:
-        data = asdict(self)
-        data["documents"] = list(self.documents)
-        return data
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: JSON) -> LabState:
+        ext = dict(data["external"])
+        ext["clients"] = tuple(ext["clients"])
+        ext["routes"] = tuple(ext["routes"])
         return cls(
             name=data["name"],
             mode=data["mode"],
@@ -61,8 +77,11 @@ class LabState:
             cluster_cidr=data["cluster_cidr"],
             service_cidr=data["service_cidr"],
             external_node=data.get("external_node"),
-            documents=tuple(data["documents"]),
-            pods={k: PodRecord(**v) for k, v in data["pods"].items()},
+            switch_ns=data["switch_ns"],
+            nodes=tuple(NodePlan(**n) for n in data["nodes"]),
+            external=ExternalPlan(**ext),
+            api_port=data.get("api_port"),
+            processes=Processes(**data.get("processes", {})),
         )
 
 
@@ -82,8 +101,20 @@ class Store:
         return self.dir / "state.json"
 
     @property
-    def apply_file(self) -> Path:
-        return self.dir / "state.yaml"
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def node_kubeconfig(self) -> Path:
+        return self.dir / "node.kubeconfig"
+
+    @property
+    def agent_status(self) -> Path:
+        return self.dir / "agent.json"
+
+    @property
+    def settled_file(self) -> Path:
+        return self.dir / "settled"
 
     def log_file(self, key: str) -> Path:
         return self.dir / "logs" / f"{key.replace('/', '_')}.log"
@@ -109,10 +140,7 @@ class Store:
             raise LabStateError(f"lab {self.name!r}: state file is damaged: {exc}") from exc
 
     def save(self, state: LabState) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.to_json(), indent=1, sort_keys=True))
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps(state.to_json(), indent=1, sort_keys=True))
 
     def prepare(self) -> None:
         for sub in ("logs", "ready"):
@@ -143,3 +171,11 @@ class Store:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old or the new text, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

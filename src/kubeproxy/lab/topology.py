@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kubeproxy.lab.controller import selects
 from kubeproxy.lab.errors import ManifestError
 from kubeproxy.lab.manifest import LabObjects, Node, Pod, Service, parse_service
 
@@ -185,7 +186,8 @@ def plan(lab: str, objects: LabObjects, options: Options = Options()) -> Plan:
     )
     services = _resolve_services(objects.services, service_net)
     pods = _place_pods(objects.pods, nodes, cidrs)
-    pod_plans = tuple(_pod_plan(lab, p, cidrs, services) for p in pods)
+    by_name = {n.name: n for n in node_plans}
+    pod_plans = tuple(pod_plan(lab, p, by_name[p.node_name or ""], services) for p in pods)
     _check_unique_ifnames(pod_plans)
     resolved_nodes = tuple(
         replace(n, raw=_node_raw(n, np)) for n, np in zip(nodes, node_plans, strict=True)
@@ -336,35 +338,55 @@ def _node_raw(n: Node, np: NodePlan) -> JSON:
     return raw
 
 
-def _pod_plan(
-    lab: str, p: Pod, cidrs: dict[str, ipaddress.IPv4Network], services: Sequence[Service]
-) -> PodPlan:
-    assert p.node_name is not None and p.pod_ip is not None
-    net = cidrs[p.node_name]
-    ports = {cp.port for cp in p.ports}
-    # A real container may listen on a port it does not declare; serve numeric
-    # targetPorts of the Services that select this Pod too.
+def listen_ports(pod: Pod, services: Sequence[Service]) -> tuple[str, ...]:
+    """What the Pod's built-in server listens on: "8080/tcp", "8080/udp", ...
+
+    Its declared container ports, and (a real container may listen on a port it does
+    not declare) the numeric targetPorts of the Services that select it.
+    """
+    ports = {cp.port for cp in pod.ports}
     for svc in services:
-        if (
-            svc.selector
-            and svc.namespace == p.namespace
-            and all(p.labels.get(k) == v for k, v in svc.selector.items())
-        ):
+        if selects(svc, pod):
             ports.update(sp.target_port for sp in svc.ports if isinstance(sp.target_port, int))
-    listen = tuple(f"{port}/{proto}" for port in sorted(ports) for proto in ("tcp", "udp"))
+    return tuple(f"{port}/{proto}" for port in sorted(ports) for proto in ("tcp", "udp"))
+
+
+def pod_plan(lab: str, p: Pod, node: NodePlan, services: Sequence[Service]) -> PodPlan:
+    """Where a Pod with a node and an IP lives: its namespace, veth and server ports."""
+    assert p.node_name == node.name and p.pod_ip is not None
     ns = pod_ns(lab, p.namespace, p.name)
     return PodPlan(
         key=p.key,
         name=p.name,
         namespace=p.namespace,
-        node=p.node_name,
+        node=node.name,
         ns=ns,
         ip=p.pod_ip,
-        prefixlen=net.prefixlen,
-        gateway=str(net.network_address + 1),
+        prefixlen=ipaddress.IPv4Network(node.pod_cidr).prefixlen,
+        gateway=node.gateway,
         host_if=ifname("veth", ns),
-        listen=listen,
+        listen=listen_ports(p, services),
     )
+
+
+def free_pod_ip(
+    node: NodePlan, used: set[str], requested: str | None = None, after: str | None = None
+) -> str | None:
+    """A pod address on the node (.1 is the bridge); None when the podCIDR is full.
+
+    The requested one if it is free and usable; else, like CNI's host-local IPAM, the
+    next free one after ``after`` (the last one handed out), wrapping around: an address
+    is not reused right after its Pod went away, while neighbours may still cache it.
+    """
+    net = ipaddress.IPv4Network(node.pod_cidr)
+    hosts = [str(a) for a in list(net.hosts())[1:]]
+    if requested is not None and requested not in used and requested in hosts:
+        return requested
+    start = hosts.index(after) + 1 if after in hosts else 0
+    for addr in hosts[start:] + hosts[:start]:
+        if addr not in used:
+            return addr
+    return None
 
 
 def _check_unique_ifnames(pods: Sequence[PodPlan]) -> None:
