@@ -130,7 +130,7 @@ class TrafficPolicy(Enum):
     LOCAL = "Local"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class NamespacedName:
     namespace: str
     name: str
@@ -139,7 +139,7 @@ class NamespacedName:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ServicePortName:
     """Upstream's ServicePortName: "ns/name:port" ("ns/name" for an unnamed port)."""
 
@@ -151,7 +151,7 @@ class ServicePortName:
         return f"{self.service}:{self.port}" if self.port else str(self.service)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePortSpec:
     """One entry of a Service's spec.ports."""
 
@@ -168,7 +168,7 @@ class ServicePortSpec:
         check_port(self.node_port, "nodePort", allow_zero=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     """A Service as kube-proxy sees it (both families; the node view splits them)."""
 
@@ -216,7 +216,7 @@ class Service:
         return not self.cluster_ips
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
     port: int
@@ -229,7 +229,7 @@ class EndpointPort:
             raise FieldError("protocol", f"{_short(self.protocol)} is not TCP, UDP or SCTP")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One entry of an EndpointSlice's endpoints (kube-proxy uses addresses[0])."""
 
@@ -249,7 +249,7 @@ class Endpoint:
             object.__setattr__(self, "address_text", str(self.address))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     namespace: str
     name: str
@@ -274,7 +274,7 @@ class EndpointSlice:
         return NamespacedName(self.namespace, self.service_name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     name: str
     labels: tuple[tuple[str, str], ...] = ()
@@ -291,7 +291,7 @@ class Node:
         return dict(self.labels).get("topology.kubernetes.io/zone", "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cluster:
     """Everything one node's proxy needs, as parsed; what the tracker folds into."""
 

@@ -69,7 +69,7 @@ def endpoint_view(ip: IPAddress, port: int, local: bool, addr: str = "") -> Endp
     return EndpointView(ip, port, local, addr, target)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalDetector:
     """How "traffic from a local pod" is recognized (upstream detectLocalMode)."""
 
@@ -82,7 +82,7 @@ class LocalDetector:
         return bool(self.cidrs or self.interface)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePortView:
     """One service port in one family, with every policy decision made."""
 
@@ -134,7 +134,7 @@ class ServicePortView:
         return bool(self.node_port or self.external_ips or self.load_balancer_ips)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodePorts:
     """Where NodePorts are open: every local address, or the listed ones."""
 
@@ -142,7 +142,7 @@ class NodePorts:
     addresses: tuple[IPAddress, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeView:
     family: Family
     node_name: str

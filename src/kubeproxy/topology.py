@@ -28,7 +28,7 @@ class Candidate(NamedTuple):
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Categorized:
     cluster: tuple[Candidate, ...]
     local: tuple[Candidate, ...]
