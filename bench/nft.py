@@ -50,7 +50,7 @@ from kubeproxy.model import (
     TrafficPolicy,
 )
 from kubeproxy.nodeview import NodeView, Route, ServicePortView, build_node_view
-from kubeproxy.render.nftables import render
+from kubeproxy.render.nftables import BASE_CHAINS, render
 
 NODE = "node1"
 NODE_IP = ipaddress.ip_address("192.168.0.2")
@@ -115,15 +115,7 @@ class Upstream:
     def full(self) -> Iterator[str]:
         t = self.T
         yield f'add table {t} {{ comment "rules for kube-proxy" ; }}'
-        for name, kind, hook, prio in (
-                ("filter-prerouting", "filter", "prerouting", -110),
-                ("filter-input", "filter", "input", -110),
-                ("filter-forward", "filter", "forward", -110),
-                ("filter-output", "filter", "output", -110),
-                ("filter-output-post-dnat", "filter", "output", -90),
-                ("nat-prerouting", "nat", "prerouting", -100),
-                ("nat-output", "nat", "output", -100),
-                ("nat-postrouting", "nat", "postrouting", 100)):
+        for name, kind, hook, prio in BASE_CHAINS:  # the same base chains as ours
             yield f"add chain {t} {name} {{ type {kind} hook {hook} priority {prio} ; }}"
             yield f"flush chain {t} {name}"
         for dst, src, extra in (
