@@ -218,15 +218,17 @@ def _candidates(spec: ServicePortSpec, slices: Iterable[EndpointSlice]) -> list[
     # Keyed by the address as an integer: hashing ipaddress objects is slow, and one
     # family's addresses compare the same way as integers.
     found: dict[tuple[int, int], Candidate] = {}
+    new = tuple.__new__  # NamedTuple construction without its Python-level __new__
     for eps in slices:
         for port in eps.ports:
             if port.name != spec.name or port.protocol != spec.protocol:
                 continue
+            number = port.port
             for ep in eps.endpoints:
-                key = (int(ep.address), port.port)
+                key = (int(ep.address), number)
                 old = found.get(key)
                 if old is None or (ep.ready and not old.endpoint.ready):
-                    found[key] = Candidate(ep, port.port)
+                    found[key] = new(Candidate, (ep, number))
     return [found[k] for k in sorted(found)]
 
 
@@ -254,9 +256,14 @@ def _port_view(
                      uses_cluster=uses_cluster, uses_local=uses_local)
 
     def views(cands: Iterable[Candidate]) -> tuple[EndpointView, ...]:
-        here = node.name
-        return tuple(endpoint_view(c.endpoint.address, c.port, c.endpoint.node_name == here,
-                                   c.endpoint.address_text) for c in cands)
+        # endpoint_view(), inlined for the hot path (one call per endpoint per sync).
+        here, new, out = node.name, tuple.__new__, []
+        for ep, port in cands:
+            addr = ep.address_text
+            target = f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+            out.append(new(EndpointView, (ep.address, port, ep.node_name == here, addr,
+                                          target)))
+        return tuple(out)
 
     cluster_eps = views(cat.cluster) if uses_cluster else ()
     local_eps = views(cat.local) if uses_local else ()

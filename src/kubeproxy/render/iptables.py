@@ -142,11 +142,12 @@ class Ruleset:
             chains = self.tables.get(table, {})
             out.append(f"*{table}")
             out.extend(f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table])
-            out.extend(f":{c} - [0:0]" for c in sorted([*chains, KUBE_PROXY_CANARY]))
+            order = sorted(chains)
+            out += [f":{c} - [0:0]" for c in sorted([*order, KUBE_PROXY_CANARY])]
             for builtin in BUILTIN_CHAINS[table]:
                 out.extend(jump_rule(j) for j in self.jumps if j[0] == table and j[1] == builtin)
-            for chain in sorted(chains):
-                out.extend(chains[chain])
+            for chain in order:
+                out += chains[chain]
             out.append("COMMIT")
         return "\n".join(out) + "\n"
 
