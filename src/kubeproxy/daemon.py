@@ -11,7 +11,10 @@ when it is due. A sync renders this node's rules from the tracker's cluster (nod
 changed services only. Between turns the main thread sleeps on the queue, with the loop's
 next deadline as the timeout, so it wakes for an event or for a sync, never to poll.
 
-After each turn it publishes a health snapshot and the sync's metrics for the HTTP
+After each successful sync it keeps the node views the proxier wrote and, against the
+previous ones, deletes stale UDP conntrack entries (conntrack.py, dataplane/conntrack.py)
+and opens / closes the health-check node ports of eTP=Local LoadBalancers
+(healthcheck.py). After each turn it publishes a health snapshot and the sync's metrics for the HTTP
 servers (server.py). SIGTERM / SIGINT put a stop marker on the queue (a SimpleQueue,
 whose put is safe in a signal handler); the main thread then stops the informers and
 servers and returns. Rules stay in place on exit, as upstream's do; ``--cleanup``
@@ -25,15 +28,18 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 from kubeproxy.config import ConfigError, ProxyConfig
-from kubeproxy.dataplane.base import Runner, SubprocessRunner
+from kubeproxy.conntrack import stale_udp_flows
+from kubeproxy.dataplane.base import DataPlaneError, Runner, SubprocessRunner
+from kubeproxy.dataplane.conntrack import ConntrackCleaner
 from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
+from kubeproxy.healthcheck import HealthCheckServers, desired_servers
 from kubeproxy.model import Cluster, Family, InvalidObject, NamespacedName
 from kubeproxy.nodeview import NodeView, Route, build_node_view
 from kubeproxy.pipeline import families_in_use, paused_gc
@@ -87,6 +93,7 @@ class IptablesProxier:
         self.runner = runner
         self.backend = backend
         self.planes: dict[Family, IptablesDataPlane] = {}
+        self.views: dict[Family, NodeView] = {}  # what the last successful sync wrote
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
         # A family once in use stays rendered, so its rules are emptied, not orphaned.
@@ -98,6 +105,7 @@ class IptablesProxier:
             plane = self.planes.setdefault(
                 family, IptablesDataPlane(self.runner, family, self.backend))
             plane.sync(rulesets[family], changed)
+        self.views = views
         return no_local_report(views.values())
 
 
@@ -110,6 +118,7 @@ class NftablesProxier:
         self.plane = NftablesDataPlane(runner)
         self.config = config
         self.families: set[Family] = set()
+        self.views: dict[Family, NodeView] = {}  # what the last successful sync wrote
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
         from kubeproxy.render import nftables
@@ -119,6 +128,7 @@ class NftablesProxier:
             views = [build_node_view(cluster, self.config, f) for f in sorted(self.families)]
             ruleset = nftables.render(views)
         self.plane.sync(ruleset, changed)
+        self.views = {v.family: v for v in views}
         return no_local_report(views)
 
 
@@ -128,6 +138,14 @@ def make_proxier(config: ProxyConfig, runner: Runner, backend: str) -> Proxier:
     chosen = detect_backend(runner) if backend == "auto" else cast(Backend, backend)
     log.info("iptables backend: %s", chosen)
     return IptablesProxier(config, runner, chosen)
+
+
+@runtime_checkable
+class ViewingProxier(Proxier, Protocol):
+    """A proxier that shows the node views its last successful sync wrote."""
+
+    @property
+    def views(self) -> Mapping[Family, NodeView]: ...
 
 
 # --- the main loop ----------------------------------------------------------------
@@ -148,14 +166,23 @@ def _report_invalid(error: InvalidObject) -> None:
 class Daemon:
     def __init__(self, config: ProxyConfig, proxier: Proxier, *, health: Health,
                  metrics: Metrics, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, conntrack: Runner | None = None,
+                 healthcheck_addresses: Sequence[str] | None = None) -> None:
+        """``conntrack``: runs ``conntrack -D`` for stale UDP flows (None: no cleanup).
+        ``healthcheck_addresses``: where health-check node ports listen (None: the
+        node's addresses)."""
         self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self.tracker = Tracker(config.hostname, report=_report_invalid)
         self.loop = SyncLoop(self.tracker, proxier, clock,
                              min_sync_period=config.min_sync_period,
                              sync_period=config.sync_period)
+        self.proxier = proxier
         self.health = health
         self.metrics = metrics
+        self.health_checks = HealthCheckServers(health.healthy)
+        self._cleaner = ConntrackCleaner(conntrack) if conntrack is not None else None
+        self._healthcheck_addresses = healthcheck_addresses
+        self._views: dict[Family, NodeView] = {}  # written by the last successful sync
         self._clock = clock
         self._wall = wall
         self._last_updated: float | None = None
@@ -170,15 +197,40 @@ class Daemon:
 
     def run(self) -> None:
         """Until stop(): fold events, sync when due, publish health."""
-        while True:
-            for item in self._wait():
-                if isinstance(item, _Stop):
-                    return
-                self._fold(item)
-            result = self.loop.run_if_due()
-            if result is not None:
-                self._record(result)
-            self._publish()
+        try:
+            while True:
+                for item in self._wait():
+                    if isinstance(item, _Stop):
+                        return
+                    self._fold(item)
+                result = self.loop.run_if_due()
+                if result is not None:
+                    self._record(result)
+                    if result.ok and not result.skipped:
+                        self._after_sync()
+                self._publish()
+        finally:
+            self.health_checks.close()
+
+    def _after_sync(self) -> None:
+        """Conntrack cleanup and health-check servers for what the sync wrote."""
+        if not isinstance(self.proxier, ViewingProxier):
+            return
+        views = dict(self.proxier.views)
+        if self._cleaner is not None:
+            flows = [f for fam in sorted(views)
+                     for f in stale_udp_flows(self._views.get(fam), views[fam])]
+            try:
+                if flows:
+                    deleted = self._cleaner.delete(flows)
+                    log.info("conntrack: %d stale UDP entries deleted (%d filters)",
+                             deleted, len(flows))
+            except DataPlaneError as err:
+                log.warning("conntrack cleanup: %s", err)
+        desired = desired_servers(views.values(), self._healthcheck_addresses)
+        for error in self.health_checks.update(desired):
+            log.warning("%s", error)
+        self._views = views
 
     def _wait(self) -> list[Item]:
         """The queued items: blocks until the first one or until the next sync is due."""
@@ -269,7 +321,7 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
     runner = runner or SubprocessRunner()
     proxier = make_proxier(config, runner, options.iptables_backend)
     health, metrics = Health(2 * config.sync_period), Metrics(config.mode)
-    daemon = Daemon(config, proxier, health=health, metrics=metrics)
+    daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner)
     endpoints = _endpoints(config, health, metrics)
     log.info("kubeproxy run: node %s, mode %s, API server %s", config.hostname, config.mode,
              access.server)

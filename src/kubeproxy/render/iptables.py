@@ -103,7 +103,7 @@ _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # 10 bits -> 2 characters
 
 
-@lru_cache(maxsize=1 << 18)
+@lru_cache(maxsize=1 << 19)  # chain names repeat every sync: ~40k services x 10 fit
 def _hash16(text: str) -> str:
     """The first 16 base32 characters of sha256(text): the top 80 bits of the digest.
 
