@@ -57,6 +57,8 @@ class HealthCheck:
 def health_check_ports(view: NodeView) -> dict[int, HealthCheck]:
     """{healthCheckNodePort: (service, local endpoints)} for one family.
 
+    Only ready local endpoints count, as upstream's LocalReadyEndpoints: a node left
+    with terminating endpoints only answers 503 so load balancers drain it.
     The local endpoints of a service are counted once per address over all its ports
     (a pod serving two ports weighs one). Should two services claim one port (the API
     server forbids it), the first by name keeps it.
@@ -68,7 +70,7 @@ def health_check_ports(view: NodeView) -> dict[int, HealthCheck]:
             continue
         ports.setdefault(spv.health_check_node_port, spv.name.service)
         local.setdefault(spv.name.service, set()).update(
-            int(e.ip) for e in spv.local_endpoints)
+            int(e.ip) for e in spv.local_endpoints if e.ready)
     return {port: HealthCheck(svc, len(local[svc])) for port, svc in ports.items()}
 
 

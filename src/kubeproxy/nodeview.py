@@ -58,6 +58,7 @@ class EndpointView(NamedTuple):
     local: bool
     addr: str  # str(ip), computed once: renderers format it many times
     target: str  # "ip:port", or "[ip]:port" for IPv6
+    ready: bool = True  # False: a serving-and-terminating endpoint used as a fallback
 
     def __str__(self) -> str:
         return self.target
@@ -262,7 +263,7 @@ def _port_view(
             addr = ep.address_text
             target = f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
             out.append(new(EndpointView, (ep.address, port, ep.node_name == here, addr,
-                                          target)))
+                                          target, ep.ready)))
         return tuple(out)
 
     cluster_eps = views(cat.cluster) if uses_cluster else ()
