@@ -36,7 +36,8 @@ from typing import Any
 
 from kubeproxy.config import ProxyConfig
 from kubeproxy.dataplane.base import SubprocessRunner
-from kubeproxy.dataplane.nftables import NetlinkTransport, NftablesDataPlane
+from kubeproxy.dataplane.netlink import NetlinkTransport
+from kubeproxy.dataplane.nftables import NftablesDataPlane
 from kubeproxy.model import (
     Cluster,
     Endpoint,

@@ -22,6 +22,7 @@ import sys
 import time
 
 from kubeproxy.config import ProxyConfig
+from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import (
     Cluster,
     Endpoint,
@@ -33,7 +34,6 @@ from kubeproxy.model import (
     ServiceType,
 )
 from kubeproxy.nodeview import build_node_view
-from kubeproxy.pipeline import paused_gc
 from kubeproxy.render.iptables import _hash16, render
 
 ENDPOINTS = 10
@@ -99,7 +99,7 @@ def measure(n: int, repeat: int = 3) -> dict[str, float]:
     lines = plain_lines = 0
     for _ in range(repeat):
         _hash16.cache_clear()  # every run cold: a first sync, not a re-render
-        with paused_gc():  # as the proxy renders (pipeline.render_iptables)
+        with paused_gc():  # as the proxy renders (proxier.Proxier)
             t0 = time.perf_counter()
             view = build_node_view(cluster, config, 4)
             t1 = time.perf_counter()

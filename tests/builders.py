@@ -123,3 +123,29 @@ def node(
         "status": {"addresses": [{"type": "InternalIP", "address": ip}
                                  for ip in (ips if ips is not None else [NODE_IP])]},
     }
+
+
+def feature_cluster(endpoints_svc2: int = 2, with_svc3: bool = True) -> list[Obj]:
+    """Every kind of frontend, dual-stack, affinity, SCTP, Local policies and a service
+    without endpoints: the data plane tests' standard cluster."""
+    objs: list[Obj] = [
+        node(ips=["192.168.0.2", "fd00::2"]),
+        service("svc1", sessionAffinity="ClientIP"),
+        endpoint_slice("svc1", [endpoint("10.180.0.1"), endpoint("10.180.1.1", node="n2")]),
+        service("svc2", "ns2", cluster_ip=["172.30.0.42", "fd00:30::42"], type="LoadBalancer",
+                ports=[("p80", 80, "TCP", 3001), ("dns", 53, "UDP", 3002)],
+                lb_ips=["5.6.7.8"], externalIPs=["192.168.99.22"],
+                externalTrafficPolicy="Local", healthCheckNodePort=30000,
+                loadBalancerSourceRanges=["203.0.113.0/25"]),
+        endpoint_slice("svc2", [endpoint(f"10.180.0.{10 + i}") for i in range(endpoints_svc2)],
+                       "ns2", ports=[("p80", 8080, "TCP"), ("dns", 5353, "UDP")]),
+        endpoint_slice("svc2", [endpoint("fd00:180::10")], "ns2", name="svc2-v6",
+                       family="IPv6", ports=[("p80", 8080, "TCP"), ("dns", 5353, "UDP")]),
+        service("svc4", "ns4", cluster_ip="172.30.0.44"),  # no endpoints: REJECT
+    ]
+    if with_svc3:
+        objs += [service("svc3", "ns3", cluster_ip="172.30.0.43", internalTrafficPolicy="Local",
+                         ports=[("s", 9000, "SCTP", 0)]),
+                 endpoint_slice("svc3", [endpoint("10.180.0.3")], "ns3",
+                                ports=[("s", 9000, "SCTP")])]
+    return objs

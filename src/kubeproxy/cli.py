@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+from kubeproxy import modes
 from kubeproxy.config import (
     ConfigError,
     ProxyConfig,
@@ -24,8 +25,9 @@ from kubeproxy.config import (
     parse_lb_algorithm,
 )
 from kubeproxy.k8s import ManifestError, decode_objects, load_manifests
-from kubeproxy.model import Cluster, Family
-from kubeproxy.pipeline import families_in_use, render_iptables
+from kubeproxy.model import Cluster
+from kubeproxy.modes.base import PlaneOptions
+from kubeproxy.pipeline import node_views
 
 
 def _add_proxy_flags(p: argparse.ArgumentParser, *, files: bool = True) -> None:
@@ -36,7 +38,7 @@ def _add_proxy_flags(p: argparse.ArgumentParser, *, files: bool = True) -> None:
                        help="Services, EndpointSlices and Nodes (YAML or JSON); repeatable")
     p.add_argument("--config", type=Path, help="a KubeProxyConfiguration file")
     p.add_argument("--hostname-override", help="the node whose rules to compute")
-    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=["iptables", "nftables"])
+    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=modes.NAMES)
     p.add_argument("--cluster-cidr", help="pod CIDR(s) of the cluster, comma-separated")
     p.add_argument("--masquerade-all", action="store_const", const=True,
                    help="masquerade all traffic sent to cluster IPs")
@@ -90,15 +92,8 @@ def load_cluster(files: Sequence[Path]) -> Cluster:
 def cmd_render(args: argparse.Namespace) -> int:
     config = build_config(args)
     cluster = load_cluster(args.files)
-    if config.mode == "nftables":
-        from kubeproxy.pipeline import render_nftables
-        sys.stdout.write(render_nftables(cluster, config))
-        return 0
-    rulesets = render_iptables(cluster, config)
-    for family in families_in_use(cluster, config):
-        tool = "iptables-save" if family == 4 else "ip6tables-save"
-        print(f"# IPv{family} rules for node {config.hostname} ({tool} format)")
-        sys.stdout.write(rulesets[family].save_text())
+    mode = modes.get(config.mode)
+    sys.stdout.write(mode.text(mode.render(node_views(cluster, config)), config.hostname))
     return 0
 
 
@@ -116,27 +111,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ConfigError("--src and --dst must be of the same IP family")
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port: {args.port} is not in 1-65535")
-    family: Family = 4 if dst.version == 4 else 6
     node = cluster.node(config.hostname)
-    local = frozenset(ip for ip in (node.addresses if node else ()) if ip.version == family)
+    local = frozenset(ip for ip in (node.addresses if node else ()) if ip.version == dst.version)
     if node is None:
         print(f"warning: no Node {config.hostname!r} in the input: the node has no addresses",
               file=sys.stderr)
     packet = Packet(src=src, dst=dst, port=args.port, proto=args.proto,
                     in_interface=args.in_interface)
-    if config.mode == "nftables":
-        from kubeproxy.pipeline import render_nftables
-        from kubeproxy.trace.nftables import trace_nftables
-        result = trace_nftables(render_nftables(cluster, config), packet, local)
-    else:
-        from kubeproxy.trace.iptables import trace_iptables
-        result = trace_iptables(render_iptables(cluster, config)[family].save_text(),
-                                packet, local)
+    mode = modes.get(config.mode)
+    result = mode.trace(mode.render(node_views(cluster, config)), packet, local)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(result.to_text())
     return 0
+
+
+def _plane_options(args: argparse.Namespace) -> PlaneOptions:
+    return PlaneOptions(iptables_backend=args.iptables_backend)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -145,33 +137,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     cluster = load_cluster(args.files)
-    runner = SubprocessRunner()
-    if config.mode == "nftables":
-        from kubeproxy.pipeline import apply_nftables
-        apply_nftables(cluster, config, runner)
-        return 0
-    from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
-
-    backend: Backend = (detect_backend(runner) if args.iptables_backend == "auto"
-                        else cast(Backend, args.iptables_backend))
-    rulesets = render_iptables(cluster, config)
-    for family in families_in_use(cluster, config):
-        IptablesDataPlane(runner, family, backend).sync(rulesets[family])
+    mode = modes.get(config.mode)
+    plane = mode.data_plane(SubprocessRunner(), _plane_options(args))
+    plane.sync(mode.render(node_views(cluster, config)))
     return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove what any mode may have written (as upstream's --cleanup does)."""
     from kubeproxy.dataplane.base import SubprocessRunner
-    from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
-    from kubeproxy.pipeline import cleanup_nftables
 
     runner = SubprocessRunner()
-    backends: list[Backend] = (["legacy", "nft"] if args.iptables_backend == "auto"
-                               else [cast(Backend, args.iptables_backend)])
-    for backend in backends:
-        for family in (4, 6):
-            IptablesDataPlane(runner, family, backend).cleanup()
-    cleanup_nftables(runner)
+    for mode in modes.every():
+        mode.cleanup(runner, _plane_options(args))
     return 0
 
 
@@ -224,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove every rule kubeproxy wrote (needs root)")
     p.add_argument("--iptables-backend", choices=["auto", "legacy", "nft"], default="auto")
-    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=["iptables", "nftables"])
+    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=modes.NAMES)
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("run", help="run as this node's proxy daemon, like kube-proxy "

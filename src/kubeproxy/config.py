@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kubeproxy import modes
 from kubeproxy.model import FieldError, IPNetwork, parse_cidr
 
 
@@ -34,7 +35,6 @@ class LBAlgorithm(Enum):
     ROUND_ROBIN = "round-robin"
 
 
-PROXY_MODES = ("iptables", "nftables")
 PRIMARY = "primary"
 
 
@@ -59,8 +59,8 @@ class ProxyConfig:
     kubeconfig: str = ""  # clientConnection.kubeconfig (`kubeproxy run`); --kubeconfig wins
 
     def __post_init__(self) -> None:
-        if self.mode not in PROXY_MODES:
-            raise ConfigError(f"mode: {self.mode!r} is not one of {', '.join(PROXY_MODES)}")
+        if self.mode not in modes.NAMES:
+            raise ConfigError(f"mode: {self.mode!r} is not one of {', '.join(modes.NAMES)}")
         if not 0 <= self.masquerade_bit <= 31:
             raise ConfigError(f"iptables.masqueradeBit: {self.masquerade_bit} is not in 0-31")
         for value in self.nodeport_addresses:

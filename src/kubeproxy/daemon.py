@@ -28,22 +28,22 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Protocol, cast, runtime_checkable
 
+from kubeproxy import modes
 from kubeproxy.config import ConfigError, ProxyConfig
 from kubeproxy.conntrack import stale_udp_flows
 from kubeproxy.dataplane.base import DataPlaneError, Runner, SubprocessRunner
 from kubeproxy.dataplane.conntrack import ConntrackCleaner
-from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
 from kubeproxy.healthcheck import HealthCheckServers, desired_servers
-from kubeproxy.model import Cluster, Family, InvalidObject, NamespacedName
-from kubeproxy.nodeview import NodeView, Route, build_node_view
-from kubeproxy.pipeline import families_in_use, paused_gc
-from kubeproxy.render import iptables
+from kubeproxy.model import Family, InvalidObject
+from kubeproxy.modes.base import PlaneOptions
+from kubeproxy.nodeview import NodeView
+from kubeproxy.proxier import Proxier
+from kubeproxy.queues import drain
 from kubeproxy.server import (
     Health,
     HealthState,
@@ -56,7 +56,7 @@ from kubeproxy.server import (
 from kubeproxy.sources.client import Client, ClientError
 from kubeproxy.sources.informer import Informer, Replace, resources
 from kubeproxy.sources.kubeconfig import resolve
-from kubeproxy.sync import Proxier, SyncLoop, SyncReport, SyncResult
+from kubeproxy.sync import Syncer, SyncLoop, SyncResult
 from kubeproxy.tracker import Tracker, Update
 
 log = logging.getLogger("kubeproxy.daemon")
@@ -70,82 +70,6 @@ class DaemonOptions:
     master: str | None = None
     iptables_backend: str = "auto"  # auto, legacy, nft
     watch_timeout: tuple[int, int] = (300, 600)  # seconds, randomized per watch
-
-
-# --- data planes ------------------------------------------------------------------
-
-
-def no_local_report(views: Iterable[NodeView]) -> SyncReport:
-    """Service ports whose Local policy leaves this node without endpoints (DROP)."""
-    internal = external = 0
-    for view in views:
-        for spv in view.services:
-            internal += spv.internal is Route.DROP
-            external += spv.external_policy_local and spv.external is Route.DROP
-    return SyncReport(no_local_internal=internal, no_local_external=external)
-
-
-class IptablesProxier:
-    """Renders each family in use and applies it with its own IptablesDataPlane."""
-
-    def __init__(self, config: ProxyConfig, runner: Runner, backend: Backend) -> None:
-        self.config = config
-        self.runner = runner
-        self.backend = backend
-        self.planes: dict[Family, IptablesDataPlane] = {}
-        self.views: dict[Family, NodeView] = {}  # what the last successful sync wrote
-
-    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
-        # A family once in use stays rendered, so its rules are emptied, not orphaned.
-        families = sorted(set(self.planes) | set(families_in_use(cluster, self.config)))
-        with paused_gc():
-            views = {f: build_node_view(cluster, self.config, f) for f in families}
-            rulesets = {f: iptables.render(v) for f, v in views.items()}
-        for family in families:
-            plane = self.planes.setdefault(
-                family, IptablesDataPlane(self.runner, family, self.backend))
-            plane.sync(rulesets[family], changed)
-        self.views = views
-        return no_local_report(views.values())
-
-
-class NftablesProxier:
-    """Both families in one ruleset (tables ip/ip6 kube-proxy), as pipeline does it."""
-
-    def __init__(self, config: ProxyConfig, runner: Runner) -> None:
-        from kubeproxy.dataplane.nftables import NftablesDataPlane
-
-        self.plane = NftablesDataPlane(runner)
-        self.config = config
-        self.families: set[Family] = set()
-        self.views: dict[Family, NodeView] = {}  # what the last successful sync wrote
-
-    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
-        from kubeproxy.render import nftables
-
-        self.families |= set(families_in_use(cluster, self.config))
-        with paused_gc():
-            views = [build_node_view(cluster, self.config, f) for f in sorted(self.families)]
-            ruleset = nftables.render(views)
-        self.plane.sync(ruleset, changed)
-        self.views = {v.family: v for v in views}
-        return no_local_report(views)
-
-
-def make_proxier(config: ProxyConfig, runner: Runner, backend: str) -> Proxier:
-    if config.mode == "nftables":
-        return NftablesProxier(config, runner)
-    chosen = detect_backend(runner) if backend == "auto" else cast(Backend, backend)
-    log.info("iptables backend: %s", chosen)
-    return IptablesProxier(config, runner, chosen)
-
-
-@runtime_checkable
-class ViewingProxier(Proxier, Protocol):
-    """A proxier that shows the node views its last successful sync wrote."""
-
-    @property
-    def views(self) -> Mapping[Family, NodeView]: ...
 
 
 # --- the main loop ----------------------------------------------------------------
@@ -164,7 +88,7 @@ def _report_invalid(error: InvalidObject) -> None:
 
 
 class Daemon:
-    def __init__(self, config: ProxyConfig, proxier: Proxier, *, health: Health,
+    def __init__(self, config: ProxyConfig, proxier: Syncer, *, health: Health,
                  metrics: Metrics, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, conntrack: Runner | None = None,
                  healthcheck_addresses: Sequence[str] | None = None) -> None:
@@ -206,17 +130,14 @@ class Daemon:
                 result = self.loop.run_if_due()
                 if result is not None:
                     self._record(result)
-                    if result.ok and not result.skipped:
-                        self._after_sync()
+                    if result.report is not None:
+                        self._after_sync(dict(result.report.views))
                 self._publish()
         finally:
             self.health_checks.close()
 
-    def _after_sync(self) -> None:
+    def _after_sync(self, views: dict[Family, NodeView]) -> None:
         """Conntrack cleanup and health-check servers for what the sync wrote."""
-        if not isinstance(self.proxier, ViewingProxier):
-            return
-        views = dict(self.proxier.views)
         if self._cleaner is not None:
             flows = [f for fam in sorted(views)
                      for f in stale_udp_flows(self._views.get(fam), views[fam])]
@@ -235,15 +156,7 @@ class Daemon:
     def _wait(self) -> list[Item]:
         """The queued items: blocks until the first one or until the next sync is due."""
         due = self.loop.next_run()
-        timeout = None if due is None else max(0.0, due - self._clock())
-        items: list[Item] = []
-        try:
-            items.append(self.queue.get(timeout=timeout))
-            while True:
-                items.append(self.queue.get_nowait())
-        except queue.Empty:
-            pass
-        return items
+        return drain(self.queue, None if due is None else max(0.0, due - self._clock()))
 
     def _fold(self, item: Update | Replace) -> None:
         if isinstance(item, Replace):
@@ -319,7 +232,12 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
     except ClientError as err:
         raise ConfigError(str(err)) from err
     runner = runner or SubprocessRunner()
-    proxier = make_proxier(config, runner, options.iptables_backend)
+    mode = modes.get(config.mode)
+    try:
+        plane = mode.data_plane(runner, PlaneOptions(iptables_backend=options.iptables_backend))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    proxier = Proxier(mode, config, plane)
     health, metrics = Health(2 * config.sync_period), Metrics(config.mode)
     daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner)
     endpoints = _endpoints(config, health, metrics)

@@ -10,6 +10,12 @@ forwarded, dropped or rejected, when traffic is masqueraded, whether a load-bala
 firewall applies. Renderers (iptables, nftables, ...) only translate this view into
 their own syntax; none of them re-decides policy, so the data planes cannot drift.
 
+Node-wide decisions live on :class:`NodeView` and :class:`NodePorts`: which ClusterIP
+traffic is masqueraded (``--masquerade-all`` wins over local-traffic detection), which
+destinations NodePorts answer on, and whether localhost NodePorts are offered (IPv4
+only, since they need ``route_localnet``; the loopback range is otherwise excluded, and
+``::1`` always is), with the CVE-2020-8558 guard that comes with them.
+
 The names follow upstream's ``syncProxyRules``: ``internal`` is ClusterIP traffic,
 ``external`` is NodePort / externalIP / load-balancer traffic, the "cluster chain" holds
 the cluster endpoints and the "local chain" the node-local ones.
@@ -20,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
 
@@ -50,6 +56,14 @@ class Route(Enum):
     LOCAL = "local"  # to the local-endpoints chain
     DROP = "drop"  # Local policy with no local endpoints
     REJECT = "reject"  # no usable endpoints at all
+
+
+class ClusterIPMasquerade(Enum):
+    """Which ClusterIP traffic is masqueraded on its way in (upstream's internal chain)."""
+
+    ALL = "all"  # --masquerade-all: every packet, whatever its source
+    NOT_LOCAL = "not-local"  # what does not come from a local pod (detect-local)
+    NONE = "none"  # local pods cannot be told apart: upstream writes no rule
 
 
 class EndpointView(NamedTuple):
@@ -137,10 +151,40 @@ class ServicePortView:
 
 @dataclass(frozen=True, slots=True)
 class NodePorts:
-    """Where NodePorts are open: every local address, or the listed ones."""
+    """Where NodePorts are open: every local address, or the listed ones.
+
+    Loopback destinations are special: 127.0.0.1:NODEPORT works only with localhost
+    NodePorts (IPv4 only: the kernel routes DNATed loopback traffic with
+    ``route_localnet``, which IPv6 lacks), and offering them needs the CVE-2020-8558
+    guard against remote packets addressed to 127.0.0.0/8. Otherwise the loopback range
+    is excluded from "every local address" and dropped from the listed ones. A data
+    plane that cannot offer localhost NodePorts (nftables, as upstream) reads
+    :meth:`without_localhost`.
+    """
 
     match_all: bool
-    addresses: tuple[IPAddress, ...] = ()
+    loopback: IPNetwork  # this family's loopback range
+    addresses: tuple[IPAddress, ...] = ()  # selected by nodePortAddresses, loopback too
+    localhost: bool = False  # localhost NodePorts are offered (and guarded)
+
+    @property
+    def routable(self) -> tuple[IPAddress, ...]:
+        """The listed addresses outside the loopback range."""
+        return tuple(ip for ip in self.addresses if ip not in self.loopback)
+
+    @property
+    def destinations(self) -> tuple[IPAddress, ...]:
+        """The listed addresses NodePorts match (loopback ones only with localhost NodePorts)."""
+        return self.addresses if self.localhost else self.routable
+
+    @property
+    def guard(self) -> IPNetwork | None:
+        """What a match on every local address must exclude (None: nothing)."""
+        return None if self.localhost else self.loopback
+
+    def without_localhost(self) -> NodePorts:
+        """The same NodePorts for a data plane that offers no localhost NodePorts."""
+        return replace(self, localhost=False) if self.localhost else self
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +193,11 @@ class NodeView:
     node_name: str
     node_ips: tuple[IPAddress, ...]
     local_detector: LocalDetector
-    masquerade_all: bool
+    masquerade_all: bool  # the setting; renderers read cluster_ip_masquerade
+    cluster_ip_masquerade: ClusterIPMasquerade  # which ClusterIP traffic is masqueraded
     masquerade_mark: int
     nodeports: NodePorts
-    localhost_nodeports: bool  # IPv4 only: 127.0.0.1:NODEPORT works (route_localnet)
+    localhost_nodeports: bool  # the setting, for IPv4; renderers read nodeports.localhost
     lb_algorithm: LBAlgorithm
     services: tuple[ServicePortView, ...]  # sorted by name
 
@@ -186,15 +231,18 @@ def build_node_view(cluster: Cluster, config: ProxyConfig, family: Family) -> No
                                     node, node_ips, family))
     views.sort(key=lambda v: (v.name.service.namespace, v.name.service.name, v.name.port,
                               v.name.protocol))
+    detector = _local_detector(config, node, family)
+    localhost = config.localhost_nodeports and family == 4
     return NodeView(
         family=family,
         node_name=node.name,
         node_ips=node_ips,
-        local_detector=_local_detector(config, node, family),
+        local_detector=detector,
         masquerade_all=config.masquerade_all,
+        cluster_ip_masquerade=_cluster_ip_masquerade(config, detector),
         masquerade_mark=config.masquerade_mark,
-        nodeports=_nodeports(config, node_ips, family),
-        localhost_nodeports=config.localhost_nodeports and family == 4,
+        nodeports=_nodeports(config, node_ips, family, localhost),
+        localhost_nodeports=localhost,
         lb_algorithm=config.lb_algorithm,
         services=tuple(views),
     )
@@ -266,8 +314,8 @@ def _port_view(
                                           target, ep.ready)))
         return tuple(out)
 
-    cluster_eps = views(cat.cluster) if uses_cluster else ()
-    local_eps = views(cat.local) if uses_local else ()
+    cluster_eps = views(cat.cluster) if cat.cluster is not None else ()
+    local_eps = views(cat.local) if cat.local is not None else ()
     has = cat.has_any
 
     def route(local_policy: bool) -> Route:
@@ -312,15 +360,32 @@ def _local_detector(config: ProxyConfig, node: Node, family: Family) -> LocalDet
     return LocalDetector(interface=config.interface_name_prefix, prefix=True)
 
 
-def _nodeports(config: ProxyConfig, node_ips: tuple[IPAddress, ...], family: Family) -> NodePorts:
+def _cluster_ip_masquerade(config: ProxyConfig, detector: LocalDetector) -> ClusterIPMasquerade:
+    if config.masquerade_all:
+        return ClusterIPMasquerade.ALL  # wins over local-traffic detection
+    return ClusterIPMasquerade.NOT_LOCAL if detector.implemented else ClusterIPMasquerade.NONE
+
+
+_LOOPBACK: dict[Family, tuple[IPNetwork, IPAddress]] = {
+    4: (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv4Address("127.0.0.1")),
+    6: (ipaddress.IPv6Network("::1/128"), ipaddress.IPv6Address("::1")),
+}
+
+
+def _nodeports(config: ProxyConfig, node_ips: tuple[IPAddress, ...], family: Family,
+               localhost: bool) -> NodePorts:
+    """Where NodePorts answer; ``localhost``: localhost NodePorts are wanted (IPv4)."""
+    loopback, loopback_ip = _LOOPBACK[family]
     if not config.nodeport_addresses:
-        return NodePorts(match_all=True)
+        return NodePorts(match_all=True, loopback=loopback, localhost=localhost)
     if config.nodeport_addresses == (PRIMARY,):
-        return NodePorts(match_all=False, addresses=node_ips[:1])
-    cidrs = [c for c in config.nodeport_cidrs() if family_of(c) == family]
-    if any(c.prefixlen == 0 for c in cidrs):
-        return NodePorts(match_all=True)
-    loopback = ipaddress.ip_address("127.0.0.1" if family == 4 else "::1")
-    candidates = (*node_ips, loopback)
-    return NodePorts(match_all=False,
-                     addresses=tuple(ip for ip in candidates if any(ip in c for c in cidrs)))
+        addresses = node_ips[:1]
+    else:
+        cidrs = [c for c in config.nodeport_cidrs() if family_of(c) == family]
+        if any(c.prefixlen == 0 for c in cidrs):
+            return NodePorts(match_all=True, loopback=loopback, localhost=localhost)
+        addresses = tuple(ip for ip in (*node_ips, loopback_ip) if any(ip in c for c in cidrs))
+    # Offered only where a loopback address is listed.
+    localhost = localhost and any(ip in loopback for ip in addresses)
+    return NodePorts(match_all=False, addresses=addresses, loopback=loopback,
+                     localhost=localhost)

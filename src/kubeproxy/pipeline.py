@@ -1,37 +1,21 @@
-"""Glue for the commands: cluster + config -> per-family rulesets. Pure."""
+"""Pure glue for the commands and tests: cluster + config -> node views -> rulesets.
+
+No I/O here: writing rules is a mode's data plane (modes/), driven by proxier.py.
+"""
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from kubeproxy import modes
 from kubeproxy.config import ProxyConfig
-from kubeproxy.dataplane.base import Runner
+from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import Cluster, Family
-from kubeproxy.nodeview import build_node_view
+from kubeproxy.nodeview import NodeView, build_node_view
 from kubeproxy.render import iptables
 
 if TYPE_CHECKING:
     from kubeproxy.render.nftables import NftRuleset
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a ruleset is built.
-
-    A render allocates ~10 objects per endpoint and no reference cycles; with the
-    collector running, each generation-0 threshold crossing rescans the ever-growing
-    young objects, which doubled the time of a 10,000-service render (bench/render.py).
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
@@ -42,10 +26,20 @@ def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
     return [4, 6] if v6 else [4]
 
 
+def node_views(cluster: Cluster, config: ProxyConfig) -> list[NodeView]:
+    """This node's view of every IP family in use."""
+    return [build_node_view(cluster, config, f) for f in families_in_use(cluster, config)]
+
+
+def render(cluster: Cluster, config: ProxyConfig) -> Any:
+    """The ruleset of ``config.mode`` for this node."""
+    with paused_gc():
+        return modes.get(config.mode).render(node_views(cluster, config))
+
+
 def render_iptables(cluster: Cluster, config: ProxyConfig) -> dict[Family, iptables.Ruleset]:
     with paused_gc():
-        return {fam: iptables.render(build_node_view(cluster, config, fam))
-                for fam in families_in_use(cluster, config)}
+        return {view.family: iptables.render(view) for view in node_views(cluster, config)}
 
 
 def render_nftables_ruleset(cluster: Cluster, config: ProxyConfig) -> NftRuleset:
@@ -53,22 +47,9 @@ def render_nftables_ruleset(cluster: Cluster, config: ProxyConfig) -> NftRuleset
     from kubeproxy.render import nftables
 
     with paused_gc():
-        return nftables.render([build_node_view(cluster, config, fam)
-                                for fam in families_in_use(cluster, config)])
+        return nftables.render(node_views(cluster, config))
 
 
 def render_nftables(cluster: Cluster, config: ProxyConfig) -> str:
     """The `nft -f` script for this node."""
     return render_nftables_ruleset(cluster, config).script()
-
-
-def apply_nftables(cluster: Cluster, config: ProxyConfig, runner: Runner) -> None:
-    from kubeproxy.dataplane.nftables import NftablesDataPlane
-
-    NftablesDataPlane(runner).sync(render_nftables_ruleset(cluster, config))
-
-
-def cleanup_nftables(runner: Runner) -> None:
-    from kubeproxy.dataplane.nftables import NftablesDataPlane
-
-    NftablesDataPlane(runner).cleanup()

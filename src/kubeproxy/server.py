@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from kubeproxy import modes
 from kubeproxy.sync import SyncResult
 
 Clock = Callable[[], float]
@@ -153,6 +154,7 @@ class Metrics:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self._failures = modes.get(mode).sync_failures_metric
         self._lock = threading.Lock()
         self._hist = {name: Histogram(PROGRAMMING_BUCKETS
                                       if name.startswith("network") else SYNC_BUCKETS)
@@ -167,10 +169,7 @@ class Metrics:
             v["sync_proxy_rules_service_changes_total"] += result.changes.service_changes
             v["sync_proxy_rules_endpoint_changes_total"] += result.changes.endpoint_changes
             if not result.ok:
-                failures = ("sync_proxy_rules_nftables_sync_failures_total"
-                            if self.mode == "nftables"
-                            else "sync_proxy_rules_iptables_restore_failures_total")
-                v[failures] += 1
+                v[self._failures] += 1
                 return
             v["sync_proxy_rules_last_timestamp_seconds"] = wall_now
             if result.skipped:

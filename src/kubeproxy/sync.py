@@ -27,12 +27,13 @@ The rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kubeproxy.dataplane.base import DataPlaneError
-from kubeproxy.model import Cluster, NamespacedName
+from kubeproxy.model import Cluster, Family, NamespacedName
+from kubeproxy.nodeview import NodeView
 from kubeproxy.tracker import Changes, Kind, Tracker
 
 Clock = Callable[[], float]  # monotonic seconds
@@ -44,10 +45,13 @@ class SyncReport:
 
     no_local_internal: int = 0  # service ports with internalTrafficPolicy Local, no endpoints
     no_local_external: int = 0  # service ports with externalTrafficPolicy Local, no endpoints
+    # The node views the sync wrote (conntrack cleanup and health-check ports follow them).
+    views: Mapping[Family, NodeView] = field(default_factory=dict)
 
 
-class Proxier(Protocol):
-    """Renders the cluster and writes it; ``changed`` None = full sync."""
+class Syncer(Protocol):
+    """Renders the cluster and writes it; ``changed`` None = full sync
+    (:class:`kubeproxy.proxier.Proxier`, or a test's fake)."""
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
         ...
@@ -78,7 +82,7 @@ class SyncResult:
 
 
 class SyncLoop:
-    def __init__(self, tracker: Tracker, proxier: Proxier, clock: Clock, *,
+    def __init__(self, tracker: Tracker, proxier: Syncer, clock: Clock, *,
                  min_sync_period: float = 1.0, sync_period: float = 30.0,
                  full_sync_period: float | None = None) -> None:
         if sync_period <= 0 or min_sync_period < 0:

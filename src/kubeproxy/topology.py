@@ -10,6 +10,12 @@ endpoint usability and topology are decided for every data plane:
   and terminating ones on this node.
 * Topology hints apply only when every ready endpoint carries a hint and at least one
   hint names this node (PreferSameNode: node hints) or this node's zone (zone hints).
+
+As upstream's does, the answer tells "the service does not use this kind of endpoints"
+(``None``: e.g. no local set for a service without a Local policy) from "it does, and
+there are none" (``()``: a Local policy with no endpoint on this node, which drops the
+traffic), and both from "no usable endpoint anywhere" (``has_any`` false, which rejects
+it).
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ class Candidate(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Categorized:
-    cluster: tuple[Candidate, ...]
-    local: tuple[Candidate, ...]
+    cluster: tuple[Candidate, ...] | None  # None: the service never uses cluster endpoints
+    local: tuple[Candidate, ...] | None  # None: the service never uses local endpoints
     has_any: bool  # some usable endpoint exists anywhere in the cluster
 
 
@@ -44,8 +50,8 @@ def categorize(
     uses_local: bool,
     prefer_same_node: bool = True,
 ) -> Categorized:
-    cluster: tuple[Candidate, ...] = ()
-    local: tuple[Candidate, ...] = ()
+    cluster: tuple[Candidate, ...] | None = None
+    local: tuple[Candidate, ...] | None = None
     has_any = False
     if uses_cluster:
         mode = topology_mode(candidates, node_name, zone, prefer_same_node)

@@ -21,20 +21,10 @@ from kubeproxy.apiserver.selectors import (
     parse_label_selector,
 )
 from kubeproxy.apiserver.store import Store, StoreConfig
+from kubeproxy.jsontypes import JSON
+from tests.fakes import FakeClock
 
-Obj = dict[str, Any]
 NO_LABELS, NO_FIELDS = LabelSelector(), FieldSelector()
-
-
-@dataclass
-class FakeClock:
-    now: float = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make_store(history: int = 100) -> tuple[Store, FakeClock]:
@@ -43,21 +33,21 @@ def make_store(history: int = 100) -> tuple[Store, FakeClock]:
 
 
 def pod(name: str, node: str | None = "node-a", labels: dict[str, str] | None = None,
-        finalizers: list[str] | None = None) -> Obj:
-    meta: Obj = {"name": name, "labels": labels or {}}
+        finalizers: list[str] | None = None) -> JSON:
+    meta: JSON = {"name": name, "labels": labels or {}}
     if finalizers:
         meta["finalizers"] = finalizers
-    spec: Obj = {"containers": [{"name": "c", "image": "img:1"}]}
+    spec: JSON = {"containers": [{"name": "c", "image": "img:1"}]}
     if node:
         spec["nodeName"] = node
     return {"metadata": meta, "spec": spec}
 
 
-def svc(name: str, **spec: Any) -> Obj:
+def svc(name: str, **spec: Any) -> JSON:
     return {"metadata": {"name": name}, "spec": {"ports": [{"port": 80}], **spec}}
 
 
-def rv(obj: Obj) -> int:
+def rv(obj: JSON) -> int:
     return int(obj["metadata"]["resourceVersion"])
 
 
@@ -85,7 +75,7 @@ class CreateError:
     name: str
     res: r.Resource
     namespace: str | None
-    body: Obj
+    body: JSON
     code: int
     reason: str
 

@@ -13,16 +13,15 @@ from typing import Any, Literal
 
 import pytest
 
+from kubeproxy import modes
 from kubeproxy.config import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
-from kubeproxy.pipeline import render_iptables, render_nftables
-from kubeproxy.trace.iptables import trace_iptables
-from kubeproxy.trace.nftables import trace_nftables
+from kubeproxy.pipeline import node_views
 from kubeproxy.trace.result import Packet, TraceResult
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
 
-MODES = ("iptables", "nftables")
+MODES = modes.NAMES  # every registered mode runs the whole table
 POD = "10.180.0.9"  # a pod on this node that is not an endpoint
 EXTERNAL = "203.0.113.2"
 BLOCKED = "203.0.113.130"
@@ -265,10 +264,8 @@ def trace(mode: str, case: Case) -> TraceResult:
     local = frozenset(ip for ip in node_obj.addresses if ip.version == dst.version)
     packet = Packet(src=src, dst=dst, port=case.port, proto=case.proto,
                     in_interface=case.in_interface)
-    if mode == "iptables":
-        text = render_iptables(cluster, config)[4 if dst.version == 4 else 6].save_text()
-        return trace_iptables(text, packet, local)
-    return trace_nftables(render_nftables(cluster, config), packet, local)
+    proxy_mode = modes.get(mode)
+    return proxy_mode.trace(proxy_mode.render(node_views(cluster, config)), packet, local)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -167,8 +167,8 @@ ONLY_DNAT = dump(
     filter_="-A FORWARD -m conntrack ! --ctstate DNAT -m comment --comment \"not DNATed\" -j DROP",
     nat=NAT,
 )
-# Locally originated packets take nat OUTPUT -> filter OUTPUT -> nat POSTROUTING and
-# nothing else: every other hook here would drop them.
+# Locally originated packets to another host take nat OUTPUT -> filter OUTPUT -> nat
+# POSTROUTING and nothing else: every other hook here would drop them.
 OUTPUT_ONLY = dump(
     mangle="-A PREROUTING -m comment --comment \"nothing arriving gets through\" -j DROP",
     filter_=FILTER,
@@ -197,6 +197,10 @@ V6 = dump(
 -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
 """  # noqa: E501
 )
+# Packets the node sends to itself come back in on lo: nat PREROUTING must not run again.
+DNAT_ALL = dump(nat="-A PREROUTING -m comment --comment \"everything\" -j DNAT "
+                "--to-destination 10.180.0.3:80")
+FROM_LO = dump(filter_="-A INPUT -i lo -m comment --comment \"from lo\" -j REJECT", nat=NAT)
 ESCAPED = dump(
     nat=r"""
 -A PREROUTING -m comment --comment "ns1/svc1:p80 \"quoted\" -j KUBE-NOPE" -j KUBE-SERVICES
@@ -263,6 +267,20 @@ CASES = [
          CIP_PATH),
     Case("localnet-from-node-ip-dropped", BASE, NODE_IP, "127.0.0.1", 8080, "DROP", (), False,
          ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-FIREWALL")),
+    Case("node-to-own-nodeport-meets-input-on-lo", BASE, NODE_IP, NODE_IP, 3003, "DROP", (),
+         False, ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-FIREWALL", "KUBE-POSTROUTING",
+                 "KUBE-EXTERNAL-SERVICES")),
+    Case("node-to-itself-meets-mangle-prerouting-on-lo", OUTPUT_ONLY, NODE_IP, NODE_IP, 22,
+         "DROP", (), False, ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-FIREWALL",
+                             "KUBE-POSTROUTING")),
+    Case("node-to-itself-skips-nat-prerouting-on-lo", DNAT_ALL, NODE_IP, NODE_IP, 22, "ACCEPT",
+         (), False, ()),
+    Case("arriving-takes-nat-prerouting", DNAT_ALL, EXTERNAL, NODE_IP, 22, "DNAT",
+         ("10.180.0.3:80",), False, ()),
+    Case("node-to-itself-arrives-on-lo", FROM_LO, NODE_IP, NODE_IP, 22, "REJECT", (), False,
+         ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING")),
+    Case("arriving-on-eth0-is-not-from-lo", FROM_LO, EXTERNAL, NODE_IP, 22, "ACCEPT", (), False,
+         ("KUBE-SERVICES", "KUBE-NODEPORTS")),
     Case("builtin-policy-drop", dump(filter_=FILTER, nat=NAT, policy={"filter FORWARD": "DROP"}),
          POD, CIP, 80, "DROP", (), False, ("KUBE-SERVICES", SVC, SEP1, SEP2, "KUBE-FORWARD")),
     Case("builtin-policy-drop-after-accept", dump(

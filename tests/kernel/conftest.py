@@ -18,29 +18,18 @@ import shutil
 import string
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kubeproxy import modes
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import python_env
 from kubeproxy.lab.runtime import Lab, UpOptions
-from kubeproxy.lab.state import Store
-
-NFTABLES_NOT_READY = "nftables data plane not built yet"
-SMOKE = """
-kind: Node
-metadata: {name: node-1}
-spec: {podCIDR: 10.244.1.0/24}
----
-kind: Service
-metadata: {name: s}
-spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
-"""
+from kubeproxy.lab.state import LabStore
 
 
 @functools.cache
@@ -67,33 +56,9 @@ def _core_runs(*argv: str) -> bool:
     return proc.returncode == 0
 
 
-@functools.cache
-def nftables_ready() -> bool:
-    """``apply --mode nftables --help`` always parses; rendering proves the mode exists."""
-    if not _core_runs("apply", "--mode", "nftables", "--help"):
-        return False
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
-        fh.write(SMOKE)
-        fh.flush()
-        return _core_runs(
-            "render", "-f", fh.name, "--mode", "nftables", "--hostname-override", "node-1"
-        )
-
-
-def _nft_marks() -> list[pytest.MarkDecorator]:
-    if skip_reason() is not None:
-        return []
-    return [] if nftables_ready() else [pytest.mark.skip(reason=NFTABLES_NOT_READY)]
-
-
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param("iptables", id="iptables"),
-        pytest.param("nftables", id="nftables", marks=_nft_marks()),
-    ],
-)
+@pytest.fixture(scope="module", params=modes.NAMES)
 def mode(request: pytest.FixtureRequest) -> str:
+    """Every registered mode: the lab's real-packet tests run once per mode."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -141,7 +106,7 @@ def _lab_namespaces() -> set[str]:
     return {ns for ns in Netns().list_namespaces("kpl-") if _mine(ns.split("-")[1])}
 
 
-LAB_DIR = str(Store("x").base) + "/"  # in the argv of a lab's API server and proxies
+LAB_DIR = str(LabStore("x").base) + "/"  # in the argv of a lab's API server and proxies
 
 
 def _lab_of(argv: list[str]) -> str | None:
@@ -190,7 +155,7 @@ def nothing_left_behind() -> Iterator[None]:
 
 
 def _test_lab_files() -> list[Path]:
-    base = Store("x").base
+    base = LabStore("x").base
     return (
         sorted(p for p in base.glob("kt*") if _mine(p.name.split(".")[0])) if base.exists() else []
     )

@@ -15,13 +15,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 
 from kubeproxy.config import ProxyConfig
 from kubeproxy.conntrack import stale_udp_flows
-from kubeproxy.dataplane.base import Result, SubprocessRunner
+from kubeproxy.dataplane.base import NetnsRunner, check
 from kubeproxy.dataplane.conntrack import ConntrackCleaner
 from kubeproxy.k8s import decode_objects
 from kubeproxy.nodeview import NodeView, build_node_view
@@ -65,17 +65,6 @@ for sport in (40001, 40002):
 """
 
 
-class NetnsRunner:
-    """Runs commands inside one namespace."""
-
-    def __init__(self, ns: str) -> None:
-        self.ns = ns
-        self.inner = SubprocessRunner(timeout=30)
-
-    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
-        return self.inner.run(["ip", "netns", "exec", self.ns, *argv], stdin)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
     name = "kpc-" + secrets.token_hex(4)
@@ -87,9 +76,7 @@ def netns() -> Iterator[str]:
 
 
 def in_ns(ns: str, *argv: str) -> str:
-    done = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
-                          check=True, timeout=30)
-    return done.stdout
+    return check(NetnsRunner(ns, timeout=30), argv)
 
 
 def udp_flows(ns: str) -> list[tuple[str, str]]:
@@ -127,7 +114,7 @@ def test_stale_udp_entries_are_deleted(netns: str) -> None:
     assert [str(f) for f in flows] == [
         "udp 172.30.0.10:53 -> 10.0.0.2 (ns1/dns:dns, endpoint-gone)",
         "udp *:30053 -> 10.0.0.2 (ns1/dns:dns, endpoint-gone)"]
-    cleaner = ConntrackCleaner(NetnsRunner(netns))
+    cleaner = ConntrackCleaner(NetnsRunner(netns, timeout=30))
     assert cleaner.delete(flows) == 2
     assert udp_flows(netns) == [("10.0.0.9:30053", "10.0.0.3"), ("172.30.0.10:53", "10.0.0.3")]
     assert cleaner.delete(flows) == 0  # nothing left to match: not an error

@@ -10,36 +10,24 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 
 from kubeproxy.config import ProxyConfig
-from kubeproxy.dataplane.base import DataPlaneError, Result
+from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
 from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Cluster, Family, NamespacedName, parse_cidr
 from kubeproxy.pipeline import render_iptables
 from kubeproxy.render.iptables import Ruleset
-from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
+from tests.builders import NODE, Obj, feature_cluster
 
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
 ]
 BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
-
-
-class NetnsRunner:
-    """Runs commands inside one network namespace (ip netns exec)."""
-
-    def __init__(self, ns: str) -> None:
-        self.ns = ns
-
-    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
-        done = subprocess.run(["ip", "netns", "exec", self.ns, *argv], input=stdin,
-                              capture_output=True, text=True, timeout=120, check=False)
-        return Result(done.returncode, done.stdout, done.stderr)
 
 
 @pytest.fixture
@@ -53,28 +41,6 @@ def netns() -> Iterator[NetnsRunner]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def cluster_objects(endpoints_svc2: int = 2, with_svc3: bool = True) -> list[Obj]:
-    objs: list[Obj] = [
-        node(ips=["192.168.0.2", "fd00::2"]),
-        service("svc1", sessionAffinity="ClientIP"),
-        endpoint_slice("svc1", [endpoint("10.180.0.1"), endpoint("10.180.1.1", node="n2")]),
-        service("svc2", "ns2", cluster_ip=["172.30.0.42", "fd00:30::42"], type="LoadBalancer",
-                ports=[("p80", 80, "TCP", 3001), ("dns", 53, "UDP", 3002)],
-                lb_ips=["5.6.7.8"], externalIPs=["192.168.99.22"],
-                externalTrafficPolicy="Local", healthCheckNodePort=30000,
-                loadBalancerSourceRanges=["203.0.113.0/25"]),
-        endpoint_slice("svc2", [endpoint(f"10.180.0.{10 + i}") for i in range(endpoints_svc2)],
-                       "ns2", ports=[("p80", 8080, "TCP"), ("dns", 5353, "UDP")]),
-        endpoint_slice("svc2", [endpoint("fd00:180::10")], "ns2", name="svc2-v6",
-                       family="IPv6", ports=[("p80", 8080, "TCP"), ("dns", 5353, "UDP")]),
-        service("svc4", "ns4", cluster_ip="172.30.0.44"),  # no endpoints: REJECT
-    ]
-    if with_svc3:
-        objs += [service("svc3", "ns3", cluster_ip="172.30.0.43", internalTrafficPolicy="Local",
-                         ports=[("s", 9000, "SCTP", 0)]),
-                 endpoint_slice("svc3", [endpoint("10.180.0.3")], "ns3",
-                                ports=[("s", 9000, "SCTP")])]
-    return objs
 
 
 def render(objs: list[Obj]) -> dict[Family, Ruleset]:
@@ -116,7 +82,7 @@ def chains_of(lines: list[str]) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_sync_reads_back_as_rendered(netns: NetnsRunner, backend: Backend) -> None:
-    rulesets = render(cluster_objects())
+    rulesets = render(feature_cluster())
     for family, ruleset in rulesets.items():
         IptablesDataPlane(netns, family, backend).sync(ruleset)
         want = tables(ruleset.save_text())
@@ -129,11 +95,11 @@ def test_full_sync_reads_back_as_rendered(netns: NetnsRunner, backend: Backend) 
 def test_partial_sync_touches_only_the_changed_service(netns: NetnsRunner,
                                                        backend: Backend) -> None:
     plane = IptablesDataPlane(netns, 4, backend)
-    plane.sync(render(cluster_objects())[4])
+    plane.sync(render(feature_cluster())[4])
     before = chains_of(readback(netns, 4, backend)["nat"])
 
     # svc2 loses an endpoint and svc3 disappears; svc1 is unchanged.
-    after_rs = render(cluster_objects(endpoints_svc2=1, with_svc3=False))[4]
+    after_rs = render(feature_cluster(endpoints_svc2=1, with_svc3=False))[4]
     changed = {NamespacedName("ns2", "svc2"), NamespacedName("ns3", "svc3")}
     stats = plane.sync(after_rs, changed)
     after = chains_of(readback(netns, 4, backend)["nat"])
@@ -151,9 +117,9 @@ def test_partial_sync_touches_only_the_changed_service(netns: NetnsRunner,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_sync_removes_chains_it_did_not_write(netns: NetnsRunner, backend: Backend) -> None:
-    IptablesDataPlane(netns, 4, backend).sync(render(cluster_objects())[4])
+    IptablesDataPlane(netns, 4, backend).sync(render(feature_cluster())[4])
     fresh = IptablesDataPlane(netns, 4, backend)  # a restarted proxy
-    smaller = render(cluster_objects(with_svc3=False))[4]
+    smaller = render(feature_cluster(with_svc3=False))[4]
     fresh.sync(smaller)
     assert readback(netns, 4, backend)["nat"] == tables(smaller.save_text())["nat"]
 
@@ -161,9 +127,9 @@ def test_full_sync_removes_chains_it_did_not_write(netns: NetnsRunner, backend: 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_failed_restore_keeps_previous_rules(netns: NetnsRunner, backend: Backend) -> None:
     plane = IptablesDataPlane(netns, 4, backend)
-    good = render(cluster_objects())[4]
+    good = render(feature_cluster())[4]
     plane.sync(good)
-    broken = render(cluster_objects(endpoints_svc2=1))[4]
+    broken = render(feature_cluster(endpoints_svc2=1))[4]
     chain = next(c for c in broken.tables["nat"] if c.startswith("KUBE-SVC-"))
     broken.tables["nat"][chain].append(f"-A {chain} -j KUBE-NO-SUCH-CHAIN")
     with pytest.raises(DataPlaneError, match="restore"):
@@ -174,7 +140,7 @@ def test_failed_restore_keeps_previous_rules(netns: NetnsRunner, backend: Backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cleanup_leaves_nothing(netns: NetnsRunner, backend: Backend) -> None:
-    for family, ruleset in render(cluster_objects()).items():
+    for family, ruleset in render(feature_cluster()).items():
         IptablesDataPlane(netns, family, backend).sync(ruleset)
     # Someone else's chain in the same table must survive our cleanup.
     netns.run([f"iptables-{backend}", "-t", "nat", "-N", "OTHER-CHAIN"])
@@ -190,5 +156,5 @@ def test_detect_backend_prefers_the_one_in_use(netns: NetnsRunner) -> None:
     from kubeproxy.dataplane.iptables import detect_backend
 
     assert detect_backend(netns) == "nft"  # nothing anywhere: nft, as iptables-wrapper
-    IptablesDataPlane(netns, 4, "legacy").sync(render(cluster_objects())[4])
+    IptablesDataPlane(netns, 4, "legacy").sync(render(feature_cluster())[4])
     assert detect_backend(netns) == "legacy"

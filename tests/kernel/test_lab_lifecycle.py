@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kubeproxy.lab import diagram
 from kubeproxy.lab.errors import CommandError
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.processes import python_env
@@ -70,13 +70,36 @@ def test_cli_round_trip_and_labs_side_by_side(
     svg = tmp_path / "lab.svg"
     drawn = lab_cli("diagram", "--name", first, "-o", str(svg))
     assert drawn.returncode == 0, drawn.stderr
-    assert "my-service" in ET.tostring(ET.parse(svg).getroot(), encoding="unicode")
+    _assert_diagram_reaches_seed_pods(Lab(first), svg.read_text())
     # Taking one lab down leaves the other working.
     assert lab_cli("down", "--name", first).returncode == 0
     assert lab_cli("status", "--name", first).returncode == 1
     still = lab_cli("probe", "--name", second, "--from", "my-app-1", "--to", "my-service",
                     "--port", "80", "-n", "10", "--json")  # fmt: skip
     assert json.loads(still.stdout)["ok"] == 10
+
+
+def _assert_diagram_reaches_seed_pods(lab: Lab, svg: str) -> None:
+    """Every ready endpoint the lab's API holds for the seed's Services is a Pod the
+    drawn graph reaches from the Service's frontends (pods -> ClusterIP, outside ->
+    NodePort)."""
+    boxes, edges = diagram.boxes_of(svg), diagram.edges_of(svg)
+    for service, kind in (("my-service", "ClusterIP"), ("my-service-nodeport", "NodePort")):
+        ips = {addr for s in lab.slices()
+               if s["metadata"]["labels"].get("kubernetes.io/service-name") == service
+               for ep in s.get("endpoints") or [] if (ep.get("conditions") or {}).get("ready")
+               for addr in ep["addresses"]}
+        assert len(ips) == 3, ips  # the seed's three pods
+        client = diagram.PODS_CLIENT if kind == "ClusterIP" else diagram.EXTERNAL_CLIENT
+        fronts = [k for k, b in boxes.items() if b.data.get("frontend") == kind
+                  and b.data.get("service") == f"default/{service}:http"]
+        assert len(fronts) == 1, fronts
+        assert fronts[0] in diagram.reachable(edges, client)
+        reached = diagram.reachable(edges, fronts[0], skip=(diagram.LOCAL_SOURCE,))
+        drawn_pods = {boxes[k].data["ip"]: boxes[k].data.get("pod") for k in reached
+                      if boxes[k].data["kind"] == "pod"}
+        assert set(drawn_pods) == ips, (service, drawn_pods)
+        assert all(drawn_pods.values()), drawn_pods  # each is a lab Pod
 
 
 def test_cli_errors_are_one_line_and_exit_1() -> None:

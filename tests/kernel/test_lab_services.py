@@ -1,6 +1,10 @@
 """One node, many Services: the core's packet-flow table again, with real packets.
 
-Each row is "from SOURCE to TARGET:PORT reaches {pods}, seen as CLIENT" or a failure kind.
+Each row is "from SOURCE to TARGET:PORT reaches {pods}, seen as CLIENT", or "... gets
+FAILURE" where FAILURE is the probe's failure kind (kubeproxy.lab.probe): ``refused`` is
+what a REJECT sends back (ICMP port-unreachable), ``timeout`` is a DROP (no answer at all).
+A failure row asserts every request failed that one way, so a REJECT that became a DROP
+(or the other way round) fails the test.
 The lab is shared by the module (one per mode); no test here changes it.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from kubeproxy.lab.probe import ProbeResult
 from kubeproxy.lab.runtime import Lab
 from tests.kernel.conftest import MakeLab
 
@@ -16,6 +21,7 @@ pytestmark = pytest.mark.kernel
 WEB = ["web-1", "web-2", "web-3"]
 NODE_GW = "10.244.1.1"  # node-1's cbr0: the masquerade source towards its pods
 CLIENT = "10.244.1.5"  # pod "client" (web-1..3 are .2-.4)
+WEB_1 = "10.244.1.2"  # pod web-1
 OUTSIDE, BLOCKED = "203.0.113.2", "203.0.113.130"
 
 PODS = "".join(
@@ -99,7 +105,32 @@ kind: Service
 metadata: {{name: empty}}
 spec:
   selector: {{app: nothing}}
-  ports: [{{port: 80, targetPort: 8080}}]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}
+---
+# externalTrafficPolicy=Local with an endpoint, but on another node (node-2 is not in the
+# lab: the slice is hand-written): node-1 has no local endpoint, so external traffic is
+# dropped there (upstream: DROP, not REJECT, because the Service does have endpoints),
+# while cluster-internal traffic still reaches the endpoint (web-1's address).
+kind: Service
+metadata: {{name: local-elsewhere}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30090}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: local-elsewhere-1
+  labels: {{kubernetes.io/service-name: local-elsewhere}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- addresses: [{WEB_1}]
+  conditions: {{ready: true}}
+  nodeName: node-2
 """
 
 
@@ -117,6 +148,7 @@ REACHES = [
     ("nodeport-from-outside", "external", "node-1", 30080, "tcp", WEB, [NODE_GW]),
     ("external-ip-from-outside", "external", "192.168.99.10", 80, "tcp", WEB, [NODE_GW]),
     ("lb-ip-allowed-source", "external", "1.2.3.4", 80, "tcp", WEB, [NODE_GW]),
+    ("etp-local-elsewhere", "client", "local-elsewhere", 80, "tcp", ["web-1"], [CLIENT]),
 ]
 
 
@@ -139,17 +171,46 @@ def test_reaches(
     assert list(result.client_addresses) == clients
 
 
-def test_no_endpoints_is_refused(lab: Lab) -> None:
-    result = lab.probe("client", "empty", 80, n=3, timeout=0.5)
-    assert (result.ok, result.refused) == (0, 3), result
+# (id, from, source address or None, to, port, proto, failure kind expected)
+FAILS = [
+    # No endpoints at all: REJECT, from a pod (FORWARD) and from the node itself (OUTPUT).
+    ("no-endpoints-from-pod", "client", None, "empty", 80, "tcp", "refused"),
+    ("no-endpoints-from-node", "node-1", None, "empty", 80, "tcp", "refused"),
+    ("no-endpoints-udp", "client", None, "empty", 53, "udp", "refused"),
+    # loadBalancerSourceRanges: a client outside them is dropped.
+    ("lb-ip-blocked-source", "external", BLOCKED, "1.2.3.4", 80, "tcp", "timeout"),
+    # externalTrafficPolicy=Local, endpoints elsewhere only: external traffic is dropped.
+    ("etp-local-no-local-endpoint", "external", None, "node-1", 30090, "tcp", "timeout"),
+]
 
 
-def test_source_ranges_drop_a_blocked_client(lab: Lab) -> None:
+@pytest.mark.parametrize(
+    ("source", "source_ip", "target", "port", "proto", "kind"),
+    [f[1:] for f in FAILS],
+    ids=[f[0] for f in FAILS],
+)
+def test_fails(
+    lab: Lab,
+    source: str,
+    source_ip: str | None,
+    target: str,
+    port: int,
+    proto: str,
+    kind: str,
+) -> None:
+    result = lab.probe(source, target, port, proto=proto, n=3, timeout=0.5, source_ip=source_ip)
+    assert (result.ok, result.failures()) == (0, failures(kind, 3)), result
+
+
+def failures(kind: str, n: int) -> dict[str, int]:
+    """The probe's failure counts when all n requests failed as ``kind``."""
+    return {k: n if k == kind else 0 for k in ProbeResult(0, 0).failures()}
+
+
+def test_source_ranges_guard_the_lb_ip_only(lab: Lab) -> None:
     allowed = lab.probe("external", "1.2.3.4", 80, n=5, source_ip=OUTSIDE)
     assert allowed.ok == 5, allowed
-    blocked = lab.probe("external", "1.2.3.4", 80, n=3, timeout=0.5, source_ip=BLOCKED)
-    assert (blocked.ok, blocked.timeout) == (0, 3), blocked
-    # Source ranges guard the LB IP only, not the node port of the same Service.
+    # The blocked client (dropped at the LB IP, see FAILS) reaches the Service's node port.
     node_port = lab.service("web-lb")["spec"]["ports"][0]["nodePort"]
     via_node_port = lab.probe("external", "node-1", node_port, n=5, source_ip=BLOCKED)
     assert via_node_port.ok == 5, via_node_port
@@ -162,6 +223,12 @@ def test_session_affinity_keeps_one_client_on_one_pod(lab: Lab) -> None:
     assert again.backends == {next(iter(result.backends)): 10}
 
 
-def test_unused_port_of_a_cluster_ip_gets_no_answer(lab: Lab) -> None:
+# Upstream's nftables proxier rejects traffic to a ClusterIP port no Service has
+# (cluster-ips-check); its iptables proxier leaves it alone, so the node routes it onto
+# the lab network, where no one answers (ARP for the ClusterIP fails after ~3 s).
+UNUSED_PORT = {"nftables": "refused", "iptables": "timeout"}
+
+
+def test_unused_port_of_a_cluster_ip(lab: Lab, mode: str) -> None:
     result = lab.probe("client", "web", 81, n=2, timeout=0.5)
-    assert result.ok == 0, result
+    assert (result.ok, result.failures()) == (0, failures(UNUSED_PORT[mode], 2)), result

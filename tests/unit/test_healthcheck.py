@@ -40,8 +40,8 @@ WEB = NamespacedName("ns1", "web")
 
 def lb(name: str = "web", hc_port: int = 32000, etp: str = "Local", ns: str = "ns1",
        **extra: Any) -> Obj:
-    return service(name, ns, type="LoadBalancer", lb_ips=["198.51.100.7"],
-                   ports=[("http", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)],
+    extra = {"type": "LoadBalancer", "lb_ips": ["198.51.100.7"], **extra}
+    return service(name, ns, ports=[("http", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)],
                    externalTrafficPolicy=etp, healthCheckNodePort=hc_port, **extra)
 
 
@@ -70,6 +70,10 @@ CASES = [
     Case("no endpoints at all", [lb()], {32000: ("ns1/web", 0)}),
     Case("externalTrafficPolicy Cluster: no health check",
          [lb(etp="Cluster", hc_port=0), pods("web", endpoint("10.180.0.1"))], {}),
+    Case("externalTrafficPolicy Cluster: a leftover healthCheckNodePort is not served",
+         [lb(etp="Cluster"), pods("web", endpoint("10.180.0.1"))], {}),
+    Case("NodePort with externalTrafficPolicy Local: only load balancers are checked",
+         [lb(type="NodePort", lb_ips=None), pods("web", endpoint("10.180.0.1"))], {}),
     Case("not-ready local endpoint does not count",
          [lb(), pods("web", endpoint("10.180.0.1", ready=False),
                      endpoint("10.180.1.1", "node2"))], {32000: ("ns1/web", 0)}),
@@ -194,7 +198,7 @@ class ViewProxier:
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
         self.views = {4: build_node_view(cluster, self.config, 4)}
-        return SyncReport()
+        return SyncReport(views=self.views)  # the daemon follows the views a sync wrote
 
 
 def replaces(objs: list[Obj]) -> list[Replace]:

@@ -11,19 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kubeproxy.apiserver.server import ApiServer, ServerConfig
-from kubeproxy.lab import objects, topology
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab import layout, objects
 from kubeproxy.lab.agent import Agent
 from kubeproxy.lab.api import LabApi
 from kubeproxy.lab.manifest import SERVICE_NAME_LABEL, load_documents, parse_objects
 from kubeproxy.lab.netns import Netns
-from kubeproxy.lab.state import LabState, Store
-
-JSON = dict[str, Any]
+from kubeproxy.lab.state import LabState, LabStore
 
 LAB = """
 kind: Node
@@ -68,7 +66,7 @@ class Harness:
     def __init__(self, tmp: Path) -> None:
         self.server = ApiServer(ServerConfig(bookmark_interval=0.05, reap_interval=0.05)).start()
         self.api = LabApi(self.server.url)
-        plan = topology.plan("u", parse_objects(load_documents([("lab", LAB)])))
+        plan = layout.plan("u", parse_objects(load_documents([("lab", LAB)])))
         bodies, _ = objects.api_objects(plan, [])
         for body in bodies:
             self.api.create(body)
@@ -78,7 +76,7 @@ class Harness:
             nodes=plan.nodes, external=plan.external,
         )  # fmt: skip
         self.ip = FakeIp()
-        self.agent = Agent(Store("u", tmp), self.state, self.api, Netns(self.ip), lambda p: None)
+        self.agent = Agent(LabStore("u", tmp), self.state, self.api, Netns(self.ip), lambda p: None)
         self.agent.start()
         self.settle()
 

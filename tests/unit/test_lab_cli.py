@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from kubeproxy.lab import topology
+from kubeproxy.lab import layout
 from kubeproxy.lab.cli import add_lab_parser
 from kubeproxy.lab.errors import LabStateError
 from kubeproxy.lab.manifest import load_documents, parse_objects
-from kubeproxy.lab.state import LabState, Processes, Store
+from kubeproxy.lab.state import LabState, LabStore, Processes
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -58,8 +58,8 @@ def test_bad_values_are_usage_errors() -> None:
 
 
 def test_store_round_trip(tmp_path: Path) -> None:
-    store = Store("s1", tmp_path)
-    plan = topology.plan(
+    store = LabStore("s1", tmp_path)
+    plan = layout.plan(
         "s1", parse_objects(load_documents([("t", "kind: Node\nmetadata: {name: node-1}\n")]))
     )
     with pytest.raises(LabStateError, match="not up"):

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.controller import (
     CONTROLLER_NAME,
     MANAGED_BY_LABEL,
@@ -13,8 +14,6 @@ from kubeproxy.lab.controller import (
     endpoint_slices,
 )
 from kubeproxy.lab.manifest import Node, Pod, Service, parse_node, parse_pod, parse_service
-
-JSON = dict[str, Any]
 
 
 def pod(

@@ -1,114 +1,301 @@
-"""The lab diagram: rules text -> graph -> SVG, for both modes."""
+"""The lab diagram, drawn from real node views of lab clusters, read back as a graph.
+
+Each case is a small lab cluster (the seed and a few policies), planned and given its
+EndpointSlices exactly as a running lab would (layout.plan, objects.api_objects, the
+endpoint controller), turned into the node's views by the same code `lab diagram` uses
+(nodeviews.views_of), drawn in every mode, and then checked on the SVG itself: which
+Pods (or verdicts) each frontend reaches along the drawn edges, and that every chain
+label is a chain the mode's renderer really writes.
+"""
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from kubeproxy.lab import diagram, topology
+import pytest
+
+from kubeproxy import modes
+from kubeproxy.config import LBAlgorithm
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab import controller, diagram, layout, nodeviews, objects
+from kubeproxy.lab.controller import PodStatus
 from kubeproxy.lab.manifest import load_documents, parse_objects
+from kubeproxy.lab.state import LabState
+from kubeproxy.nodeview import NodeView, Route
 
-IPTABLES = """\
-*filter
-:KUBE-SERVICES - [0:0]
--A KUBE-SERVICES -d 10.96.0.12/32 -p tcp -m comment --comment "default/empty:http has no endpoints" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable
-COMMIT
-*nat
-:KUBE-SERVICES - [0:0]
--A KUBE-EXT-B23 -m comment --comment "masquerade traffic for default/np:http external destinations" -j KUBE-MARK-MASQ
--A KUBE-EXT-B23 -j KUBE-SVC-B23
--A KUBE-NODEPORTS -p tcp -m comment --comment "default/np:http" -m tcp --dport 30080 -j KUBE-EXT-B23
--A KUBE-SEP-AAA -s 10.244.1.2/32 -m comment --comment "default/np:http" -j KUBE-MARK-MASQ
--A KUBE-SEP-AAA -p tcp -m comment --comment "default/np:http" -m tcp -j DNAT --to-destination 10.244.1.2:8080
--A KUBE-SEP-BBB -p tcp -m comment --comment "default/np:http" -m tcp -j DNAT --to-destination 10.244.1.99:8080
--A KUBE-SERVICES -d 10.96.0.11/32 -p tcp -m comment --comment "default/np:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-B23
--A KUBE-SERVICES -d 192.168.99.10/32 -p tcp -m comment --comment "default/np:http external IP" -m tcp --dport 80 -j KUBE-EXT-B23
--A KUBE-SVC-B23 ! -s 10.244.0.0/16 -d 10.96.0.11/32 -p tcp -m comment --comment "default/np:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
--A KUBE-SVC-B23 -m comment --comment "default/np:http -> 10.244.1.2:8080" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-AAA
--A KUBE-SVC-B23 -m comment --comment "default/np:http -> 10.244.1.99:8080" -j KUBE-SEP-BBB
-COMMIT
-"""  # noqa: E501
+SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
 
-NFTABLES = """\
-table ip kube-proxy {
-	map service-ips {
-		type ipv4_addr . inet_proto . inet_service : verdict
-		elements = { 10.96.0.11 . tcp . 80 : goto service-ULMVA6XW-default/np/tcp/http,
-			192.168.99.10 . tcp . 80 : goto external-ULMVA6XW-default/np/tcp/http }
-	}
-	map service-nodeports {
-		type inet_proto . inet_service : verdict
-		elements = { tcp . 30080 : goto external-ULMVA6XW-default/np/tcp/http }
-	}
-	chain external-ULMVA6XW-default/np/tcp/http {
-		jump mark-for-masquerade
-		goto service-ULMVA6XW-default/np/tcp/http
-	}
-	chain service-ULMVA6XW-default/np/tcp/http {
-		ip daddr 10.96.0.11 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-		numgen random mod 2 vmap { 0 : goto endpoint-5OJB2KTY-default/np/tcp/http__10.244.1.2/8080, 1 : goto endpoint-ZZZZZZZZ-default/np/tcp/http__10.244.1.99/8080 }
-	}
-	chain endpoint-5OJB2KTY-default/np/tcp/http__10.244.1.2/8080 {
-		ip saddr 10.244.1.2 jump mark-for-masquerade
-		meta l4proto tcp dnat to 10.244.1.2:8080
-	}
-	chain endpoint-ZZZZZZZZ-default/np/tcp/http__10.244.1.99/8080 {
-		meta l4proto tcp dnat to 10.244.1.99:8080
-	}
+
+def nodes(*names: str) -> str:
+    return "".join(f"---\nkind: Node\nmetadata: {{name: {n}}}\n" for n in names)
+
+
+def pod(name: str, node: str, app: str = "web") -> str:
+    return (f"---\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\n"
+            f"spec: {{nodeName: {node}, containers: []}}\n")
+
+
+def service(name: str, spec: str, app: str = "web") -> str:
+    return (f"---\nkind: Service\nmetadata: {{name: {name}}}\n"
+            f"spec: {{selector: {{app: {app}}}, ports: [{{name: http, port: 80, "
+            f"targetPort: 8080}}], {spec}}}\n")
+
+
+WEB_PODS = pod("web-1", "node-1") + pod("web-2", "node-2") + pod("web-3", "node-2")
+ALL = frozenset({"default/web-1", "default/web-2", "default/web-3"})
+ON_NODE_1 = frozenset({"default/web-1"})
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    manifest: str
+    node: str = "node-1"
+    not_ready: frozenset[str] = frozenset()  # Pod keys whose kubelet says not Ready
+    # (service name, frontend kind) -> what external (or pod) traffic reaches: Pod keys,
+    # "REJECT" or "DROP". Every frontend of the cluster must be listed.
+    reaches: Mapping[tuple[str, str], frozenset[str]] = field(default_factory=dict)
+
+
+CASES = (
+    Case("seed", SEED.read_text(), reaches={
+        ("my-service", "ClusterIP"): frozenset(
+            {"default/my-app-1", "default/my-app-2", "default/my-app-3"}),
+        ("my-service-nodeport", "ClusterIP"): frozenset(
+            {"default/my-app-1", "default/my-app-2", "default/my-app-3"}),
+        ("my-service-nodeport", "NodePort"): frozenset(
+            {"default/my-app-1", "default/my-app-2", "default/my-app-3"}),
+    }),
+    Case("not ready pod is not drawn",
+         nodes("node-1", "node-2") + WEB_PODS + service("web", "type: ClusterIP"),
+         not_ready=frozenset({"default/web-3"}),
+         reaches={("web", "ClusterIP"): frozenset({"default/web-1", "default/web-2"})}),
+    Case("eTP=Local, node with a local endpoint",
+         nodes("node-1", "node-2") + WEB_PODS
+         + service("web", "type: NodePort, externalTrafficPolicy: Local"),
+         reaches={("web", "ClusterIP"): ALL, ("web", "NodePort"): ON_NODE_1}),
+    Case("eTP=Local, node without local endpoints drops",
+         nodes("node-1", "node-2", "node-3") + WEB_PODS
+         + service("web", "type: NodePort, externalTrafficPolicy: Local"),
+         node="node-3",
+         reaches={("web", "ClusterIP"): ALL, ("web", "NodePort"): frozenset({"DROP"})}),
+    Case("iTP=Local",
+         nodes("node-1", "node-2") + WEB_PODS
+         + service("web", "type: ClusterIP, internalTrafficPolicy: Local"),
+         reaches={("web", "ClusterIP"): ON_NODE_1}),
+    Case("no endpoints rejects",
+         nodes("node-1") + pod("web-1", "node-1")
+         + service("web", "type: NodePort, externalIPs: [192.168.99.10]")
+         + service("nothing", "type: NodePort", app="none"),
+         reaches={("web", "ClusterIP"): ON_NODE_1, ("web", "NodePort"): ON_NODE_1,
+                  ("web", "External"): ON_NODE_1,
+                  ("nothing", "ClusterIP"): frozenset({"REJECT"}),
+                  ("nothing", "NodePort"): frozenset({"REJECT"})}),
+    Case("source ranges: firewall, then the pods",
+         nodes("node-1", "node-2") + WEB_PODS
+         + service("web", "type: LoadBalancer, loadBalancerSourceRanges: [203.0.113.0/24]"),
+         reaches={("web", "ClusterIP"): ALL, ("web", "NodePort"): ALL,
+                  ("web", "LoadBalancer"): ALL | {"DROP"}}),
+    Case("external IPs",
+         nodes("node-1", "node-2") + WEB_PODS
+         + service("web", "type: ClusterIP, externalIPs: [192.168.99.10, 192.168.99.11]"),
+         reaches={("web", "ClusterIP"): ALL, ("web", "External"): ALL}),
+)
+
+
+def lab_cluster(case: Case) -> tuple[layout.Plan, list[JSON]]:
+    """The plan, and what the lab's API server would hold for it (Services with their
+    LoadBalancer status, Nodes, the endpoint controller's slices)."""
+    docs = load_documents([(case.name, case.manifest)])
+    plan = layout.plan("d", parse_objects(docs))
+    bodies, statuses = objects.api_objects(plan, docs)
+    lb_status = {(objects.namespace_of(s), s["metadata"]["name"]): s["status"]
+                 for s in statuses}
+    out: list[JSON] = []
+    for body in bodies:
+        key = (objects.namespace_of(body), (body.get("metadata") or {}).get("name"))
+        if body["kind"] == "Service" and key in lb_status:
+            body = {**body, "status": lb_status[key]}
+        out.append(body)
+    status = {key: PodStatus(ready=False) for key in case.not_ready}
+    o = plan.objects
+    out += controller.endpoint_slices(o.services, o.pods, o.nodes, status)
+    return plan, out
+
+
+def lab_state(plan: layout.Plan, mode: str) -> LabState:
+    return LabState(name=plan.lab, mode=mode, lb_algorithm="random",
+                    cluster_cidr=plan.cluster_cidr, service_cidr=plan.service_cidr,
+                    external_node=None, switch_ns=plan.switch_ns, nodes=plan.nodes,
+                    external=plan.external)
+
+
+def lab_views(case: Case, mode: str) -> tuple[layout.Plan, list[NodeView]]:
+    plan, objs = lab_cluster(case)
+    config = nodeviews.proxy_config(lab_state(plan, mode), case.node)
+    return plan, nodeviews.views_of(objs, config)
+
+
+def draw(case: Case, mode: str) -> tuple[str, list[NodeView]]:
+    plan, views = lab_views(case, mode)
+    names = modes.get(mode).chain_names
+    return diagram.render(plan, views, names, node=case.node, mode=mode), views
+
+
+def terminals(svg: str, start: str, *, external: bool) -> set[str]:
+    """Pod keys (or IPs) and verdicts reachable from a box; external traffic does not
+    take the edges only pods and the node take."""
+    boxes, edges = diagram.boxes_of(svg), diagram.edges_of(svg)
+    skip = (diagram.LOCAL_SOURCE,) if external else ()
+    out = set()
+    for key in diagram.reachable(edges, start, skip=skip):
+        data = boxes[key].data
+        if data["kind"] == "pod":
+            out.add(data.get("pod", data["ip"]))
+        elif data["kind"] == "verdict":
+            out.add(data["verdict"])
+    return out
+
+
+MODES = modes.NAMES
+CASE_IDS = [c.name for c in CASES]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_frontends_reach_what_the_policy_says(case: Case, mode: str) -> None:
+    svg, _ = draw(case, mode)
+    boxes = diagram.boxes_of(svg)
+    found: dict[tuple[str, str], set[str]] = {}
+    for key, box in boxes.items():
+        if box.data["kind"] != "frontend":
+            continue
+        svc = box.data["service"].split("/")[1].split(":")[0]
+        kind = box.data["frontend"]
+        got = terminals(svg, key, external=kind != "ClusterIP")
+        # Several frontends of one kind (two external IPs) must agree.
+        assert found.setdefault((svc, kind), got) == got, key
+    assert found == case.reaches
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_ready_endpoint_is_reachable_from_its_frontends(case: Case, mode: str) -> None:
+    """Whatever the case: each frontend reaches every endpoint its route's chain holds,
+    and clients reach their frontends."""
+    svg, views = draw(case, mode)
+    boxes, edges = diagram.boxes_of(svg), diagram.edges_of(svg)
+    from_pods = diagram.reachable(edges, diagram.PODS_CLIENT)
+    from_outside = diagram.reachable(edges, diagram.EXTERNAL_CLIENT,
+                                     skip=(diagram.LOCAL_SOURCE,))
+    for view in views:
+        for spv in view.services:
+            svc = str(spv.name)
+            fronts = {k: b.data["frontend"] for k, b in boxes.items()
+                      if b.data.get("service") == svc and b.data["kind"] == "frontend"}
+            assert sorted(fronts.values()).count("ClusterIP") == 1
+            for key, kind in fronts.items():
+                route = spv.internal if kind == "ClusterIP" else spv.external
+                eps = {Route.CLUSTER: spv.cluster_endpoints,
+                       Route.LOCAL: spv.local_endpoints}.get(route, ())
+                assert eps or route in (Route.DROP, Route.REJECT)
+                reached = diagram.reachable(edges, key, skip=(diagram.LOCAL_SOURCE,))
+                for ep in eps:
+                    assert ep.ready and f"pod:{ep.addr}" in reached, (key, ep)
+                assert key in (from_pods if kind == "ClusterIP" else from_outside)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_service_without_endpoints_reaches_reject_and_no_pod(mode: str) -> None:
+    case = next(c for c in CASES if c.name == "no endpoints rejects")
+    svg, _ = draw(case, mode)
+    boxes, edges = diagram.boxes_of(svg), diagram.edges_of(svg)
+    starts = [k for k, b in boxes.items() if b.data.get("service") == "default/nothing:http"
+              and b.data["kind"] == "frontend"]
+    assert len(starts) == 2  # ClusterIP and NodePort
+    for start in starts:
+        reached = {boxes[k].data["kind"] for k in diagram.reachable(edges, start)}
+        assert "verdict:REJECT" in diagram.reachable(edges, start)
+        assert "pod" not in reached and "chain" not in reached
+
+
+# How each mode's text output (`kubeproxy render`) declares a chain.
+CHAIN_DECLARATION = {
+    "iptables": re.compile(r"^:(\S+) ", re.M),  # iptables-save: ":KUBE-SVC-X - [0:0]"
+    "nftables": re.compile(r"^\tchain (\S+) \{", re.M),  # nft -f: "chain service-X {"
 }
-"""  # noqa: E501
-
-LAB = "kind: Pod\nmetadata: {name: web, labels: {app: web}}\nspec: {containers: []}\n"
-
-
-def lab_plan() -> topology.Plan:
-    return topology.plan("d", parse_objects(load_documents([("t", LAB)])))
+# Per-endpoint chains each mode writes per service port and endpoint (the seed has
+# two ports of three endpoints each).
+CHAINS_PER_ENDPOINT = {"iptables": 1, "nftables": 0}
 
 
-def test_iptables_graph() -> None:
-    g = diagram.parse_iptables(IPTABLES, "10.96.0.0/16")
-    fronts = {(f.label, f.kind, f.target) for f in g.frontends}
-    assert fronts == {
-        ("10.96.0.11:80/tcp", "ClusterIP", "KUBE-SVC-B23"),
-        ("192.168.99.10:80/tcp", "External", "KUBE-EXT-B23"),
-        ("NodePort 30080/tcp", "NodePort", "KUBE-EXT-B23"),
-        ("10.96.0.12:80/tcp", "ClusterIP", "REJECT"),
-    }
-    svc = g.chains["KUBE-SVC-B23"]
-    assert svc.edges == [("KUBE-SEP-AAA", "p=0.50"), ("KUBE-SEP-BBB", "")]
-    assert svc.masquerade == "masq. if from outside cluster"
-    assert g.chains["KUBE-SEP-AAA"].masquerade == "masq. if hairpin"
-    assert g.chains["KUBE-SEP-AAA"].dnat == ["10.244.1.2:8080"]
-    assert g.chains["KUBE-EXT-B23"].note == "default/np:http"
+def rendered_chains(mode: str, views: list[NodeView], node: str) -> set[str]:
+    """Chain names in the mode's real output (iptables-save / nft -f text)."""
+    m = modes.get(mode)
+    return set(CHAIN_DECLARATION[mode].findall(m.text(m.render(views), node)))
 
 
-def test_nftables_graph_matches_iptables_shape() -> None:
-    g = diagram.parse_nftables(NFTABLES, "10.96.0.0/16")
-    kinds = sorted((f.label, f.kind) for f in g.frontends)
-    assert kinds == [
-        ("10.96.0.11:80/tcp", "ClusterIP"),
-        ("192.168.99.10:80/tcp", "External"),
-        ("NodePort 30080/tcp", "NodePort"),
-    ]
-    svc = g.chains["service-ULMVA6XW-default/np/tcp/http"]
-    assert [t for t, _ in svc.edges] == [
-        "endpoint-5OJB2KTY-default/np/tcp/http__10.244.1.2/8080",
-        "endpoint-ZZZZZZZZ-default/np/tcp/http__10.244.1.99/8080",
-    ]
-    assert svc.note == "default/np:http"
-    ep = g.chains["endpoint-5OJB2KTY-default/np/tcp/http__10.244.1.2/8080"]
-    assert ep.dnat == ["10.244.1.2:8080"] and ep.masquerade == "masq. if hairpin"
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_chain_labels_are_the_renderers_names(case: Case, mode: str) -> None:
+    svg, views = draw(case, mode)
+    real = rendered_chains(mode, views, case.node)
+    chains = [b for b in diagram.boxes_of(svg).values() if b.data["kind"] == "chain"]
+    assert chains
+    for box in chains:
+        name = box.data["chain"]
+        assert name in real
+        assert box.id == f"chain:{name}"
+        assert box.title == name
+        # The label: the name on one line, or split after its hash over two (cut with
+        # "..." only when even that does not fit).
+        shown = box.lines[0] if box.lines[0] == name else "".join(box.lines[:2])
+        assert shown == name or (shown.endswith("...")
+                                 and name.startswith(shown.removesuffix("..."))), box.lines
 
 
-def test_svg_is_well_formed_and_names_pods() -> None:
-    for mode, rules in (("iptables", IPTABLES), ("nftables", NFTABLES)):
-        svg = diagram.render(lab_plan(), rules, mode=mode, node="node-1")
-        root = ET.fromstring(svg)
-        texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
-        assert "default/web" in texts  # 10.244.1.2 is the lab's pod
-        assert "10.244.1.99" in texts  # not a lab pod: shown as an address
-        assert "NodePort 30080/tcp" in texts
-        assert any("Service frontends" in t for t in texts)
+@pytest.mark.parametrize("mode", MODES)
+def test_diagram_draws_the_chains_the_mode_writes(mode: str) -> None:
+    """Seed: the drawn chain set is exactly the per-service chains rendered."""
+    case = CASES[0]
+    svg, views = draw(case, mode)
+    drawn = {b.data["chain"] for b in diagram.boxes_of(svg).values()
+             if b.data["kind"] == "chain"}
+    names = modes.get(mode).chain_names
+    assert drawn == {c for view in views for spv in view.services for c in names(spv).all()}
+    roles = sorted(b.data["role"] for b in diagram.boxes_of(svg).values()
+                   if b.data["kind"] == "chain")
+    per_endpoint = ["endpoint"] * (6 * CHAINS_PER_ENDPOINT[mode])  # 2 ports x 3 pods
+    assert roles == sorted(["service", "service", "external", *per_endpoint])
 
 
-def test_empty_rules_still_draw() -> None:
-    ET.fromstring(diagram.render(lab_plan(), "", mode="iptables", node="node-1"))
+def test_proxy_config_is_the_lab_proxies_command_line() -> None:
+    """What `kubeproxy run` makes of the flags the lab starts it with (runtime.proxy_flags)."""
+    plan, _ = lab_cluster(CASES[0])
+    state = replace(lab_state(plan, "nftables"), lb_algorithm="round-robin")
+    config = nodeviews.proxy_config(state, "node-1")
+    assert (config.hostname, config.mode, config.lb_algorithm) == (
+        "node-1", "nftables", LBAlgorithm.ROUND_ROBIN)
+    assert [str(c) for c in config.cluster_cidrs] == [state.cluster_cidr]
+
+
+def test_svg_names_lab_pods_and_other_addresses() -> None:
+    """A slice the lab did not compute may point anywhere: drawn as an address."""
+    manifest = nodes("node-1") + pod("web-1", "node-1") + (
+        "---\nkind: Service\nmetadata: {name: ext}\n"
+        "spec: {ports: [{name: http, port: 80}]}\n"
+        "---\nkind: EndpointSlice\napiVersion: discovery.k8s.io/v1\n"
+        "metadata: {name: ext-1, labels: {kubernetes.io/service-name: ext}}\n"
+        "addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\n"
+        "endpoints: [{addresses: [10.99.0.7], conditions: {ready: true}}]\n"
+    )
+    case = Case("user slice", manifest)
+    for mode in MODES:
+        svg, _ = draw(case, mode)
+        boxes = diagram.boxes_of(svg)
+        assert boxes["pod:10.99.0.7"].lines == ("10.99.0.7", "(not a lab pod)")
+        start = next(k for k, b in boxes.items() if b.data.get("service") == "default/ext:http")
+        assert terminals(svg, start, external=False) == {"10.99.0.7"}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from kubeproxy.lab import network, topology
+from kubeproxy.lab import layout, network
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.netns import Netns
 
@@ -39,7 +39,7 @@ spec: {selector: {app: web}, externalIPs: [192.168.99.10], ports: [{port: 80}]}
 
 
 def build_commands() -> list[list[str]]:
-    plan = topology.plan("u", parse_objects(load_documents([("t", LAB)])))
+    plan = layout.plan("u", parse_objects(load_documents([("t", LAB)])))
     rec = Recorder()
     network.build(Netns(rec), plan)
     return rec.calls
@@ -87,7 +87,7 @@ def test_refuses_foreign_namespaces(ns: str) -> None:
 
 def test_teardown_deletes_only_the_labs_namespaces() -> None:
     rec = Recorder("kpl-u-net\nkpl-u-node-n1 (id: 3)\nkpl-uu-net\nkpt-x-node\nother\n")
-    gone = network.teardown(Netns(rec), topology.ns_prefix("u"))
+    gone = network.teardown(Netns(rec), layout.ns_prefix("u"))
     assert gone == ["kpl-u-net", "kpl-u-node-n1"]
     assert [c for c in rec.calls if c[2] == "delete"] == [
         ["ip", "netns", "delete", "kpl-u-net"],

@@ -3,17 +3,14 @@ pod status, pod IP allocation, slice writes, reading the proxies' metrics, findi
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from kubeproxy.lab import controller, objects, topology, view
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab import controller, layout, objects, view
 from kubeproxy.lab.converge import parse_metrics
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.state import LabState
-
-JSON = dict[str, Any]
 
 LAB = """
 kind: Node
@@ -34,8 +31,8 @@ spec: {type: LoadBalancer, selector: {app: web}, ports: [{port: 80, targetPort: 
 """
 
 
-def lab_plan() -> topology.Plan:
-    return topology.plan("u", parse_objects(load_documents([("lab", LAB)])))
+def lab_plan() -> layout.Plan:
+    return layout.plan("u", parse_objects(load_documents([("lab", LAB)])))
 
 
 def test_up_creates_namespaces_first_and_carries_the_plan() -> None:
@@ -84,7 +81,7 @@ def test_pod_status_running_and_readiness() -> None:
     assert objects.condition(not_ready, "PodScheduled") == "True"  # the rest is kept
 
 
-NODE = topology.NodePlan("n", "kpl-u-node-n", "192.168.0.2", "10.244.1.0/29", "10.244.1.1",
+NODE = layout.NodePlan("n", "kpl-u-node-n", "192.168.0.2", "10.244.1.0/29", "10.244.1.1",
                          "kn0", None)  # fmt: skip
 
 # (id, used, requested, after, expected): .1 is the bridge, .2-.6 are pod addresses
@@ -108,7 +105,7 @@ ALLOCATIONS = [
 def test_free_pod_ip(
     used: set[str], requested: str | None, after: str | None, expected: str | None
 ) -> None:
-    assert topology.free_pod_ip(NODE, used, requested, after) == expected
+    assert layout.free_pod_ip(NODE, used, requested, after) == expected
 
 
 def managed(name: str, endpoints: list[JSON], rv: str = "5") -> JSON:

@@ -1,9 +1,8 @@
 """The nftables data plane against a strict fake kernel: full and partial syncs.
 
-``FakeTransport`` below is an in-memory nf_tables: like the kernel (and knftables' fake)
-it applies a transaction all-or-nothing and refuses what the kernel refuses (rules in
-missing chains, jumps to missing chains, references to missing sets, duplicate or missing
-elements, deleting what is still referenced). After every sync the fake must hold exactly
+``FakeNftables`` (kubeproxy.testing.nftables) is an in-memory nf_tables: like the
+kernel (and knftables' fake) it applies a transaction all-or-nothing and refuses what
+the kernel refuses, with the kernel's errno. After every sync the fake must hold exactly
 what the rendered script says; partial syncs must touch only the changed Services.
 """
 
@@ -11,219 +10,33 @@ from __future__ import annotations
 
 import copy
 import errno
+import ipaddress
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from kubeproxy.config import LBAlgorithm, ProxyConfig
+from kubeproxy.dataplane import nft_ops as nft
 from kubeproxy.dataplane.base import DataPlaneError, Result
-from kubeproxy.dataplane.nftables import Listing, NftablesDataPlane, Op, find_netns
+from kubeproxy.dataplane.netlink import encode, find_netns
+from kubeproxy.dataplane.nft_ops import Op, TransactionError
+from kubeproxy.dataplane.nftables import NftablesDataPlane
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.pipeline import render_nftables_ruleset
-from kubeproxy.render.nft_ir import (
-    Chain,
-    DnatMap,
-    Element,
-    Rule,
-    SetDef,
-    SetMatch,
-    Update,
-    Verdict,
-    VMap,
-    field_types,
-)
+from kubeproxy.render import nft_wire as wire
+from kubeproxy.render.nft_ir import Chain, Element, Field, Rule, SetDef, SetMatch, Verdict
 from kubeproxy.render.nft_parse import parse_script
-from kubeproxy.render.nftables import TABLE, NftRuleset, chain_text
+from kubeproxy.render.nftables import NftRuleset
+from kubeproxy.testing.nftables import FakeNftables, NoRunner
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
-
-# -- a strict fake kernel ------------------------------------------------------------
-
-
-@dataclass
-class FakeTable:
-    chains: dict[str, Chain] = field(default_factory=dict)
-    sets: dict[str, SetDef] = field(default_factory=dict)
-    elements: dict[str, dict[tuple[object, ...], Element]] = field(default_factory=dict)
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.tables: dict[str, FakeTable] = {}
-        self.transactions: list[list[Op]] = []
-        self.fail_next: str | None = None  # make the next commit fail with this message
-
-    def listing(self, family: str) -> Listing | None:
-        table = self.tables.get(family)
-        if table is None:
-            return None
-        return Listing(frozenset(table.chains), frozenset(table.sets))
-
-    def commit(self, ops: Iterable[Op]) -> None:
-        ops = [op._replace(elements=tuple(op.elements)) for op in ops]
-        self.transactions.append(ops)
-        if self.fail_next is not None:
-            msg, self.fail_next = self.fail_next, None
-            raise DataPlaneError(msg)
-        tables = copy.deepcopy(self.tables)
-        for op in ops:
-            _apply(tables, op)
-        for family, table in tables.items():
-            _check_references(family, table)
-        self.tables = tables
-
-    def text(self, family: str) -> str:
-        """The table in ``nft list`` form (sets, then chains, sorted)."""
-        table = self.tables[family]
-        out = [f"table {family} {TABLE} {{"]
-        for name in sorted(table.sets):
-            sdef = table.sets[name]
-            key_types = field_types(sdef.key)
-            data_types = field_types(sdef.data) if sdef.data and sdef.data != "verdict" else ()
-            elems = sorted(e.text(key_types, data_types)
-                           for e in table.elements.get(name, {}).values())
-            out.extend(sdef.text(elems))
-        for name in sorted(table.chains):
-            out.extend(chain_text(table.chains[name]))
-        out.append("}")
-        return "\n".join(out) + "\n"
-
-
-def _fail(code: int, what: str) -> DataPlaneError:
-    return DataPlaneError(f"{what}: {os.strerror(code)}")
-
-
-def _apply(tables: dict[str, FakeTable], op: Op) -> None:
-    if op.kind == "add-table":
-        tables.setdefault(op.family, FakeTable())
-        return
-    table = tables.get(op.family)
-    if table is None:
-        raise _fail(errno.ENOENT, f"{op.kind} {op.name}: no table")
-    if op.kind == "delete-table":
-        del tables[op.family]
-    elif op.kind == "add-chain":
-        assert op.chain is not None
-        old = table.chains.get(op.name)
-        if old is not None and old.hook != op.chain.hook:
-            raise _fail(errno.EEXIST, f"add chain {op.name}: other hook")
-        if old is None:
-            table.chains[op.name] = Chain(op.name, (), op.chain.hook, op.chain.comment)
-    elif op.kind == "flush-chain":
-        chain = _chain(table, op.name)
-        table.chains[op.name] = Chain(op.name, (), chain.hook, chain.comment)
-    elif op.kind == "delete-chain":
-        _chain(table, op.name)
-        if _referenced_chain(table, op.name):
-            raise _fail(errno.EBUSY, f"delete chain {op.name}")
-        del table.chains[op.name]
-    elif op.kind == "add-rule":
-        assert op.rule is not None
-        chain = _chain(table, op.name)
-        table.chains[op.name] = Chain(op.name, (*chain.rules, op.rule), chain.hook,
-                                      chain.comment)
-    elif op.kind == "add-set":
-        assert op.sdef is not None
-        old_set = table.sets.get(op.name)
-        if old_set is not None and (old_set.key, old_set.data, old_set.timeout) != (
-                op.sdef.key, op.sdef.data, op.sdef.timeout):
-            raise _fail(errno.EEXIST, f"add set {op.name}: other definition")
-        table.sets.setdefault(op.name, op.sdef)
-        table.elements.setdefault(op.name, {})
-    elif op.kind == "flush-set":
-        _set(table, op.name)
-        table.elements[op.name] = {}
-    elif op.kind == "delete-set":
-        _set(table, op.name)
-        if _referenced_set(table, op.name):
-            raise _fail(errno.EBUSY, f"delete set {op.name}")
-        del table.sets[op.name]
-        table.elements.pop(op.name, None)
-    elif op.kind == "add-elements":
-        _set(table, op.name)
-        elems = table.elements[op.name]
-        for e in op.elements:
-            if e.key in elems and elems[e.key] != e:
-                raise _fail(errno.EEXIST, f"add element {e.key} to {op.name}")
-            elems[e.key] = e
-    elif op.kind == "delete-elements":
-        _set(table, op.name)
-        elems = table.elements[op.name]
-        for e in op.elements:
-            if e.key not in elems:
-                raise _fail(errno.ENOENT, f"delete element {e.key} from {op.name}")
-            del elems[e.key]
-    else:
-        raise AssertionError(op.kind)
-
-
-def _chain(table: FakeTable, name: str) -> Chain:
-    if name not in table.chains:
-        raise _fail(errno.ENOENT, f"chain {name}")
-    return table.chains[name]
-
-
-def _set(table: FakeTable, name: str) -> SetDef:
-    if name not in table.sets:
-        raise _fail(errno.ENOENT, f"set {name}")
-    return table.sets[name]
-
-
-def _rule_chains(rule: Rule) -> set[str]:
-    return {i.chain for i in rule.items if isinstance(i, Verdict) and i.chain}
-
-
-def _rule_sets(rule: Rule) -> set[str]:
-    out = set()
-    for i in rule.items:
-        if isinstance(i, SetMatch):
-            out.add(i.set)
-        elif isinstance(i, VMap | DnatMap):
-            out.add(i.map)
-        elif isinstance(i, Update):
-            out.add(i.set)
-    return out
-
-
-def _referenced_chain(table: FakeTable, name: str) -> bool:
-    if any(name in _rule_chains(r) for c in table.chains.values() for r in c.rules):
-        return True
-    return any(isinstance(e.data, Verdict) and e.data.chain == name
-               for elems in table.elements.values() for e in elems.values())
-
-
-def _referenced_set(table: FakeTable, name: str) -> bool:
-    return any(name in _rule_sets(r) for c in table.chains.values() for r in c.rules)
-
-
-def _check_references(family: str, table: FakeTable) -> None:
-    for chain in table.chains.values():
-        for rule in chain.rules:
-            for target in _rule_chains(rule):
-                if target not in table.chains:
-                    raise _fail(errno.ENOENT, f"{family} {chain.name}: jump to {target}")
-            for name in _rule_sets(rule):
-                if name not in table.sets:
-                    raise _fail(errno.ENOENT, f"{family} {chain.name}: set {name}")
-    for name, elems in table.elements.items():
-        for e in elems.values():
-            if isinstance(e.data, Verdict) and e.data.chain and \
-                    e.data.chain not in table.chains:
-                raise _fail(errno.ENOENT, f"{family} @{name}: goto {e.data.chain}")
-
 
 # -- helpers -------------------------------------------------------------------------
 
 SVC1 = NamespacedName("ns1", "svc1")
 SVC2 = NamespacedName("ns1", "svc2")
-
-
-class NoRunner:
-    def run(self, argv: Any, stdin: str | None = None) -> Result:
-        raise AssertionError("the data plane must not run commands with a transport")
 
 
 def cluster(*objs: Obj) -> list[Obj]:
@@ -247,7 +60,7 @@ def tables_of(text: str) -> dict[str, Any]:
     return out
 
 
-def assert_holds(fake: FakeTransport, rs: NftRuleset) -> None:
+def assert_holds(fake: FakeNftables, rs: NftRuleset) -> None:
     """The fake kernel holds exactly what the ruleset's script says."""
     want = tables_of(rs.script())
     got = tables_of("".join(fake.text(f) for f in sorted(fake.tables)))
@@ -257,8 +70,19 @@ def assert_holds(fake: FakeTransport, rs: NftRuleset) -> None:
             assert got[family][part] == want[family][part], f"{family} {name} differ"
 
 
-def ops_of(fake: FakeTransport, last: int = 1) -> list[Op]:
+def ops_of(fake: FakeNftables, last: int = 1) -> list[Op]:
     return [op for tx in fake.transactions[-last:] for op in tx]
+
+
+def subject(op: Op) -> str:
+    """The chain or set an operation is about ("" for the table itself)."""
+    match op:
+        case nft.AddRule(_, chain, _):
+            return chain
+        case nft.AddTable() | nft.DeleteTable():
+            return ""
+        case _:
+            return op.name
 
 
 def basic(eps: tuple[str, ...] = ("10.180.0.1", "10.180.1.1"), **svc: Any) -> list[Obj]:
@@ -276,7 +100,7 @@ def other(ip: str = "172.30.0.42", eps: tuple[str, ...] = ("10.180.0.2",)) -> li
 
 
 def test_full_sync_writes_the_script() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     rs = ruleset(cluster(*basic(type="NodePort", ports=[("p80", 80, "TCP", 3001)]),
                          *other()))
     stats = NftablesDataPlane(NoRunner(), fake).sync(rs)
@@ -294,36 +118,36 @@ def test_full_sync_writes_the_script() -> None:
      endpoint_slice("svc6", [endpoint("fd00:180::6")], name="v6", family="IPv6")],
 ], ids=["affinity", "lb-local-firewall", "no-endpoints", "ipv6"])
 def test_full_sync_of_each_feature(objs: list[Obj]) -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     rs = ruleset(cluster(*objs))
     NftablesDataPlane(NoRunner(), fake).sync(rs)
     assert_holds(fake, rs)
 
 
 def test_second_full_sync_rewrites_and_keeps_affinity_state() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     rs = ruleset(cluster(*basic(sessionAffinity="ClientIP")))
     plane.sync(rs)
     plane.sync(rs)
     assert_holds(fake, rs)
-    flushed = {op.name for op in ops_of(fake) if op.kind == "flush-set"}
+    flushed = {op.name for op in ops_of(fake) if isinstance(op, nft.FlushSet)}
     assert "service-ips" in flushed
     assert not any(name.startswith("affinity-") for name in flushed)
 
 
 def test_fresh_instance_takes_over_an_existing_table() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     NftablesDataPlane(NoRunner(), fake).sync(ruleset(cluster(*basic(), *other())))
     rs = ruleset(cluster(*basic()))  # svc2 went away while no proxy ran
     NftablesDataPlane(NoRunner(), fake).sync(rs)  # a restarted proxy
     ops = ops_of(fake, 2)
-    assert any(op.kind == "delete-chain" and op.name == "nat-prerouting" for op in ops)
+    assert nft.DeleteChain("ip", "nat-prerouting") in ops
     assert_holds(fake, rs)
 
 
 def test_a_family_without_services_keeps_its_table_until_unused() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic())))
     assert set(fake.tables) == {"ip", "ip6"}  # the node has an IPv6 address
@@ -336,31 +160,31 @@ def test_a_family_without_services_keeps_its_table_until_unused() -> None:
 
 
 def test_partial_sync_touches_only_the_changed_service() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic(), *other())))
     rs = ruleset(cluster(*basic(eps=("10.180.0.1", "10.180.1.1", "10.180.1.5")), *other()))
     stats = plane.sync(rs, [SVC1])
     assert not stats.full
-    names = {op.name for op in ops_of(fake)}
+    names = {subject(op) for op in ops_of(fake)}
     assert not any("svc2" in n for n in names), names
     assert_holds(fake, rs)
 
 
 def test_endpoint_change_of_same_count_writes_only_elements() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic(), *other())))
     rs = ruleset(cluster(*basic(eps=("10.180.0.1", "10.180.1.9")), *other()))
     stats = plane.sync(rs, [SVC1])
-    kinds = {op.kind for op in ops_of(fake)}
-    assert kinds == {"add-elements", "delete-elements"}, kinds
+    kinds = {type(op) for op in ops_of(fake)}
+    assert kinds == {nft.AddElements, nft.DeleteElements}, kinds
     assert stats.chains_written == 0
     assert_holds(fake, rs)
 
 
 def test_unchanged_service_writes_nothing() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     rs = ruleset(cluster(*basic(), *other()))
     plane.sync(rs)
@@ -369,7 +193,7 @@ def test_unchanged_service_writes_nothing() -> None:
 
 
 def test_removed_service_leaves_no_trace() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic(), *other())))
     rs = ruleset(cluster(*basic()))
@@ -385,7 +209,7 @@ def test_shared_elements_are_reference_counted() -> None:
     two_ports = [service("svc1", ports=[("a", 80, "TCP", 0), ("b", 81, "TCP", 0)]),
                  endpoint_slice("svc1", [endpoint("10.180.0.1")],
                                 ports=[("a", 80, "TCP"), ("b", 81, "TCP")])]
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*two_ports, *other(eps=("10.180.0.1",)))))
     rs = ruleset(cluster(*two_ports))
@@ -401,7 +225,7 @@ def test_shared_elements_are_reference_counted() -> None:
 
 
 def test_endpoint_maps_come_and_go_with_their_elements() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*other())))
     rs = ruleset(cluster(*other(), *basic()))
@@ -415,7 +239,7 @@ def test_endpoint_maps_come_and_go_with_their_elements() -> None:
 
 
 def test_affinity_timeout_change_recreates_the_sets() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic(sessionAffinity="ClientIP"))))
     rs = ruleset(cluster(*basic(sessionAffinity="ClientIP", sessionAffinityConfig={
@@ -432,7 +256,7 @@ def test_conflicting_frontends_keep_the_first_holder() -> None:
              endpoint_slice("svc1", [endpoint("10.180.0.1")])]
     second = [service("svc2", cluster_ip="172.30.0.42", ports=[("p80", 80, "TCP", 3001)],
                       **np), endpoint_slice("svc2", [endpoint("10.180.0.2")])]
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*first)))
     plane.sync(ruleset(cluster(*first, *second)), [SVC2])
@@ -441,7 +265,7 @@ def test_conflicting_frontends_keep_the_first_holder() -> None:
 
 
 def test_fixed_part_change_forces_a_full_sync() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic())))
     rs = ruleset(cluster(*basic()), masquerade_bit=13)
@@ -455,7 +279,7 @@ def test_random_partial_syncs_converge() -> None:
 
     rng = random.Random(4)
     state: dict[int, tuple[int, bool, str]] = {}
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster()))
     for _ in range(40):
@@ -481,7 +305,7 @@ def test_random_partial_syncs_converge() -> None:
 
 
 def test_round_robin_and_masquerade_all() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     rs = ruleset(cluster(*basic()), lb_algorithm=LBAlgorithm.ROUND_ROBIN, masquerade_all=True)
     NftablesDataPlane(NoRunner(), fake).sync(rs)
     assert_holds(fake, rs)
@@ -492,42 +316,163 @@ def test_round_robin_and_masquerade_all() -> None:
 
 
 def test_failed_transaction_changes_nothing_and_the_next_sync_recovers() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     rs = ruleset(cluster(*basic(), *other()))
     plane.sync(rs)
     before = copy.deepcopy(fake.tables)
-    fake.fail_next = "injected failure"
+    fake.fail(errno.EIO)
     new = ruleset(cluster(*basic(eps=("10.180.0.7",)), *other()))
-    with pytest.raises(DataPlaneError, match="injected"):
+    with pytest.raises(TransactionError, match="injected") as exc:
         plane.sync(new, [SVC1])
+    assert exc.value.errno == errno.EIO
     assert fake.tables == before
     plane.sync(new, [SVC1])
     assert_holds(fake, new)
 
 
-def test_kernel_style_refusal_is_atomic() -> None:
-    """A transaction the fake refuses midway leaves everything as it was."""
-    fake = FakeTransport()
-    plane = NftablesDataPlane(NoRunner(), fake)
-    rs = ruleset(cluster(*basic()))
-    plane.sync(rs)
+# What the fake must refuse, like the kernel: (name, transaction, errno). Each runs
+# against BASE: chains top (jumps to target, matches @ips) and target, set ips, verdict
+# map vm (1.1.1.1 goes to other), chain other.
+IPS = SetDef("ips", "ipv4_addr")
+VM = SetDef("vm", "ipv4_addr", "verdict")
+ADDR = ipaddress.ip_address("1.1.1.1")
+MATCH_IPS = Rule((SetMatch((Field("ip daddr"),), "ips"), Verdict("jump", "target")))
+BASE: list[Op] = [
+    nft.AddTable("ip"), nft.AddSet("ip", IPS), nft.AddSet("ip", VM),
+    nft.AddChain("ip", Chain("top")), nft.AddChain("ip", Chain("target")),
+    nft.AddChain("ip", Chain("other")), nft.AddRule("ip", "top", MATCH_IPS),
+    nft.AddElements("ip", IPS, [Element((ADDR,))]),
+    nft.AddElements("ip", VM, [Element((ADDR,), Verdict("goto", "other"))]),
+]
+REFUSALS: list[tuple[str, list[Op], int]] = [
+    ("rule jumps to a missing chain",
+     [nft.AddRule("ip", "top", Rule((Verdict("goto", "missing"),)))], errno.ENOENT),
+    ("rule in a missing chain",
+     [nft.AddRule("ip", "missing", Rule((Verdict("accept"),)))], errno.ENOENT),
+    ("rule uses a missing set",
+     [nft.AddRule("ip", "top", Rule((SetMatch((Field("ip daddr"),), "nope"),)))],
+     errno.ENOENT),
+    ("delete a chain a rule jumps to", [nft.DeleteChain("ip", "target")], errno.EBUSY),
+    ("delete a chain a map element goes to", [nft.DeleteChain("ip", "other")],
+     errno.EBUSY),
+    ("delete a set a rule uses", [nft.DeleteSet("ip", "ips")], errno.EBUSY),
+    ("delete a missing chain", [nft.DeleteChain("ip", "missing")], errno.ENOENT),
+    ("flush a missing chain", [nft.FlushChain("ip", "missing")], errno.ENOENT),
+    ("flush a missing set", [nft.FlushSet("ip", "missing")], errno.ENOENT),
+    ("add to a missing set", [nft.AddElements("ip", SetDef("missing", "ipv4_addr"),
+                                              [Element((ADDR,))])], errno.ENOENT),
+    ("delete a missing element",
+     [nft.DeleteElements("ip", IPS, [Element((ipaddress.ip_address("2.2.2.2"),))])],
+     errno.ENOENT),
+    ("element with other data", [nft.AddElements(
+        "ip", VM, [Element((ADDR,), Verdict("goto", "target"))])], errno.EEXIST),
+    ("set with another definition", [nft.AddSet("ip", SetDef("ips", "ipv4_addr",
+                                                             timeout=60))], errno.EEXIST),
+    ("operation on a missing table", [nft.AddChain("ip6", Chain("x"))], errno.ENOENT),
+    ("delete a missing table", [nft.DeleteTable("ip6")], errno.ENOENT),
+    ("map element goes to a missing chain", [nft.AddElements(
+        "ip", VM, [Element((ipaddress.ip_address("3.3.3.3"),),
+                           Verdict("goto", "missing"))])], errno.ENOENT),
+    ("valid steps, then a bad one", [nft.AddChain("ip", Chain("x")),
+                                     nft.FlushSet("ip", "ips"),
+                                     nft.DeleteChain("ip", "target")], errno.EBUSY),
+]
+
+
+@pytest.mark.parametrize(("ops", "code"), [c[1:] for c in REFUSALS],
+                         ids=[c[0] for c in REFUSALS])
+def test_the_fake_refuses_what_the_kernel_refuses_atomically(ops: list[Op], code: int
+                                                              ) -> None:
+    fake = FakeNftables()
+    fake.commit(BASE)
     before = copy.deepcopy(fake.tables)
-    bad = [Op("add-chain", "ip", "x", chain=Chain("x")),
-           Op("add-rule", "ip", "x", rule=Rule((Verdict("goto", "missing"),)))]
-    with pytest.raises(DataPlaneError, match="missing"):
-        fake.commit(bad)
+    with pytest.raises(TransactionError) as exc:
+        fake.commit(ops)
+    assert exc.value.errno == code, exc.value
     assert fake.tables == before
 
 
+def test_the_fake_accepts_what_the_kernel_accepts() -> None:
+    """The counterpart of the refusals: the same objects in a valid order."""
+    fake = FakeNftables()
+    fake.commit(BASE)
+    fake.commit([nft.FlushChain("ip", "top"), nft.DeleteChain("ip", "target"),
+                 nft.DeleteSet("ip", "ips"), nft.FlushSet("ip", "vm"),
+                 nft.DeleteChain("ip", "other"), nft.AddChain("ip", Chain("top")),
+                 nft.AddElements("ip", VM, [])])
+    assert fake.listing("ip") == nft.Listing(frozenset({"top"}), frozenset({"vm"}))
+    assert fake.text("ip6") == ""
+
+
+class Meddler(FakeNftables):
+    """A kernel where someone else deletes ``chains`` right before we delete any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chains: set[str] = set()
+
+    def commit(self, ops: Iterable[Op]) -> None:
+        ops = list(ops)
+        if self.chains and any(isinstance(op, nft.DeleteChain) for op in ops):
+            super().commit([nft.DeleteChain("ip", c) for c in sorted(self.chains)])
+            self.chains = set()
+        super().commit(ops)
+
+
+# The second, stale-chain transaction failing, told apart by errno: (name, inject
+# (errno, or None: someone else deleted the chains), stale chains kept for the next sync,
+# sync raises).
+STALE_FAILURES: list[tuple[str, int | None, bool, bool]] = [
+    ("still in use (Linux < 6.2): retried", errno.EBUSY, True, False),
+    ("someone deleted them: forgotten", None, False, False),
+    ("anything else: reported, retried", errno.EPERM, True, True),
+]
+
+
+@pytest.mark.parametrize(("inject", "kept", "raises"), [c[1:] for c in STALE_FAILURES],
+                         ids=[c[0] for c in STALE_FAILURES])
+def test_stale_chain_deletion_failures(inject: int | None, kept: bool, raises: bool
+                                       ) -> None:
+    fake = Meddler()
+    plane = NftablesDataPlane(NoRunner(), fake)
+    plane.sync(ruleset(cluster(*basic(), *other())))
+    svc2 = {c for c in fake.tables["ip"].chains if "svc2" in c}
+    assert svc2
+    if inject is None:
+        fake.chains = svc2
+    else:
+        fake.fail(inject, on=nft.DeleteChain)
+    rs = ruleset(cluster(*basic()))
+    if raises:
+        with pytest.raises(TransactionError):
+            plane.sync(rs, [SVC2])
+    else:
+        assert plane.sync(rs, [SVC2]).chains_deleted == 0
+    assert plane.stale["ip"] == (svc2 if kept else set())
+    assert plane.sync(rs, [SVC2]).chains_deleted == (len(svc2) if kept else 0)
+    assert not plane.stale["ip"]
+    assert_holds(fake, rs)
+
+
 def test_cleanup_deletes_both_tables() -> None:
-    fake = FakeTransport()
+    fake = FakeNftables()
     plane = NftablesDataPlane(NoRunner(), fake)
     plane.sync(ruleset(cluster(*basic())))
     plane.cleanup()
     assert fake.tables == {}
     plane.cleanup()  # nothing left: still fine
     assert plane.sync(ruleset(cluster(*basic())), [SVC1]).full  # state was forgotten
+
+
+def test_cleanup_reports_errors_other_than_no_table() -> None:
+    fake = FakeNftables()
+    plane = NftablesDataPlane(NoRunner(), fake)
+    plane.sync(ruleset(cluster(*basic())))
+    fake.fail(errno.EPERM, on=nft.DeleteTable)
+    with pytest.raises(TransactionError) as exc:
+        plane.cleanup()
+    assert exc.value.errno == errno.EPERM
 
 
 class StatRunner:
@@ -546,3 +491,26 @@ def test_netlink_goes_where_the_runner_runs() -> None:
         find_netns(StatRunner("1\n"))
     with pytest.raises(DataPlaneError, match="cannot tell"):
         find_netns(StatRunner("garbage"))
+
+
+# The netlink message each kind of operation becomes (the bytes are test_nft_wire's).
+ENCODED: list[tuple[Op, int]] = [
+    (nft.AddTable("ip"), wire.NEWTABLE),
+    (nft.DeleteTable("ip"), wire.DELTABLE),
+    (nft.AddChain("ip", Chain("c")), wire.NEWCHAIN),
+    (nft.FlushChain("ip", "c"), wire.DELRULE),
+    (nft.DeleteChain("ip", "c"), wire.DELCHAIN),
+    (nft.AddRule("ip", "c", MATCH_IPS), wire.NEWRULE),
+    (nft.AddSet("ip", IPS), wire.NEWSET),
+    (nft.FlushSet("ip", "ips"), wire.DELSETELEM),
+    (nft.DeleteSet("ip", "ips"), wire.DELSET),
+    (nft.AddElements("ip", IPS, [Element((ADDR,))]), wire.NEWSETELEM),
+    (nft.DeleteElements("ip", IPS, [Element((ADDR,))]), wire.DELSETELEM),
+]
+
+
+@pytest.mark.parametrize(("op", "kind"), ENCODED, ids=[type(c[0]).__name__ for c in ENCODED])
+def test_each_operation_is_one_message(op: Op, kind: int) -> None:
+    (msg,) = encode([op])
+    assert (msg.type, msg.family) == (kind, wire.FAMILIES["ip"])
+

@@ -15,7 +15,8 @@ from kubeproxy.cli import main
 from kubeproxy.config import ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
-from kubeproxy.pipeline import render_nftables
+from kubeproxy.nodeview import build_node_view
+from kubeproxy.render import nftables
 from kubeproxy.trace.nftables import trace_nftables
 from kubeproxy.trace.result import Packet, TraceError, TraceLimitError, TraceResult
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
@@ -101,6 +102,32 @@ def test_locally_delivered_packets_skip_postrouting() -> None:
     assert (got.verdict, got.masquerade) == ("ACCEPT", False)
 
 
+INPUT_LO = ("\tchain in {\n\t\ttype filter hook input priority -110; policy accept;\n"
+            "\t\tiifname \"lo\" reject\n\t}")
+
+
+@pytest.mark.parametrize(("src", "verdict"), [
+    (NODE_IP, "REJECT"),  # sent to itself: back in on lo
+    ("203.0.113.2", "ACCEPT"),  # arriving on eth0
+])
+def test_a_packet_the_node_sends_itself_comes_back_in_on_lo(src: str, verdict: str) -> None:
+    got = trace(table(INPUT_LO), packet(src, NODE_IP, 22))
+    assert got.verdict == verdict
+
+
+def test_coming_back_in_on_lo_skips_nat() -> None:
+    """NAT is decided once per connection: nat prerouting does not see the loop back."""
+    script = table(PRE + "\t\tdnat to 10.0.0.9:80\n\t}")
+    assert trace(script, packet(NODE_IP, NODE_IP, 22)).verdict == "ACCEPT"
+    assert trace(script, packet("203.0.113.2", NODE_IP, 22)).endpoints == ("10.0.0.9:80",)
+
+
+def test_a_packet_the_node_sends_has_no_input_interface() -> None:
+    script = table("\tchain out {\n\t\ttype filter hook output priority -110; "
+                   "policy accept;\n\t\tiifname != \"\" drop\n\t}")
+    assert trace(script, packet(NODE_IP, "203.0.113.2")).verdict == "ACCEPT"
+
+
 @pytest.mark.parametrize(("script", "match"), [
     ("table ip kube-proxy {\n\tchain x {\n\t\tip ttl 1 drop\n\t}\n}\n", "cannot read"),
     (table(PRE + "\t\tjump nowhere\n\t}"), "missing chain"),
@@ -129,8 +156,8 @@ NP: dict[str, Any] = {"type": "NodePort", "ports": [("p80", 80, "TCP", 3001)]}
 
 
 def rendered(objs: list[Obj]) -> str:
-    return render_nftables(decode_objects(objs), ProxyConfig(
-        hostname=NODE, cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),)))
+    config = ProxyConfig(hostname=NODE, cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),))
+    return nftables.render([build_node_view(decode_objects(objs), config, 4)]).script()
 
 
 def test_node_to_its_own_nodeport_without_endpoints_is_rejected_on_the_way_in() -> None:

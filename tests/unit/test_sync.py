@@ -19,17 +19,10 @@ from kubeproxy.model import Cluster, NamespacedName, Service
 from kubeproxy.sync import SyncLoop, SyncReport, SyncResult
 from kubeproxy.tracker import Kind, Tracker, Update
 from tests.builders import NODE
+from tests.fakes import FakeClock
 from tests.unit.test_tracker import eps, gone, nd, svc
 
 MIN, PERIOD = 1.0, 30.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -44,6 +44,17 @@ class SubprocessRunner:
         return Result(done.returncode, done.stdout, done.stderr)
 
 
+class NetnsRunner:
+    """Runs commands inside one named network namespace (``ip netns exec NS``)."""
+
+    def __init__(self, ns: str, timeout: float = 120.0) -> None:
+        self.ns = ns
+        self.inner = SubprocessRunner(timeout=timeout)
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        return self.inner.run(["ip", "netns", "exec", self.ns, *argv], stdin)
+
+
 def check(runner: Runner, argv: Sequence[str], stdin: str | None = None) -> str:
     """Run and return stdout; raise DataPlaneError naming the command on failure."""
     res = runner.run(argv, stdin)

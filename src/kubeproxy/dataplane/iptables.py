@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-As upstream does, each sync (1) makes sure our base chains and the jumps into them
-from the builtin chains exist (``iptables -N`` / ``-C`` / ``-I``), then (2) feeds one
-``iptables-restore --noflush`` transaction per family holding:
+Each sync (1) feeds one ``iptables-restore --noflush`` transaction per family holding:
 
-* every top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...), declared and so flushed,
-  then rewritten whole;
+* every top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...), declared and so created
+  if missing, or flushed, then rewritten whole; and the empty KUBE-PROXY-CANARY chain
+  of the mangle, filter and nat tables (declared: created if missing);
 * the per-service chains (KUBE-SVC-/SVL-/EXT-/FW-/SEP-) of the services that changed
   since the last successful sync, or of all services on a full sync;
 * ``-X`` for chains that are no longer wanted (on a full sync: any per-service chain
   the kernel has that the ruleset does not; on a partial one: those we wrote earlier).
+
+then (2), as upstream does, makes sure the jumps from the builtin chains into ours
+exist (``iptables -C``, and ``-I`` for a missing one). Declaring a chain in the restore
+is what creates it, so there is no ``iptables -N`` whose "already exists" failure would
+have to be told apart from a real one by its message.
 
 The restore is atomic per table, so a failure leaves the previous rules in place and
 the caller falls back to a full sync next time.
@@ -28,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kubeproxy.dataplane.base import DataPlaneError, Runner, check
+from kubeproxy.dataplane.base import Runner, check
 from kubeproxy.model import NamespacedName
 from kubeproxy.render.iptables import (
     KUBE_FIREWALL,
@@ -97,7 +101,6 @@ class IptablesDataPlane:
         """Apply ``ruleset``; only the chains of ``changed`` services unless None (full)."""
         full = changed is None or self.needs_full
         self.needs_full = True  # until this sync succeeds
-        self._ensure_base(ruleset)
         if full:
             existing = self._existing_service_chains()
             write = set(ruleset.owners)
@@ -110,6 +113,7 @@ class IptablesDataPlane:
                      if o in services and c not in ruleset.owners}
         payload, stats = self._payload(ruleset, write, stale)
         check(self.runner, [self._bins[2], "-w", "--noflush", "--counters"], payload)
+        self._ensure_jumps(ruleset)
         self.written = dict(ruleset.owners)
         self.needs_full = False
         return stats
@@ -117,14 +121,17 @@ class IptablesDataPlane:
     def _payload(self, ruleset: Ruleset, write: set[str], stale: set[str]
                  ) -> tuple[str, SyncStats]:
         stats = SyncStats(chains_deleted=len(stale))
-        out: list[str] = []
+        out = ["*mangle", f":{KUBE_PROXY_CANARY} - [0:0]", "COMMIT"]
         for table in ("filter", "nat"):
             chains = ruleset.tables[table]
             top = [c for c in chains if c in TOP_CHAINS[table] or c == KUBE_FIREWALL]
             body = top + (sorted(write) if table == "nat" else [])
             dead = sorted(stale) if table == "nat" else []
+            # Declared, never written: the canary, and any jump target without rules.
+            empty = sorted({KUBE_PROXY_CANARY} | {j[2] for j in ruleset.jumps
+                                                  if j[0] == table} - set(body))
             out.append(f"*{table}")
-            out.extend(f":{c} - [0:0]" for c in body + dead)
+            out.extend(f":{c} - [0:0]" for c in [*body, *empty, *dead])
             for chain in body:
                 out.extend(chains[chain])
                 stats.rules_written += len(chains[chain])
@@ -135,18 +142,10 @@ class IptablesDataPlane:
         stats.bytes = len(text)
         return text, stats
 
-    def _ensure_base(self, ruleset: Ruleset) -> None:
+    def _ensure_jumps(self, ruleset: Ruleset) -> None:
+        """The jumps from builtin chains into ours (their targets exist: the restore
+        declared them)."""
         ipt = self._bins[0]
-        wanted: dict[str, set[str]] = {"filter": set(), "nat": set(), "mangle": set()}
-        for table, _, target, _ in ruleset.jumps:
-            wanted[table].add(target)
-        for table in wanted:
-            wanted[table].add(KUBE_PROXY_CANARY)
-        for table, chains in wanted.items():
-            for chain in sorted(chains):
-                res = self.runner.run([ipt, "-w", "-t", table, "-N", chain])
-                if res.returncode != 0 and "exists" not in res.stderr:
-                    raise DataPlaneError(f"{ipt} -t {table} -N {chain}: {res.stderr.strip()}")
         # Insert missing jumps at the top, last first, so they end up in table order.
         for jump in reversed(ruleset.jumps):
             table = jump[0]

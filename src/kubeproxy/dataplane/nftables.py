@@ -1,9 +1,11 @@
-"""The nftables data plane: write an NftRuleset to the kernel in one netlink transaction.
+"""The nftables data plane: keep the kernel's ``kube-proxy`` tables equal to a ruleset.
 
 Theory of operation
 -------------------
-Each sync is one nf_tables batch (all-or-nothing in the kernel), built from the IR and
-sent on a netlink socket, with no ``nft`` process in between:
+Each sync is one nf_tables transaction (all-or-nothing in the kernel) of typed
+operations (nft_ops.py), handed to a Transport: netlink to the kernel (netlink.py), with
+no ``nft`` process in between, or the strict fake in tests (kubeproxy/testing/nftables.py).
+This module only decides *what* to write:
 
 * **full** (``changed=None``, the first sync, or after the fixed part changed): every
   chain is (re)written (``add`` + ``flush`` + rules), the proxy's own sets and maps are
@@ -19,93 +21,32 @@ sent on a netlink socket, with no ``nft`` process in between:
 
 Stale chains are flushed in the transaction and deleted right after it in a second,
 separate one: before Linux 6.2 a chain that a just-deleted map element pointed to is
-still "in use" for a moment (upstream kube-proxy defers the same way). A failed batch
-changes nothing in the kernel, so what was last written stays true.
-
-Why netlink and not ``nft`` (or a long-lived libnftables session): measured at 10,000
-Services, nft 1.0.6 lists every chain of the table before running any command, even one
-``add element`` (~40 ms at our 10,000 chains; with upstream's 110,000 the one-Service
-change of the benchmark took 2.9 s), and a libnftables context does not keep that cache
-across commands, since each commit changes the generation it checks. Building the batch
-ourselves leaves only the kernel's work: a one-Service endpoint change is a handful of
-messages (3.3 ms at 10,000 x 10, 1.7 ms of it in the kernel), a change that rewrites a
-chain ~29 ms (mostly the kernel re-validating the chain graph), the full sync 5.1 s (1.3 s
-in the kernel, the rest rendering and encoding in Python). The messages are nft's own
-(render/nft_wire.py; the kernel tests compare the kernel's dump of both), so ``nft list``
-reads the table as the renderer wrote it; ``nft`` stays the tool to *read* it.
-
-Safety: the socket is opened in the network namespace the Runner's commands run in (it
-is found by inode under /run/netns when it differs from ours), never anywhere else.
+still "in use" (EBUSY) for a moment; the next sync retries (upstream kube-proxy defers
+the same way). A failed transaction changes nothing in the kernel, so what was last
+written stays true. Refusals are told apart by errno (nft_ops.TransactionError), never
+by message text.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
-import gc
 import hashlib
-import mmap
-import os
-import socket
-import struct
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
 
+from kubeproxy.dataplane import nft_ops as nft
 from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
+from kubeproxy.dataplane.nft_ops import Listing, Op, TransactionError, Transport
+from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import IPAddress, NamespacedName
-from kubeproxy.render import nft_wire as wire
-from kubeproxy.render.nft_ir import Chain, Element, Item, Rule, SetDef
-from kubeproxy.render.nftables import (
-    TABLE,
-    TABLE_COMMENT,
-    EndpointSlots,
-    FamilyRuleset,
-    NftRuleset,
-    ServiceObjects,
-)
+from kubeproxy.render.nft_ir import Element, SetDef
+from kubeproxy.render.nftables import EndpointSlots, FamilyRuleset, NftRuleset, ServiceObjects
 
 # Sets whose elements several Services may share: reference-counted.
 SHARED_SETS = frozenset({"cluster-ips", "hairpin-endpoints"})
 FAMILIES = ("ip", "ip6")
-
-
-# -- operations: what a transaction does, before it is spelled in netlink -------------
-
-
-class Op(NamedTuple):
-    """One step of a transaction. ``kind`` is one of:
-
-    add-table, delete-table, add-chain, flush-chain, delete-chain, add-rule, add-set,
-    flush-set, delete-set, add-elements, delete-elements.
-    """
-
-    kind: str
-    family: str
-    name: str = ""  # chain or set name
-    chain: Chain | None = None
-    rule: Rule | None = None
-    sdef: SetDef | None = None
-    elements: Iterable[Element] = ()  # read once
-
-
-class Listing(NamedTuple):
-    chains: frozenset[str]
-    sets: frozenset[str]
-
-
-class Transport(Protocol):
-    """Where transactions go: the kernel (NetlinkTransport) or a fake in tests."""
-
-    def commit(self, ops: Iterable[Op]) -> None:
-        """Apply all of ``ops`` (read once, in order) atomically, or none; raise
-        DataPlaneError."""
-
-    def listing(self, family: str) -> Listing | None:
-        """Chain and set names of our table in ``family``, or None if there is none."""
 
 
 @dataclass
@@ -153,7 +94,7 @@ class NftablesDataPlane:
     def sync(self, ruleset: NftRuleset, changed: Iterable[NamespacedName] | None = None
              ) -> SyncStats:
         """Apply ``ruleset``: fully, or only the objects of the ``changed`` Services."""
-        with _paused_gc():
+        with paused_gc():
             return self._sync(ruleset, changed)
 
     def _sync(self, ruleset: NftRuleset, changed: Iterable[NamespacedName] | None
@@ -183,8 +124,11 @@ class NftablesDataPlane:
     def cleanup(self) -> None:
         """Delete both kube-proxy tables (if present): everything this proxy wrote."""
         for family in FAMILIES:
-            if self.transport.listing(family) is not None:
-                self.transport.commit([Op("delete-table", family)])
+            try:
+                self.transport.commit([nft.DeleteTable(family)])
+            except TransactionError as err:
+                if err.errno != errno.ENOENT:  # ENOENT: no table, nothing to delete
+                    raise
         self.state = None
         self.stale = {f: set() for f in FAMILIES}
 
@@ -200,7 +144,7 @@ class NftablesDataPlane:
             stale[family] = set(stale[family])
             if fam is None:  # a family the node does not use: no table
                 if listings[family] is not None:
-                    yield Op("delete-table", family)
+                    yield nft.DeleteTable(family)
                 stale[family] = set()
                 continue
             yield from self._full_family(fam, listings[family], states[family],
@@ -216,63 +160,30 @@ class NftablesDataPlane:
         set_defs = fam.set_defs()
         chains = list(fam.chains) + [c for o in services.values() for c in o.chains]
         wanted_chains = {c.name for c in chains}
-        yield Op("add-table", family)
+        yield nft.AddTable(family)
         if listing is not None and self.state is None:
             # Base chains may have changed hook or priority: recreate them, as upstream.
             for chain in fam.chains:
                 if chain.hook is not None and chain.name in old_chains:
-                    yield Op("delete-chain", family, chain.name)
-        yield from (Op("add-set", family, sdef.name, sdef=sdef) for sdef in set_defs.values())
+                    yield nft.DeleteChain(family, chain.name)
+        yield from (nft.AddSet(family, sdef) for sdef in set_defs.values())
         for chain in chains:
-            yield Op("add-chain", family, chain.name, chain=chain)
+            yield nft.AddChain(family, chain)
             if chain.name in old_chains and (chain.hook is None or self.state is not None):
-                yield Op("flush-chain", family, chain.name)
+                yield nft.FlushChain(family, chain.name)
         stale = old_chains - wanted_chains
-        yield from (Op("flush-chain", family, name) for name in sorted(stale))
+        yield from (nft.FlushChain(family, name) for name in sorted(stale))
         stale_out |= stale
         stale_out -= wanted_chains
         for name in sorted(old_sets - set(set_defs)):
-            yield Op("delete-set", family, name)
+            yield nft.DeleteSet(family, name)
         for name in sorted(old_sets & set(set_defs)):
             if set_defs[name].timeout is None:  # keep session affinity state
-                yield Op("flush-set", family, name)
+                yield nft.FlushSet(family, name)
         for chain in chains:
-            yield from (Op("add-rule", family, chain.name, rule=r) for r in chain.rules)
+            yield from (nft.AddRule(family, chain.name, r) for r in chain.rules)
         stats.chains_written += len(chains)
-        # Elements: the fixed ones, then every Service's (the first claim of a key wins).
-        # Endpoint slots and hairpin pairs are spelled out while they are encoded.
-        seen: dict[str, dict[tuple[object, ...], Element]] = {}
-        for set_name, elem in fam.elements:
-            seen.setdefault(set_name, {}).setdefault(elem.key, elem)
-        slots: dict[str, list[EndpointSlots]] = {}
-        cluster_ips, hairpin = st.shared["cluster-ips"], st.shared["hairpin-endpoints"]
-        for svc, objs in services.items():
-            for set_name, elem in objs.elements:
-                if set_name in SHARED_SETS:
-                    seen.setdefault(set_name, {}).setdefault(elem.key, elem)
-                elif elem.key not in seen.setdefault(set_name, {}):
-                    seen[set_name][elem.key] = elem
-                    st.owners[(set_name, elem.key)] = svc
-            cluster_ips.update(_cluster_ips(objs))
-            for group in objs.slots:
-                slots.setdefault(group.map, []).append(group)
-            hairpin.update(objs.hairpin_ips().keys())
-        for set_name in sorted(seen):
-            elems = tuple(seen[set_name].values())
-            yield Op("add-elements", family, set_name, sdef=set_defs[set_name],
-                     elements=elems)
-            stats.elements_added += len(elems)
-        for name in sorted(slots):
-            size = sum(len(g.endpoints) for g in slots[name])
-            yield Op("add-elements", family, name, sdef=set_defs[name],
-                     elements=(e for g in slots[name] for e in g.elements()))
-            stats.elements_added += size
-            st.map_sizes[name] = size
-        if hairpin:
-            yield Op("add-elements", family, "hairpin-endpoints",
-                     sdef=set_defs["hairpin-endpoints"],
-                     elements=(Element((ip, ip)) for ip in hairpin))
-            stats.elements_added += len(hairpin)
+        yield from _full_elements(fam, services, set_defs, st, stats)
         st.fixed = _fixed_digest(fam)
         st.services = {svc: o for svc, o in services.items() if o != _EMPTY}
 
@@ -280,13 +191,22 @@ class NftablesDataPlane:
 
     def _delete_stale(self, stats: SyncStats) -> None:
         """Delete flushed chains in a transaction of their own (see module docstring)."""
-        ops = [Op("delete-chain", f, name) for f in FAMILIES for name in sorted(self.stale[f])]
+        ops: list[Op] = [nft.DeleteChain(f, name) for f in FAMILIES
+                         for name in sorted(self.stale[f])]
         if not ops:
             return
         try:
             self.transport.commit(ops)
-        except DataPlaneError:
-            return  # still referenced for a moment (Linux < 6.2): the next sync retries
+        except TransactionError as err:
+            if err.errno == errno.EBUSY:
+                return  # still referenced for a moment (Linux < 6.2): the next sync retries
+            if err.errno != errno.ENOENT:
+                raise
+            # Some are gone already (someone else deleted them): retry with the rest.
+            for f in FAMILIES:
+                listing = self.transport.listing(f)
+                self.stale[f] &= listing.chains if listing else frozenset()
+            return
         stats.chains_deleted += len(ops)
         self.stale = {f: set() for f in FAMILIES}
 
@@ -314,20 +234,13 @@ class _Diff:
             else:
                 st.services[svc] = objs
         for name, deltas in self.shared.items():
-            counts = st.shared[name]
-            for ip, delta in deltas.items():
-                counts[ip] += delta
-                if counts[ip] <= 0:
-                    del counts[ip]
+            st.shared[name] += deltas  # in place; drops what falls to zero
         for key, owner in self.owners.items():
             if owner is None:
                 st.owners.pop(key, None)
             else:
                 st.owners[key] = owner
-        for name, delta in self.sizes.items():
-            st.map_sizes[name] += delta
-            if st.map_sizes[name] <= 0:
-                del st.map_sizes[name]
+        st.map_sizes += self.sizes
         for name, written in self.chains.items():
             if written:
                 self.stale.discard(name)
@@ -364,13 +277,12 @@ class _Diff:
             for chain in new.chains:
                 if old_chains.get(chain.name) == chain and not recreated:
                     continue
-                chain_ops += [Op("add-chain", family, chain.name, chain=chain),
-                              Op("flush-chain", family, chain.name)]
-                rule_ops += [Op("add-rule", family, chain.name, rule=r) for r in chain.rules]
+                chain_ops += [nft.AddChain(family, chain), nft.FlushChain(family, chain.name)]
+                rule_ops += [nft.AddRule(family, chain.name, r) for r in chain.rules]
                 self.chains[chain.name] = True
                 self.stats.chains_written += 1
             for name in sorted(old_chains.keys() - {c.name for c in new.chains}):
-                chain_ops.append(Op("flush-chain", family, name))
+                chain_ops.append(nft.FlushChain(family, name))
                 self.chains[name] = False
             new_sets = {s.name: s for s in new.sets}
             for name, sdef in new_sets.items():
@@ -395,15 +307,13 @@ class _Diff:
         out = list(chain_ops)
         for name in sorted(dels):
             if name not in del_sets:
-                out.append(Op("delete-elements", family, name, sdef=self.sdef(name),
-                              elements=tuple(dels[name])))
+                out.append(nft.DeleteElements(family, self.sdef(name), tuple(dels[name])))
                 self.stats.elements_deleted += len(dels[name])
-        out += [Op("delete-set", family, name) for name in sorted(del_sets)]
-        out += [Op("add-set", family, name, sdef=sdef) for name, sdef in sorted(add_sets.items())]
+        out += [nft.DeleteSet(family, name) for name in sorted(del_sets)]
+        out += [nft.AddSet(family, sdef) for _, sdef in sorted(add_sets.items())]
         out += rule_ops
         for name in sorted(adds):
-            out.append(Op("add-elements", family, name, sdef=self.sdef(name),
-                          elements=tuple(adds[name])))
+            out.append(nft.AddElements(family, self.sdef(name), tuple(adds[name])))
             self.stats.elements_added += len(adds[name])
         return out
 
@@ -450,17 +360,43 @@ class _Diff:
 _EMPTY = ServiceObjects()
 
 
-@contextlib.contextmanager
-def _paused_gc() -> Iterator[None]:
-    """Rendering and encoding allocate millions of objects and no cycles; the cyclic
-    collector rescanning them on the way costs ~10% of a full sync."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+def _full_elements(fam: FamilyRuleset, services: dict[NamespacedName, ServiceObjects],
+                   set_defs: dict[str, SetDef], st: _FamilyState, stats: SyncStats
+                   ) -> Iterator[Op]:
+    """Every element of a full sync: the fixed ones, then every Service's (the first
+    claim of a key wins); endpoint slots and hairpin pairs are spelled out while they
+    are encoded. Records owners, shared-element users and map sizes in ``st``."""
+    family = fam.family
+    seen: dict[str, dict[tuple[object, ...], Element]] = {}
+    for set_name, elem in fam.elements:
+        seen.setdefault(set_name, {}).setdefault(elem.key, elem)
+    slots: dict[str, list[EndpointSlots]] = {}
+    cluster_ips, hairpin = st.shared["cluster-ips"], st.shared["hairpin-endpoints"]
+    for svc, objs in services.items():
+        for set_name, elem in objs.elements:
+            if set_name in SHARED_SETS:
+                seen.setdefault(set_name, {}).setdefault(elem.key, elem)
+            elif elem.key not in seen.setdefault(set_name, {}):
+                seen[set_name][elem.key] = elem
+                st.owners[(set_name, elem.key)] = svc
+        cluster_ips.update(_cluster_ips(objs))
+        for group in objs.slots:
+            slots.setdefault(group.map, []).append(group)
+        hairpin.update(objs.hairpin_ips().keys())
+    for set_name in sorted(seen):
+        elems = tuple(seen[set_name].values())
+        yield nft.AddElements(family, set_defs[set_name], elems)
+        stats.elements_added += len(elems)
+    for name in sorted(slots):
+        size = sum(len(g.endpoints) for g in slots[name])
+        yield nft.AddElements(family, set_defs[name],
+                              (e for g in slots[name] for e in g.elements()))
+        stats.elements_added += size
+        st.map_sizes[name] = size
+    if hairpin:
+        yield nft.AddElements(family, set_defs["hairpin-endpoints"],
+                              (Element((ip, ip)) for ip in hairpin))
+        stats.elements_added += len(hairpin)
 
 
 def _counted(ops: Iterable[Op], stats: SyncStats) -> Iterator[Op]:
@@ -481,286 +417,3 @@ def _fixed_digest(fam: FamilyRuleset) -> str:
     """What the fixed part of a table looks like; a change forces a full sync."""
     text = repr((fam.chains, fam.sets, fam.elements))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-# -- the kernel ----------------------------------------------------------------------
-
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-CLONE_NEWNET = 0x40000000
-_HDR = struct.Struct("=IHHII")
-
-
-def find_netns(runner: Runner) -> str | None:
-    """The /run/netns path of the namespace the runner's commands run in, or None when
-    that is our own namespace. Raises DataPlaneError when it cannot be found."""
-    mine = os.stat("/proc/self/ns/net").st_ino
-    res = runner.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
-    try:
-        theirs = int(res.stdout.strip())
-    except ValueError:
-        raise DataPlaneError(f"cannot tell the runner's network namespace: {res.stderr!r}"
-                             ) from None
-    if theirs == mine:
-        return None
-    try:
-        names = os.listdir("/run/netns")
-    except OSError:
-        names = []
-    for name in names:
-        path = os.path.join("/run/netns", name)
-        try:
-            if os.stat(path).st_ino == theirs:
-                return path
-        except OSError:
-            continue
-    raise DataPlaneError("the runner's network namespace is not ours and has no name "
-                         "under /run/netns: refusing to guess where to write")
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-class NetlinkTransport:
-    """nf_tables over a NETLINK_NETFILTER socket, in a given network namespace."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        # Seconds the last transaction spent being encoded, and in the kernel.
-        self.encode_seconds = 0.0
-        self.kernel_seconds = 0.0
-
-    def _socket(self) -> socket.socket:
-        if self._sock is not None:
-            return self._sock
-        if self.netns is None:
-            sock = self._open()
-        else:
-            home = os.open("/proc/self/ns/net", os.O_RDONLY)
-            target = os.open(self.netns, os.O_RDONLY)
-            try:
-                _setns(target)
-                try:
-                    sock = self._open()
-                finally:
-                    _setns(home)
-            except OSError as err:
-                raise DataPlaneError(f"cannot open netlink in {self.netns}: {err}") from err
-            finally:
-                os.close(home)
-                os.close(target)
-        self._sock = sock
-        return sock
-
-    @staticmethod
-    def _open() -> socket.socket:
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        except OSError as err:
-            raise DataPlaneError(f"cannot open a netfilter netlink socket: {err}") from err
-        sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        return sock
-
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF
-        return self._seq
-
-    def commit(self, ops: Iterable[Op]) -> None:
-        if isinstance(ops, Sequence) and not ops:
-            return
-        sock = self._socket()
-        batch = _Batch()
-        what: dict[int, str] = {}
-        subsys = wire.NFNL_SUBSYS_NFTABLES
-        start = time.perf_counter()
-        try:
-            begin = self._next_seq()
-            batch.put(wire.MSG_BATCH_BEGIN, wire.F_REQUEST, begin, 0, b"",
-                      socket.htons(subsys))
-            what[begin] = "the transaction"
-            for msg in encode(ops):
-                seq = self._next_seq()
-                batch.put(subsys << 8 | msg.type, wire.F_REQUEST | msg.flags, seq,
-                          msg.family, msg.payload)
-                what[seq] = msg.what
-            batch.put(wire.MSG_BATCH_END, wire.F_REQUEST, self._next_seq(), 0, b"",
-                      socket.htons(subsys))
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, batch.size + 65536)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, batch.size + 65536)
-            # The kernel runs the whole batch inside sendmsg and queues its errors; a
-            # GETGEN request sent after it marks the end of what the batch produced.
-            probe = self._next_seq()
-            getgen = _HDR.pack(20, subsys << 8 | wire.GETGEN, wire.F_REQUEST, probe, 0) + \
-                struct.pack("BBH", 0, 0, 0)
-            sent = time.perf_counter()
-            self.encode_seconds = sent - start
-            with batch.view() as data:
-                sock.sendall(data)
-            sock.sendall(getgen)
-        except OSError as err:
-            raise DataPlaneError(f"nftables transaction not sent: {err}") from err
-        finally:
-            batch.close()
-        errors = [f"{what.get(seq, f'message {seq}')}: {os.strerror(code)}"
-                  for seq, code in self._replies(probe) if code]
-        self.kernel_seconds = time.perf_counter() - sent
-        if errors:
-            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            raise DataPlaneError(f"nftables transaction failed, nothing changed: "
-                                 f"{errors[0]}{more}")
-
-    def _replies(self, until: int) -> Iterator[tuple[int, int]]:
-        """(seq, -errno) of error messages, until the reply to ``until`` arrives."""
-        sock = self._socket()
-        while True:
-            try:
-                data = sock.recv(1 << 20)
-            except OSError as err:
-                raise DataPlaneError(f"reading nftables replies: {err}") from err
-            for msg_type, seq, body in _messages(data):
-                if msg_type == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", body)[0]
-                    if code:
-                        yield seq, code
-                    if seq == until:
-                        return
-                elif seq == until:
-                    return
-
-    def listing(self, family: str) -> Listing | None:
-        fam = wire.FAMILIES[family]
-        tables = {wire.parse_attrs(b)[1].rstrip(b"\0").decode()
-                  for b in self._dump(wire.GETTABLE, fam)}
-        if TABLE not in tables:
-            return None
-        chains = frozenset(
-            a[3].rstrip(b"\0").decode() for b in self._dump(wire.GETCHAIN, fam)
-            if (a := wire.parse_attrs(b)).get(1, b"").rstrip(b"\0").decode() == TABLE)
-        sets = frozenset(
-            a[2].rstrip(b"\0").decode() for b in self._dump(wire.GETSET, fam)
-            if (a := wire.parse_attrs(b)).get(1, b"").rstrip(b"\0").decode() == TABLE)
-        return Listing(chains, sets)
-
-    def _dump(self, msg_type: int, family: int, payload: bytes = b"") -> list[bytes]:
-        """The bodies (attributes) of the objects a GET* dump returns."""
-        sock = self._socket()
-        seq = self._next_seq()
-        req = _HDR.pack(20 + len(payload), wire.NFNL_SUBSYS_NFTABLES << 8 | msg_type,
-                        wire.F_REQUEST | wire.F_DUMP, seq, 0) + \
-            struct.pack("BBH", family, 0, 0) + payload
-        sock.sendall(req)
-        out: list[bytes] = []
-        while True:
-            data = sock.recv(1 << 20)
-            for kind, got_seq, body in _messages(data):
-                if got_seq != seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", body)[0]
-                    if code in (0, errno.ENOENT):
-                        return out
-                    raise DataPlaneError(f"listing nftables objects: {os.strerror(code)}")
-                out.append(body[4:])  # skip the nfgenmsg header
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-
-class _Batch:
-    """A netlink batch written straight into anonymous memory: a full sync at 10,000
-    Services is ~25 MB, and only the pages written are ever resident."""
-
-    def __init__(self, capacity: int = 1 << 24) -> None:
-        # Private: a shared anonymous mapping cannot grow (SIGBUS past its first size).
-        self.buf = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.size = 0
-
-    def put(self, msg_type: int, flags: int, seq: int, family: int, payload: bytes,
-            res_id: int = 0) -> None:
-        length = 20 + len(payload)
-        end = self.size + ((length + 3) & ~3)
-        if end > len(self.buf):
-            self.buf.resize(max(end, 2 * len(self.buf)))
-        _HDR.pack_into(self.buf, self.size, length, msg_type, flags, seq, 0)
-        struct.pack_into("BBH", self.buf, self.size + 16, family, 0, res_id)
-        self.buf[self.size + 20:self.size + length] = payload
-        self.size = end
-
-    def view(self) -> memoryview:
-        return memoryview(self.buf)[:self.size]
-
-    def close(self) -> None:
-        if not self.buf.closed:
-            self.buf.close()
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    i = 0
-    while i + 16 <= len(data):
-        length, kind, _, seq, _ = _HDR.unpack_from(data, i)
-        if length < 16:
-            break
-        yield kind, seq, data[i + 16:i + length]
-        i += (length + 3) & ~3
-
-
-def encode(ops: Iterable[Op]) -> Iterator[wire.Message]:
-    """The netlink messages of a transaction, in order."""
-    codecs: dict[tuple[str, str], wire.ElementCodec] = {}
-    items: dict[tuple[str, Item], bytes] = {}
-    set_id = 0
-    for op in ops:
-        f = op.family
-        if op.kind == "add-table":
-            yield wire.table_msg(f, TABLE, TABLE_COMMENT)
-        elif op.kind == "delete-table":
-            yield wire.del_table_msg(f, TABLE)
-        elif op.kind == "add-chain":
-            assert op.chain is not None
-            yield wire.chain_msg(f, TABLE, op.chain)
-        elif op.kind == "flush-chain":
-            yield wire.chain_ref_msg(wire.DELRULE, f, TABLE, op.name)
-        elif op.kind == "delete-chain":
-            yield wire.chain_ref_msg(wire.DELCHAIN, f, TABLE, op.name)
-        elif op.kind == "add-rule":
-            assert op.rule is not None
-            yield wire.rule_msg(f, TABLE, op.name, op.rule, items)
-        elif op.kind == "add-set":
-            assert op.sdef is not None
-            set_id += 1
-            yield wire.set_msg(f, TABLE, op.sdef, set_id)
-        elif op.kind == "flush-set":
-            yield wire.set_ref_msg(wire.DELSETELEM, f, TABLE, op.name)
-        elif op.kind == "delete-set":
-            yield wire.set_ref_msg(wire.DELSET, f, TABLE, op.name)
-        elif op.kind in ("add-elements", "delete-elements"):
-            assert op.sdef is not None
-            codec = codecs.get((f, op.name))
-            if codec is None or codec.sdef != op.sdef:
-                codec = codecs[(f, op.name)] = wire.ElementCodec(op.sdef)
-            kind = wire.NEWSETELEM if op.kind == "add-elements" else wire.DELSETELEM
-            yield from wire.element_msgs(kind, f, TABLE, codec, op.elements)
-        else:  # pragma: no cover
-            raise ValueError(f"unknown operation {op.kind}")

@@ -11,15 +11,16 @@ the real proxy daemon (``kubeproxy run``). See docs/lab.md.
 The pieces, pure first:
 
 ``manifest``   raw YAML documents -> typed records (validated; errors name object + field)
-``topology``   records -> a complete plan: IP/port allocation, namespaces, links, routes
+``layout``     records -> a complete plan: IP/port allocation, namespaces, links, routes
 ``controller`` Pods + Services + Nodes -> EndpointSlices, as kube-controller-manager does
 ``objects``    the plan as API objects (``lab up``); the Pod status kubelet would write
 ``view``       the running lab as the API describes it (find a pod, a ClusterIP, ...)
-``diagram``    rules read from a node -> an SVG of the packet's path
+``diagram``    a node's views + its mode's chain names -> an SVG of the packet's path
+``nodeviews``  a lab node's views, from its API server, as its proxy decides them
 ``netns``      the one adapter that runs ``ip netns`` / ``ip link`` / ``ip addr`` / sysctl
 ``network``    plan -> namespaces and links (base network at up; one Pod at a time)
 ``api``        the lab's client of its API server (get, list, watch, create, update, delete)
-``informer``   a list+watch cache of one kind of raw object
+``watchcache`` a list+watch cache of one kind of raw object
 ``kubelet``    Pods bound to lab nodes -> namespaces, IPs, servers, pod status
 ``agent``      the per-lab process: kubelet, scheduler, LB and endpoint controllers
 ``converge``   waiting until the API's state is in every node's rules (bounded)

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``lab up`` starts it detached in the root namespace (``python -m kubeproxy.lab.agent
 --name LAB``); it talks to the lab's API server on 127.0.0.1 with the lab's kubeconfig.
-Four informers (``informer.py``) keep caches of Pods, Services, Nodes and EndpointSlices
+Four watch caches (``watchcache.py``) keep caches of Pods, Services, Nodes and EndpointSlices
 and wake the main thread, which is the only one that acts. Each *pass* reads the caches
 and makes the world match them:
 
@@ -47,15 +47,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import controller, network, objects
-from kubeproxy.lab.api import JSON, ApiError, LabApi
+from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
-from kubeproxy.lab.informer import Informer
 from kubeproxy.lab.kubelet import Kubelet, ServerStarter, Work, parse_pods
+from kubeproxy.lab.layout import LB_POOL
 from kubeproxy.lab.manifest import Service, parse_node, parse_service
 from kubeproxy.lab.netns import Netns
-from kubeproxy.lab.state import DEFAULT_BASE, LabState, Store, write_atomic
-from kubeproxy.lab.topology import LB_POOL
+from kubeproxy.lab.state import DEFAULT_BASE, LabState, LabStore, write_atomic
+from kubeproxy.lab.watchcache import WatchCache
+from kubeproxy.queues import drain
 
 log = logging.getLogger("kubeproxy.lab.agent")
 KINDS = ("Pod", "Service", "Node", "EndpointSlice")
@@ -95,7 +97,7 @@ class AgentStatus:
 class Agent:
     def __init__(
         self,
-        store: Store,
+        store: LabStore,
         state: LabState,
         api: LabApi,
         net: Netns,
@@ -107,7 +109,7 @@ class Agent:
         self.net = net
         self.kubelet = Kubelet(state.name, store, net, state.nodes, api, servers=servers)
         self.queue: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
-        self.informers = {k: Informer(api, k, self._notify) for k in KINDS}
+        self.caches = {k: WatchCache(api, k, self._notify) for k in KINDS}
         self.proxy_event = 0.0
         self.idle = False
         self.errors: list[str] = []
@@ -116,7 +118,7 @@ class Agent:
         self._written: AgentStatus | None = None
 
     def _notify(self, kind: str, changed: bool) -> None:
-        """Called by the informer threads."""
+        """Called by the watch caches' threads."""
         if changed and kind in PROXY_KINDS:
             self.proxy_event = time.time()
         self.queue.put((kind, changed))
@@ -135,12 +137,12 @@ class Agent:
             self.close()
 
     def start(self) -> None:
-        for informer in self.informers.values():
-            informer.start()
+        for cache in self.caches.values():
+            cache.start()
 
     def close(self) -> None:
-        for informer in self.informers.values():
-            informer.stop()
+        for cache in self.caches.values():
+            cache.stop()
 
     def step(self, timeout: float | None = None) -> bool:
         """One turn: False once stop() was called."""
@@ -155,11 +157,11 @@ class Agent:
     def _changed(self) -> bool:
         """Whether a cache changed since the last pass took its snapshot."""
         return any(
-            i.progress()[1] != self.acted.get(k, (0, -1))[1] for k, i in self.informers.items()
+            i.progress()[1] != self.acted.get(k, (0, -1))[1] for k, i in self.caches.items()
         )
 
     def _synced(self) -> bool:
-        return all(i.synced for i in self.informers.values())
+        return all(i.synced for i in self.caches.values())
 
     def _due(self) -> bool:
         now = time.time()
@@ -172,20 +174,12 @@ class Agent:
         wake = [t for t in (self.kubelet.next_deadline(), self.retry_at) if t is not None]
         if limit is not None:
             wake.append(time.time() + limit)
-        timeout = max(0.0, min(wake) - time.time()) if wake else None
-        items: list[tuple[str, bool] | None] = []
-        try:
-            items.append(self.queue.get(timeout=timeout))
-            while True:
-                items.append(self.queue.get_nowait())
-        except queue.Empty:
-            pass
-        return items
+        return drain(self.queue, max(0.0, min(wake) - time.time()) if wake else None)
 
     # ---- one pass
 
     def _pass(self) -> None:
-        snapshots = {k: i.snapshot() for k, i in self.informers.items()}
+        snapshots = {k: i.snapshot() for k, i in self.caches.items()}
         self.acted = {k: (s.resource_version, s.changes) for k, s in snapshots.items()}
         snap = {k: s.items for k, s in snapshots.items()}
         services = _parse_services(snap["Service"])
@@ -282,7 +276,7 @@ class Agent:
         """Per kind, the resourceVersion up to which every change was acted on: what the
         last pass saw, or (a bookmark later, if no change came since) the cache's now."""
         out = {}
-        for kind, informer in self.informers.items():
+        for kind, informer in self.caches.items():
             if kind not in self.acted:
                 continue
             rv, changes = informer.progress()
@@ -338,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname).1s %(name)s] %(message)s",
     )
-    store = Store(args.name, Path(args.base))
+    store = LabStore(args.name, Path(args.base))
     try:
         state = store.load()
         agent = Agent(store, state, LabApi.from_kubeconfig(store.kubeconfig), Netns())

@@ -17,12 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubeproxy.lab import diagram, topology
+from kubeproxy import modes
+from kubeproxy.lab import diagram, layout
 from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.layout import DEFAULT_CLUSTER_CIDR, DEFAULT_SERVICE_CIDR
 from kubeproxy.lab.manifest import load_documents, parse_objects
+from kubeproxy.lab.nodeviews import node_views
 from kubeproxy.lab.probe import format_table
 from kubeproxy.lab.runtime import LB_ALGORITHMS, MODES, Lab, UpOptions, read_files
-from kubeproxy.lab.topology import DEFAULT_CLUSTER_CIDR, DEFAULT_SERVICE_CIDR
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -133,7 +135,8 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     state = lab.state()
     plan = lab.plan(state)
     node = args.node or plan.nodes[0].name
-    svg = diagram.render(plan, lab.node_rules(node), mode=state.mode, node=node)
+    names = modes.get(state.mode).chain_names
+    svg = diagram.render(plan, node_views(lab, node), names, node=node, mode=state.mode)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(svg)
     print(f"wrote {args.output}")
@@ -195,7 +198,7 @@ def status_text(lab: Lab) -> str:
     return "\n".join(rows)
 
 
-def _pod_rows(lab: Lab, plan: topology.Plan) -> list[list[str]]:
+def _pod_rows(lab: Lab, plan: layout.Plan) -> list[list[str]]:
     listen = {p.key: p.listen for p in plan.pods}
     now = time.time()
     rows = []

@@ -21,11 +21,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.manifest import SERVICE_NAME_LABEL, Node, Pod, Service, ServicePort
-
-JSON = dict[str, Any]
 
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 CONTROLLER_NAME = "endpointslice-controller.k8s.io"

@@ -18,9 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from kubeproxy import modes
+from kubeproxy.dataplane.base import NetnsRunner
+from kubeproxy.dataplane.iptables import binaries, detect_backend
 from kubeproxy.lab import diagram
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import load_documents
+from kubeproxy.lab.nodeviews import node_views
 from kubeproxy.lab.probe import format_table
 from kubeproxy.lab.runtime import Lab, UpOptions, read_files
 
@@ -87,7 +91,7 @@ def main() -> int:
         _kubectl(lab)
         state = lab.state()
         node_ns = lab.plan(state).nodes[0].ns
-        binary = lab.iptables_binary(node_ns)
+        binary = binaries(4, detect_backend(NetnsRunner(node_ns)))[0]
         banner(f"ip netns exec {node_ns} {binary} -t nat -L KUBE-SERVICES -n")
         sys.stdout.flush()
         subprocess.run(
@@ -97,7 +101,9 @@ def main() -> int:
         out = Path("out") / "seed.svg"
         out.parent.mkdir(exist_ok=True)
         plan = lab.plan(state)
-        out.write_text(diagram.render(plan, lab.node_rules(), mode=state.mode, node="node-1"))
+        names = modes.get(state.mode).chain_names
+        out.write_text(diagram.render(plan, node_views(lab, "node-1"), names, node="node-1",
+                                      mode=state.mode))
         banner(f"wrote {out}: clients -> Service frontends -> chains -> pods")
     except LabError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)

@@ -1,236 +1,94 @@
-"""The flow the seed asks people to draw, from the live rules of a lab node, as SVG.
+"""The flow the seed asks people to draw, for one lab node, as SVG.
 
     clients -> Service frontends -> the node's chains -> Pods
 
-Rules are read from the node (``iptables-save`` or ``nft list table ip kube-proxy``) and
-parsed into one small graph: frontends (a ClusterIP, external or LB IP and port, or a
-NodePort) point at chains; chains point at chains, at a DNAT destination, or at a
-REJECT/DROP verdict. Chains are placed in columns by role (firewall, external, service,
-endpoint), so both modes draw the same picture. Pure: text in, SVG text out.
+Theory of operation
+-------------------
+The picture is drawn from the node's :class:`~kubeproxy.nodeview.NodeView`, the very
+decisions the node's proxy renders into rules, never from re-reading rule text:
+
+* frontends come from each :class:`~kubeproxy.nodeview.ServicePortView` (its ClusterIP,
+  NodePort, external IPs and load-balancer IPs);
+* edges follow the view's routes: ``internal`` for ClusterIP traffic, ``external`` for
+  the rest (``CLUSTER`` -> the service chain, ``LOCAL`` -> the local chain, ``DROP`` /
+  ``REJECT`` -> a verdict box), the firewall when source ranges apply, the endpoints
+  each policy chain selects, and endpoint -> Pod (``plan.pods`` by IP);
+* chain boxes carry the names the mode's renderer writes, given by ``names`` (the mode's
+  ``chain_names``, render/names.py), so the labels are the names ``iptables -t nat -L``
+  or ``nft list table`` shows, and a chain the mode does not write (nftables has no
+  per-endpoint chains) is not drawn.
+
+Chains are placed in columns by role (firewall, external, service, endpoint), so both
+modes draw the same picture. The SVG says what it draws: every box is a ``<g>`` with an
+``id`` and ``data-`` attributes (kind, role, chain, service, ip), every edge a ``<path>``
+with ``data-from`` / ``data-to``, so :func:`boxes_of` and :func:`edges_of` read the
+graph back (the tests check reachability on the drawn graph). Pure: views in, SVG out.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import shlex
+import xml.etree.ElementTree as ET
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
+from typing import NamedTuple
 
-from kubeproxy.lab.topology import Plan
+from kubeproxy.lab.layout import Plan, PodPlan
+from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.render.names import ChainNames
 
-# Chain role by name prefix -> column (both modes). Rows are tried in order.
-CHAIN_COLUMNS = (
-    ("KUBE-FW-", 0, "firewall"),
-    ("firewall-", 0, "firewall"),
-    ("KUBE-EXT-", 1, "external"),
-    ("KUBE-XLB-", 1, "external"),
-    ("external-", 1, "external"),
-    ("KUBE-SVC-", 2, "service"),
-    ("KUBE-SVL-", 2, "service"),
-    ("service-", 2, "service"),
-    ("local-", 2, "service"),
-    ("KUBE-SEP-", 3, "endpoint"),
-    ("endpoint-", 3, "endpoint"),
+# Columns, left to right: (column, header). Only the columns in use are drawn.
+COLUMNS: tuple[tuple[int, str], ...] = (
+    (0, "clients"),
+    (1, "Service frontends"),
+    (2, "firewall chains"),  # loadBalancerSourceRanges
+    (3, "external chains"),  # NodePort / external IP / LB traffic
+    (4, "service chains"),  # cluster (and node-local) endpoints
+    (5, "endpoint chains"),  # hairpin + DNAT, one per endpoint (iptables)
+    (6, "verdicts"),
+    (7, "Pods (DNAT)"),
 )
-MASQ_CHAINS = frozenset({"KUBE-MARK-MASQ", "mark-for-masquerade"})
-VERDICTS = frozenset({"REJECT", "DROP", "reject", "drop", "KUBE-MARK-DROP"})
-KIND_COLORS = {
+# Chain role -> column.
+ROLE_COLUMNS = {"firewall": 2, "external": 3, "service": 4, "local": 4, "endpoint": 5}
+COLORS = {
     "ClusterIP": "#dbeafe",
     "NodePort": "#dcfce7",
     "External": "#ffedd5",
+    "LoadBalancer": "#ffedd5",
     "client": "#f3f4f6",
     "firewall": "#fee2e2",
     "external": "#fef9c3",
     "service": "#e0e7ff",
+    "local": "#c7d2fe",
     "endpoint": "#ede9fe",
     "pod": "#d1fae5",
     "verdict": "#fecaca",
 }
+PODS_CLIENT = "client:pods"
+EXTERNAL_CLIENT = "client:external"
+LOCAL_SOURCE = "local-source"  # edge taken only by pods and the node itself
+NamesOf = Callable[[ServicePortView], ChainNames]
 
 
-@dataclass
-class Frontend:
-    label: str  # "10.96.0.10:80/tcp" or "NodePort 30080/tcp"
-    kind: str  # ClusterIP, NodePort, External
-    note: str  # service name / comment
-    target: str  # chain or verdict
+class Edge(NamedTuple):
+    src: str  # box ids
+    dst: str
+    label: str = ""
+    traffic: str = ""  # "" for all traffic, LOCAL_SOURCE for pod/node traffic only
 
 
-@dataclass
-class Chain:
-    name: str
-    note: str = ""
-    masquerade: str = ""  # when it marks for masquerade, in words
-    edges: list[tuple[str, str]] = field(default_factory=list)  # (target, label)
-    dnat: list[str] = field(default_factory=list)  # ip:port
+class Box(NamedTuple):
+    """A box as drawn: its id, ``data-`` attributes (without the prefix), text lines and
+    title (a chain's full name)."""
+
+    id: str
+    data: Mapping[str, str]
+    lines: tuple[str, ...]
+    title: str = ""
 
 
-@dataclass
-class Graph:
-    frontends: list[Frontend] = field(default_factory=list)
-    chains: dict[str, Chain] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- parsing
-
-
-def parse_iptables(save: str, service_cidr: str) -> Graph:
-    """iptables-save text (nat and filter tables) -> graph."""
-    graph = Graph()
-    table = ""
-    svc_net = ipaddress.ip_network(service_cidr)
-    for line in save.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-            continue
-        if not line.startswith("-A "):
-            continue
-        args = shlex.split(line)
-        chain, opts = args[1], _options(args[2:])
-        target = opts.get("-j", "")
-        comment = opts.get("--comment", "")
-        if table == "nat" and chain == "KUBE-SERVICES" and "-d" in opts and target:
-            ip = opts["-d"].split("/")[0]
-            kind = "ClusterIP" if _in(ip, svc_net) else "External"
-            label = f"{ip}:{opts.get('--dport', '*')}/{opts.get('-p', 'all')}"
-            graph.frontends.append(Frontend(label, kind, _service_of(comment), target))
-        elif table == "nat" and chain == "KUBE-NODEPORTS" and target:
-            label = f"NodePort {opts.get('--dport', '*')}/{opts.get('-p', 'all')}"
-            graph.frontends.append(Frontend(label, "NodePort", _service_of(comment), target))
-        elif table == "filter" and target in VERDICTS and "--dport" in opts:
-            if chain in ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS"):
-                dst = opts.get("-d", "").split("/")[0]
-                if dst:
-                    kind = "ClusterIP" if _in(dst, svc_net) else "External"
-                    label = f"{dst}:{opts['--dport']}/{opts.get('-p', 'all')}"
-                else:
-                    kind, label = "NodePort", f"NodePort {opts['--dport']}/{opts.get('-p', 'all')}"
-                graph.frontends.append(Frontend(label, kind, _service_of(comment), target))
-        elif table == "nat" and _column(chain) is not None:
-            node = graph.chains.setdefault(chain, Chain(chain))
-            node.note = node.note or _service_of(comment)
-            if target in MASQ_CHAINS:
-                node.masquerade = _masq_reason(line)
-            elif target == "DNAT":
-                node.dnat.append(opts.get("--to-destination", "?"))
-            elif target and target != "RETURN":
-                prob = opts.get("--probability")
-                node.edges.append((target, f"p={float(prob):.2f}" if prob else ""))
-    return graph
-
-
-def _options(args: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-"):
-            out.setdefault(args[i], args[i + 1])
-            i += 2
-        else:
-            i += 1
-    return out
-
-
-_NFT_CHAIN = re.compile(r"^\s*chain (\S+) \{")
-_NFT_JUMP = re.compile(r"\b(?:goto|jump) ([^\s,}]+)")
-_NFT_DNAT = re.compile(r"\bdnat (?:ip )?to ([0-9.]+(?::[0-9]+)?)")
-_NFT_IP_ELEM = re.compile(
-    r"([0-9.]+) \. (tcp|udp|sctp) \. ([0-9]+) : (?:goto|jump) ([^\s,}]+|drop|reject)"
-)
-_NFT_PORT_ELEM = re.compile(r"(tcp|udp|sctp) \. ([0-9]+) : (?:goto|jump) ([^\s,}]+)")
-
-
-def parse_nftables(text: str, service_cidr: str) -> Graph:
-    """``nft list table ip kube-proxy`` text -> graph."""
-    graph = Graph()
-    svc_net = ipaddress.ip_network(service_cidr)
-    block, name = "", ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        m = _NFT_CHAIN.match(line)
-        if m:
-            block, name = "chain", m.group(1)
-            if _column(name) is not None:
-                graph.chains[name] = Chain(name, note=_nft_service(name))
-            continue
-        if stripped.startswith("map "):
-            block, name = "map", stripped.split()[1]
-            continue
-        if block == "map" and name in ("service-ips", "no-endpoint-services"):
-            for ip, proto, port, target in _NFT_IP_ELEM.findall(line):
-                kind = "ClusterIP" if _in(ip, svc_net) else "External"
-                graph.frontends.append(
-                    Frontend(f"{ip}:{port}/{proto}", kind, _nft_service(target), target)
-                )
-        elif block == "map" and name in ("service-nodeports", "no-endpoint-nodeports"):
-            for proto, port, target in _NFT_PORT_ELEM.findall(line):
-                graph.frontends.append(
-                    Frontend(f"NodePort {port}/{proto}", "NodePort", _nft_service(target), target)
-                )
-        elif block == "chain" and name in graph.chains:
-            chain = graph.chains[name]
-            for target in _NFT_JUMP.findall(line):
-                if target in MASQ_CHAINS:
-                    chain.masquerade = _masq_reason(line)
-                elif (target, "") not in chain.edges:
-                    chain.edges.append((target, ""))
-            chain.dnat += _NFT_DNAT.findall(line)
-            if re.search(r"\b(drop|reject)\b", stripped) and not chain.edges:
-                chain.edges.append(("drop" if "drop" in stripped else "reject", ""))
-    return graph
-
-
-def _masq_reason(rule: str) -> str:
-    if "! -s " in rule or "saddr !=" in rule:
-        return "masq. if from outside cluster"
-    if " -s " in rule or "saddr " in rule:
-        return "masq. if hairpin"
-    return "masquerade"
-
-
-def _nft_service(chain: str) -> str:
-    # service-ULMVA6XW-ns1/svc1/tcp/p80 -> ns1/svc1 p80
-    parts = chain.split("-", 2)
-    if len(parts) < 3:
-        return ""
-    spec = parts[2].split("__")[0].split("/")
-    return f"{spec[0]}/{spec[1]}:{spec[3]}" if len(spec) >= 4 else parts[2]
-
-
-def _service_of(comment: str) -> str:
-    """The "ns/name:port" a kube-proxy rule comment is about, if any."""
-    for word in comment.split():
-        if "/" in word and not word[0].isdigit():
-            return word
-    return ""
-
-
-def _in(ip: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    try:
-        return ipaddress.ip_address(ip) in net
-    except ValueError:
-        return False
-
-
-def _column(chain: str) -> int | None:
-    for prefix, column, _ in CHAIN_COLUMNS:
-        if chain.startswith(prefix):
-            return column
-    return None
-
-
-def _role(chain: str) -> str:
-    for prefix, _, role in CHAIN_COLUMNS:
-        if chain.startswith(prefix):
-            return role
-    return "verdict"
-
-
-# ---------------------------------------------------------------- drawing
-
-BOX_W, BOX_H, COL_GAP, ROW_GAP, TOP = 230, 50, 70, 12, 70
+# ---------------------------------------------------------------- the graph
 
 
 @dataclass
@@ -239,68 +97,175 @@ class _Box:
     lines: list[str]
     color: str
     column: int
+    data: dict[str, str]
+    title: str = ""
     x: float = 0
     y: float = 0
 
 
-def render(plan: Plan, rules: str, *, mode: str, node: str) -> str:
-    parse = parse_nftables if mode == "nftables" else parse_iptables
-    return draw(parse(rules, plan.service_cidr), plan, node=node, mode=mode)
+@dataclass
+class _Graph:
+    pods_by_ip: Mapping[str, PodPlan]
+    boxes: dict[str, _Box] = field(default_factory=dict)
+    edges: dict[Edge, None] = field(default_factory=dict)  # ordered, each once
 
-
-def draw(graph: Graph, plan: Plan, *, node: str, mode: str) -> str:
-    pods_by_ip = {p.ip: p for p in plan.pods}
-    boxes: dict[str, _Box] = {}
-    edges: list[tuple[str, str, str]] = []
-
-    def box(key: str, lines: list[str], color: str, column: int) -> str:
-        boxes.setdefault(key, _Box(key, lines, color, column))
+    def box(self, key: str, lines: list[str], color: str, column: int, **data: str) -> str:
+        self.boxes.setdefault(key, _Box(key, lines, color, column, data))
         return key
 
-    pods_client = box("client:pods", ["Pods", plan.cluster_cidr], KIND_COLORS["client"], 0)
-    ext_client = box(
-        "client:external",
-        ["external client", ", ".join(plan.external.clients)],
-        KIND_COLORS["client"],
-        0,
-    )
-    reachable: deque[str] = deque()
-    for fe in graph.frontends:
-        key = box(f"fe:{fe.label}", [fe.label, fe.note], KIND_COLORS[fe.kind], 1)
-        edges.append((pods_client if fe.kind == "ClusterIP" else ext_client, key, ""))
-        edges.append((key, fe.target, ""))
-        reachable.append(fe.target)
-    seen: set[str] = set()
-    while reachable:
-        name = reachable.popleft()
-        if name in seen:
+    def edge(self, src: str, dst: str, label: str = "", traffic: str = "") -> None:
+        self.edges.setdefault(Edge(src, dst, label, traffic), None)
+
+    def chain(self, name: str, role: str, spv: ServicePortView, note: str = "") -> str:
+        key = f"chain:{name}"
+        if key not in self.boxes:
+            lines = [*_name_lines(name), note or str(spv.name)]
+            self.box(key, lines[:3], COLORS[role], ROLE_COLUMNS[role], kind="chain",
+                     role=role, chain=name, service=str(spv.name))
+            self.boxes[key].title = name
+        return key
+
+    def verdict(self, route: Route) -> str:
+        word = "REJECT" if route is Route.REJECT else "DROP"
+        why = "no endpoints" if route is Route.REJECT else "no local endpoints / refused"
+        return self.box(f"verdict:{word}", [word, why], COLORS["verdict"], 6, kind="verdict",
+                        verdict=word)
+
+    def pod(self, ep: EndpointView) -> str:
+        pod = self.pods_by_ip.get(ep.addr)
+        lines = [pod.key, f"{ep.addr} on {pod.node}"] if pod else [ep.addr, "(not a lab pod)"]
+        data = {"pod": pod.key} if pod else {}
+        return self.box(f"pod:{ep.addr}", lines, COLORS["pod"], 7, kind="pod", ip=ep.addr,
+                        **data)
+
+
+def render(plan: Plan, views: Sequence[NodeView], names: NamesOf, *, node: str,
+           mode: str) -> str:
+    """The SVG of ``node``'s flow: its views, chains named by ``names`` (the mode's)."""
+    g = _Graph({p.ip: p for p in plan.pods})
+    g.box(PODS_CLIENT, ["Pods", plan.cluster_cidr], COLORS["client"], 0, kind="client")
+    g.box(EXTERNAL_CLIENT, ["external client", ", ".join(plan.external.clients)],
+          COLORS["client"], 0, kind="client")
+    for view in views:
+        for spv in view.services:
+            _service_port(g, view, spv, names(spv))
+    return _svg(g, title=f"lab {plan.lab}: node {node} ({mode} mode)")
+
+
+def _addr(ip: object, port: int, proto: str) -> str:
+    text = str(ip)
+    return f"[{text}]:{port}/{proto}" if ":" in text else f"{text}:{port}/{proto}"
+
+
+def _service_port(g: _Graph, view: NodeView, spv: ServicePortView, cn: ChainNames) -> None:
+    svc, proto = str(spv.name), spv.protocol
+
+    def frontend(label: str, kind: str, what: str) -> str:
+        return g.box(f"fe:{label}", [label, svc, what], COLORS[kind], 1, kind="frontend",
+                     frontend=kind, service=svc)
+
+    def policy(route: Route) -> str:
+        """Where a route leads: the service or local chain, or a verdict."""
+        if route is Route.CLUSTER and cn.service:
+            return g.chain(cn.service, "service", spv, _masq_note(view, spv, Route.CLUSTER))
+        if route is Route.LOCAL and cn.local:
+            return g.chain(cn.local, "local", spv, _masq_note(view, spv, Route.LOCAL))
+        if route in (Route.CLUSTER, Route.LOCAL):
+            raise ValueError(f"{svc}: route {route.value} but no {route.value} chain named")
+        return g.verdict(route)
+
+    # ClusterIP traffic.
+    fe = frontend(_addr(spv.cluster_ip, spv.port, proto), "ClusterIP", "ClusterIP")
+    g.edge(PODS_CLIENT, fe)
+    g.edge(fe, policy(spv.internal))
+    # External traffic: NodePort, external IPs, load-balancer IPs.
+    external: list[tuple[str, str, str, bool]] = []
+    if spv.node_port:
+        external.append((f"NodePort {spv.node_port}/{proto}", "NodePort", "NodePort", False))
+    external += [(_addr(ip, spv.port, proto), "External", "external IP", False)
+                 for ip in spv.external_ips]
+    external += [(_addr(ip, spv.port, proto), "LoadBalancer", "load-balancer IP", True)
+                 for ip in spv.load_balancer_ips]
+    ext = g.chain(cn.external, "external", spv, _external_note(spv)) if cn.external else None
+    fw = g.chain(cn.firewall, "firewall", spv, "allow source ranges") if cn.firewall else None
+    for label, kind, what, is_lb in external:
+        fe = frontend(label, kind, what)
+        g.edge(EXTERNAL_CLIENT, fe)
+        first = fw if is_lb and fw else ext
+        if first:
+            g.edge(fe, first)
+        if spv.external in (Route.DROP, Route.REJECT):
+            g.edge(fe, g.verdict(spv.external))
+    if fw:
+        ranges = ", ".join(str(r) for r in spv.source_ranges)
+        if ext:
+            g.edge(fw, ext, f"from {ranges}")
+        g.edge(fw, g.verdict(Route.DROP), "other sources")
+    if ext:
+        if spv.external_policy_local and cn.service:
+            # Pods and the node itself bypass the Local policy (upstream's short-circuit).
+            g.edge(ext, policy(Route.CLUSTER), "pods, node", LOCAL_SOURCE)
+        if spv.external in (Route.CLUSTER, Route.LOCAL):
+            g.edge(ext, policy(spv.external))
+    _endpoints(g, spv, cn)
+
+
+def _endpoints(g: _Graph, spv: ServicePortView, cn: ChainNames) -> None:
+    """Policy chain -> the endpoints it selects (through their chains, if any) -> Pods."""
+    for name, role, eps in ((cn.service, "service", spv.cluster_endpoints),
+                            (cn.local, "local", spv.local_endpoints)):
+        if name is None:
             continue
-        seen.add(name)
-        chain = graph.chains.get(name)
-        if chain is None:
-            box(name, [name], KIND_COLORS["verdict"], 6)
-            continue
-        column = 2 + (_column(name) or 0)
-        lines = [_short(name), chain.note] + ([chain.masquerade] if chain.masquerade else [])
-        box(name, lines, KIND_COLORS[_role(name)], column)
-        for target, label in chain.edges:
-            edges.append((name, target, label))
-            reachable.append(target)
-        for dest in chain.dnat:
-            ip = dest.split(":")[0]
-            pod = pods_by_ip.get(ip)
-            lines = [pod.key, f"{ip} on {pod.node}"] if pod else [ip, "(not a lab pod)"]
-            port = dest.partition(":")[2]
-            label = f"DNAT :{port}" if port else "DNAT"
-            edges.append((name, box(f"pod:{ip}", lines, KIND_COLORS["pod"], 7), label))
-    return _svg(boxes, edges, title=f"lab {plan.lab}: node {node} ({mode} mode)")
+        chain = g.chain(name, role, spv)
+        for ep in eps:
+            share = f"1/{len(eps)}" + ("" if ep.ready else " (terminating)")
+            sep = cn.endpoints.get(ep.target)
+            if sep is None:  # no per-endpoint chain: the policy chain DNATs
+                g.edge(chain, g.pod(ep), f"{share} DNAT :{ep.port}")
+                continue
+            sep_key = g.chain(sep, "endpoint", spv, "masq. if hairpin")
+            g.edge(chain, sep_key, share)
+            g.edge(sep_key, g.pod(ep), f"DNAT :{ep.port}")
 
 
-def _short(chain: str) -> str:
-    return chain if len(chain) <= 34 else chain[:31] + "..."
+def _masq_note(view: NodeView, spv: ServicePortView, route: Route) -> str:
+    """What the chain ClusterIP traffic enters marks for masquerade."""
+    if spv.internal is not route:
+        return str(spv.name)
+    if view.masquerade_all:
+        return "masquerade all"
+    if view.local_detector.implemented:
+        return "masq. if from outside cluster"
+    return str(spv.name)
 
 
-def _svg(boxes: dict[str, _Box], edges: list[tuple[str, str, str]], *, title: str) -> str:
+def _external_note(spv: ServicePortView) -> str:
+    return "masq. node's own traffic" if spv.external_policy_local else "masquerade"
+
+
+def _name_lines(name: str) -> list[str]:
+    """A chain name in at most two lines: nftables' long names split after the hash."""
+    if len(name) <= LINE_CHARS:
+        return [name]
+    prefix, _, rest = name.partition("-")
+    digest, _, rest = rest.partition("-")
+    head = f"{prefix}-{digest}-"
+    if rest and len(head) <= LINE_CHARS:
+        return [head, _cut(rest)]
+    return [_cut(name)]
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= LINE_CHARS else text[: LINE_CHARS - 3] + "..."
+
+
+# ---------------------------------------------------------------- drawing
+
+BOX_W, BOX_H, COL_GAP, ROW_GAP, TOP, LINE_CHARS = 230, 50, 70, 12, 70, 34
+
+
+def _svg(g: _Graph, *, title: str) -> str:
+    boxes = g.boxes
     columns = sorted({b.column for b in boxes.values()})
     x_of = {c: 20 + i * (BOX_W + COL_GAP) for i, c in enumerate(columns)}
     heights: dict[int, float] = {}
@@ -310,8 +275,7 @@ def _svg(boxes: dict[str, _Box], edges: list[tuple[str, str, str]], *, title: st
         heights[b.column] = heights.get(b.column, 0) + BOX_H + ROW_GAP
     width = 40 + len(columns) * (BOX_W + COL_GAP) - COL_GAP
     height = TOP + max(heights.values(), default=0) + 20
-    headers = {0: "clients", 1: "Service frontends", 6: "verdicts", 7: "Pods (DNAT)"}
-    headers.update({2 + c: f"{role} chains" for _, c, role in CHAIN_COLUMNS})
+    headers = dict(COLUMNS)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
         f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="monospace" font-size="11">',
@@ -325,34 +289,98 @@ def _svg(boxes: dict[str, _Box], edges: list[tuple[str, str, str]], *, title: st
         out.append(
             f'<text x="{x}" y="{TOP - 12}" font-weight="bold">{escape(headers[column])}</text>'
         )
-    for src, dst, label in edges:
-        if src not in boxes or dst not in boxes:
-            continue
-        a, b = boxes[src], boxes[dst]
-        x1, y1 = a.x + BOX_W, a.y + BOX_H / 2
-        x2, y2 = b.x, b.y + BOX_H / 2
-        if b.column <= a.column:  # same column (e.g. a fallback chain): loop around
-            x2, y2 = b.x + BOX_W, b.y + BOX_H / 2
-        mid = (x1 + x2) / 2 if b.column > a.column else x1 + 40
-        out.append(
-            f'<path d="M {x1:.0f} {y1:.0f} C {mid:.0f} {y1:.0f}, {mid:.0f} {y2:.0f}, '
-            f'{x2:.0f} {y2:.0f}" fill="none" stroke="#555" marker-end="url(#arrow)"/>'
-        )
-        if label:
-            out.append(
-                f'<text x="{x2 - 6:.0f}" y="{y2 - 4:.0f}" font-size="9" fill="#333" '
-                f'text-anchor="end">'
-                f"{escape(label)}</text>"
-            )
+    for edge in g.edges:
+        out += _edge_svg(boxes[edge.src], boxes[edge.dst], edge)
     for b in boxes.values():
-        out.append(
-            f'<rect x="{b.x}" y="{b.y}" width="{BOX_W}" height="{BOX_H}" rx="6" '
-            f'fill="{b.color}" stroke="#333"/>'
-        )
-        for i, text in enumerate(b.lines[:3]):
-            weight = ' font-weight="bold"' if i == 0 else ""
-            out.append(
-                f'<text x="{b.x + 8}" y="{b.y + 16 + i * 14}"{weight}>{escape(text[:36])}</text>'
-            )
+        out += _box_svg(b)
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _attr(value: str) -> str:
+    return escape(value, quote=True)
+
+
+def _edge_svg(a: _Box, b: _Box, edge: Edge) -> list[str]:
+    x1, y1 = a.x + BOX_W, a.y + BOX_H / 2
+    x2, y2 = b.x, b.y + BOX_H / 2
+    if b.column <= a.column:  # same column (e.g. a short-circuit): loop around
+        x2, y2 = b.x + BOX_W, b.y + BOX_H / 2
+    mid = (x1 + x2) / 2 if b.column > a.column else x1 + 40
+    dash = ' stroke-dasharray="4 3"' if edge.traffic else ""
+    traffic = f' data-traffic="{_attr(edge.traffic)}"' if edge.traffic else ""
+    out = [
+        f'<path class="edge" data-from="{_attr(edge.src)}" data-to="{_attr(edge.dst)}"'
+        f'{traffic} d="M {x1:.0f} {y1:.0f} C {mid:.0f} {y1:.0f}, {mid:.0f} {y2:.0f}, '
+        f'{x2:.0f} {y2:.0f}" fill="none" stroke="#555"{dash} marker-end="url(#arrow)"/>'
+    ]
+    if edge.label:
+        out.append(
+            f'<text x="{x2 - 6:.0f}" y="{y2 - 4:.0f}" font-size="9" fill="#333" '
+            f'text-anchor="end">{escape(edge.label)}</text>'
+        )
+    return out
+
+
+def _box_svg(b: _Box) -> list[str]:
+    data = "".join(f' data-{k}="{_attr(v)}"' for k, v in sorted(b.data.items()))
+    out = [f'<g class="box" id="{_attr(b.key)}"{data}>']
+    if b.title:
+        out.append(f"<title>{escape(b.title)}</title>")
+    out.append(
+        f'<rect x="{b.x}" y="{b.y}" width="{BOX_W}" height="{BOX_H}" rx="6" '
+        f'fill="{b.color}" stroke="#333"/>'
+    )
+    for i, text in enumerate(b.lines[:3]):
+        weight = ' font-weight="bold"' if i == 0 else ""
+        out.append(
+            f'<text x="{b.x + 8}" y="{b.y + 16 + i * 14}"{weight}>'
+            f"{escape(_cut(text))}</text>"
+        )
+    out.append("</g>")
+    return out
+
+
+# ---------------------------------------------------------------- reading it back
+
+_NS = "{http://www.w3.org/2000/svg}"
+
+
+def boxes_of(svg: str) -> dict[str, Box]:
+    """The boxes of a drawn diagram, by id."""
+    out: dict[str, Box] = {}
+    for g in ET.fromstring(svg).iter(f"{_NS}g"):
+        if g.get("class") != "box":
+            continue
+        data = {k[len("data-"):]: v for k, v in g.attrib.items() if k.startswith("data-")}
+        lines = tuple(t.text or "" for t in g.iter(f"{_NS}text"))
+        title = g.find(f"{_NS}title")
+        key = g.get("id", "")
+        out[key] = Box(key, data, lines, "" if title is None else title.text or "")
+    return out
+
+
+def edges_of(svg: str) -> list[Edge]:
+    """The edges of a drawn diagram (labels are not read back)."""
+    return [
+        Edge(p.get("data-from", ""), p.get("data-to", ""), "", p.get("data-traffic", ""))
+        for p in ET.fromstring(svg).iter(f"{_NS}path")
+        if p.get("class") == "edge"
+    ]
+
+
+def reachable(edges: Iterable[Edge], start: str, *, skip: Iterable[str] = ()) -> set[str]:
+    """Box ids reachable from ``start``, not following edges whose traffic is in skip."""
+    skipped = set(skip)
+    out: dict[str, list[str]] = {}
+    for e in edges:
+        if e.traffic not in skipped:
+            out.setdefault(e.src, []).append(e.dst)
+    seen = {start}
+    todo = deque([start])
+    while todo:
+        for nxt in out.get(todo.popleft(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen

@@ -34,14 +34,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
+from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import network, objects
-from kubeproxy.lab.api import JSON, ApiError, LabApi
+from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.layout import NodePlan, PodPlan, free_pod_ip, listen_ports, pod_plan
 from kubeproxy.lab.manifest import Pod, Service, parse_pod
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import SERVER_MODULE, kill, spawn
-from kubeproxy.lab.state import Store
-from kubeproxy.lab.topology import NodePlan, PodPlan, free_pod_ip, listen_ports, pod_plan
+from kubeproxy.lab.state import LabStore
 
 log = logging.getLogger("kubeproxy.lab.kubelet")
 READY_TIMEOUT = 20.0
@@ -90,7 +91,7 @@ class Kubelet:
     def __init__(
         self,
         lab: str,
-        store: Store,
+        store: LabStore,
         net: Netns,
         nodes: Sequence[NodePlan],
         api: LabApi,

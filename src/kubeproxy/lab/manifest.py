@@ -11,13 +11,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import yaml
 
+from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import ManifestError
-
-JSON = dict[str, Any]
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"

@@ -3,7 +3,7 @@
 Every command either names a lab namespace (``ip -n kpl-...``, ``ip netns exec kpl-...``)
 or manages lab namespaces themselves (``ip netns add/del/pids kpl-...``). The guard
 ``lab_namespace`` refuses any other name, so nothing here can touch the machine's root namespace
-or another tool's namespaces. Commands go through a ``Runner`` so tests can record them.
+or another tool's namespaces. Commands go through a ``Execute`` so tests can record them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kubeproxy.lab.errors import CommandError
 LAB_NS_PREFIX = "kpl-"
 
 
-class Runner(Protocol):
+class Execute(Protocol):
     def __call__(self, argv: Sequence[str], *, input: str | None = None) -> str:
         """Run argv; return stdout; raise CommandError on a non-zero exit."""
 
@@ -41,7 +41,7 @@ def lab_namespace(ns: str) -> str:
 class Netns:
     """iproute2, restricted to lab namespaces."""
 
-    def __init__(self, runner: Runner = run) -> None:
+    def __init__(self, runner: Execute = run) -> None:
         self._run = runner
 
     # -- namespaces

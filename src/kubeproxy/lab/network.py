@@ -1,4 +1,4 @@
-"""A topology plan -> iproute2 calls (through the Netns adapter), and back to nothing.
+"""A layout plan -> iproute2 calls (through the Netns adapter), and back to nothing.
 
 ``lab up`` builds the base network (``build_base``: switch, nodes, external client); the
 lab agent adds and removes Pods one by one (``add_pod``; a Pod's veth goes away with its
@@ -23,8 +23,7 @@ on; the masquerade rule gives it the node's cbr0 address as source.
 from __future__ import annotations
 
 from kubeproxy.lab.errors import CommandError, LabError
-from kubeproxy.lab.netns import Netns
-from kubeproxy.lab.topology import (
+from kubeproxy.lab.layout import (
     BRIDGE,
     LAB_CIDR,
     SWITCH_BRIDGE,
@@ -33,6 +32,7 @@ from kubeproxy.lab.topology import (
     Plan,
     PodPlan,
 )
+from kubeproxy.lab.netns import Netns
 
 LAB_IF = "eth0"
 

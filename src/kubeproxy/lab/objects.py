@@ -1,6 +1,6 @@
 """The lab's objects as the API server wants them, and the status the agent writes. Pure.
 
-``lab up`` plans the lab from the user's YAML (``topology.plan``: node CIDRs, pod nodes
+``lab up`` plans the lab from the user's YAML (``layout.plan``: node CIDRs, pod nodes
 and IPs, Service IPs and ports), then creates the objects through the API in dependency
 order: Namespaces, Nodes, Services, the user's EndpointSlices, Pods. What the plan
 decided travels with them so the lab is the same as it always was:
@@ -20,11 +20,9 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from typing import Any
 
-from kubeproxy.lab.topology import Plan
-
-JSON = dict[str, Any]
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab.layout import Plan
 
 POD_IP_ANNOTATION = "lab.kubeproxy.io/pod-ip"
 LAB_IMAGE = "kubeproxy.lab/podserver"

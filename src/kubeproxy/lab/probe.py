@@ -6,9 +6,20 @@ Run inside the source namespace (``lab probe`` does it with ``ip netns exec``)::
         [--timeout 1] [--source 203.0.113.130]
 
 It prints one JSON object (``ProbeResult.to_json``). Each answer is the pod server's JSON
-line; failures are sorted by kind: ``refused`` (RST or ICMP unreachable: the REJECT
-cases), ``timeout`` (no answer: the DROP cases), ``reset`` (connection reset or closed
-without an answer). Stdlib only, so it starts fast.
+line; failures are sorted by kind, so that a test can tell a REJECT from a DROP:
+
+``refused``      ECONNREFUSED: a TCP RST or an ICMP port-unreachable came back. This is
+                 what kube-proxy's REJECT sends (upstream iptables ``-j REJECT``, nftables
+                 ``reject``: both ICMP port-unreachable), so the REJECT cases.
+``timeout``      no answer at all within the timeout: the DROP cases (a packet dropped on
+                 the way, or a forwarded one dropped at the node).
+``unreachable``  EHOSTUNREACH / ENETUNREACH: no route, no neighbour, or an ICMP
+                 host/net-unreachable. Routing trouble, not a kube-proxy verdict.
+``denied``       EPERM / EACCES: the local stack refused to send (a DROP in the sender's
+                 own OUTPUT path fails at once with EPERM rather than timing out).
+``reset``        connection reset, closed without an answer, or anything else.
+
+Stdlib only, so it starts fast.
 """
 
 from __future__ import annotations
@@ -23,9 +34,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-REFUSED_ERRNOS = frozenset(
-    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM, errno.EACCES}
-)
+# errno -> failure kind; anything else (and a reset or a garbled answer) is "reset".
+FAILURE_ERRNOS: dict[int, str] = {
+    errno.ECONNREFUSED: "refused",  # RST, or ICMP port-unreachable: a REJECT
+    errno.EHOSTUNREACH: "unreachable",  # no neighbour, or ICMP host-unreachable
+    errno.ENETUNREACH: "unreachable",  # no route, or ICMP net-unreachable
+    errno.EPERM: "denied",  # a netfilter DROP on the sender's own OUTPUT path
+    errno.EACCES: "denied",  # the same, as some paths report it
+}
+FAILURE_KINDS = ("refused", "timeout", "unreachable", "denied", "reset")
+FIRST_KINDS = ("refused", "timeout", "reset")  # the probe's original three, always shown
 
 
 @dataclass(frozen=True)
@@ -35,37 +53,45 @@ class ProbeResult:
     refused: int = 0
     timeout: int = 0
     reset: int = 0
+    unreachable: int = 0
+    denied: int = 0
     backends: dict[str, int] = field(default_factory=dict)
     client_addresses: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        """The probe's output. ``failed`` always has the first kinds (refused, timeout,
+        reset); the later ones (unreachable, denied) only when they happened, so that a
+        result without them reads exactly as it did before they existed."""
         return {
             "sent": self.sent,
             "ok": self.ok,
-            "failed": {"refused": self.refused, "timeout": self.timeout, "reset": self.reset},
+            "failed": {k: n for k, n in self.failures().items() if n or k in FIRST_KINDS},
             "backends": dict(sorted(self.backends.items())),
             "client_addresses": list(self.client_addresses),
         }
 
+    def failures(self) -> dict[str, int]:
+        """Failure counts by kind, every kind present (in ``FAILURE_KINDS`` order)."""
+        return {kind: int(getattr(self, kind)) for kind in FAILURE_KINDS}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProbeResult:
+        """Parse ``to_json``'s output; a kind missing from ``failed`` (an older probe,
+        which had only refused/timeout/reset) counts 0."""
         failed = data["failed"]
         return cls(
             sent=int(data["sent"]),
             ok=int(data["ok"]),
-            refused=int(failed["refused"]),
-            timeout=int(failed["timeout"]),
-            reset=int(failed["reset"]),
+            **{kind: int(failed.get(kind, 0)) for kind in FAILURE_KINDS},
             backends={str(k): int(v) for k, v in data["backends"].items()},
             client_addresses=tuple(str(a) for a in data["client_addresses"]),
         )
 
 
 def format_table(result: ProbeResult, target: str) -> str:
-    lines = [
-        f"{target}: sent {result.sent}, ok {result.ok}, failed: refused {result.refused}, "
-        f"timeout {result.timeout}, reset {result.reset}"
-    ]
+    # The first kinds always (as before), the later ones only when they happened.
+    failed = [f"{k} {n}" for k, n in result.failures().items() if n or k in FIRST_KINDS]
+    lines = [f"{target}: sent {result.sent}, ok {result.ok}, failed: {', '.join(failed)}"]
     if result.backends:
         width = max(len("BACKEND"), *(len(b) for b in result.backends))
         lines.append(f"  {'BACKEND':<{width}}  ANSWERS")
@@ -80,11 +106,12 @@ def format_table(result: ProbeResult, target: str) -> str:
 # ---------------------------------------------------------------- the client
 
 
-def _classify(exc: BaseException) -> str:
+def classify(exc: BaseException) -> str:
+    """The failure kind of a socket error (see the module docstring)."""
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timeout"
-    if isinstance(exc, OSError) and exc.errno in REFUSED_ERRNOS:
-        return "refused"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return FAILURE_ERRNOS.get(exc.errno, "reset")
     return "reset"
 
 
@@ -118,7 +145,7 @@ def request(
                 sock.send(b"probe\n")
                 line = sock.recv(4096)
     except OSError as exc:
-        return _classify(exc)
+        return classify(exc)
     try:
         answer = json.loads(line)
     except ValueError:
@@ -144,9 +171,7 @@ def run_probe(
     return ProbeResult(
         sent=n,
         ok=sum(backends.values()),
-        refused=failures["refused"],
-        timeout=failures["timeout"],
-        reset=failures["reset"],
+        **{kind: failures[kind] for kind in FAILURE_KINDS},
         backends=dict(backends),
         client_addresses=tuple(sorted(clients, key=_ip_sort_key)),
     )

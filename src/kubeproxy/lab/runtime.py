@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``Lab`` is the Python API the CLI and the kernel tests share. A lab is four kinds of
 processes around one API server, all started detached by ``up`` and recorded by PID in
-the lab's ``Store`` (``/run/kubeproxy-lab/<name>/``):
+the lab's ``LabStore`` (``/run/kubeproxy-lab/<name>/``):
 
 ``kubeproxy.apiserver``  in the root namespace, on 127.0.0.1:<free port> (kubectl, the
                          agent, ``lab`` commands) and on 127.0.0.1:6443 *inside* each
@@ -17,7 +17,7 @@ the lab's ``Store`` (``/run/kubeproxy-lab/<name>/``):
                          daemon, watching the API and writing that node's rules;
 pod servers              one per Pod, inside the Pod's namespace, started by the agent.
 
-``up`` plans the network (topology), builds the namespaces that do not come and go
+``up`` plans the network (layout), builds the namespaces that do not come and go
 (switch, nodes, external client), starts the API server, creates the objects through it
 (objects.py), starts the agent and the proxies, and waits until every node's rules hold
 everything (converge.py). Changes (``set_pod_ready``, ``delete_pod``, and anything done
@@ -43,12 +43,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kubeproxy.lab import converge, network, objects, topology, view
+from kubeproxy import modes
+from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab import converge, layout, network, objects, view
 from kubeproxy.lab.agent import AgentStatus
-from kubeproxy.lab.api import JSON, ApiError, LabApi
+from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import CommandError, LabError, LabStateError
 from kubeproxy.lab.manifest import parse_objects
-from kubeproxy.lab.netns import Netns
+from kubeproxy.lab.netns import Netns, lab_namespace
 from kubeproxy.lab.probe import ProbeResult
 from kubeproxy.lab.processes import (
     AGENT_MODULE,
@@ -60,24 +63,33 @@ from kubeproxy.lab.processes import (
     python_env,
     spawn,
 )
-from kubeproxy.lab.state import DEFAULT_BASE, LabState, Processes, Store, write_atomic
+from kubeproxy.lab.state import DEFAULT_BASE, LabState, LabStore, Processes, write_atomic
 from kubeproxy.lab.view import LivePod
+from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.sources.kubeconfig import load_kubeconfig
 
 log = logging.getLogger("kubeproxy.lab")
-MODES = ("iptables", "nftables")
+MODES = modes.NAMES
 LB_ALGORITHMS = ("random", "round-robin")
 NODE_API_PORT = 6443  # the API server inside each node namespace, on 127.0.0.1
 BOOKMARK_INTERVAL = 0.2  # seconds; how closely the agent's caches follow the API
 START_TIMEOUT = 20.0
 
 
+def proxy_flags(state: LabState, node: str) -> list[str]:
+    """The flags of node ``node``'s ``kubeproxy run`` (besides its kubeconfig)."""
+    return ["--hostname-override", node, "--proxy-mode", state.mode,
+            "--cluster-cidr", state.cluster_cidr, "--lb-algorithm", state.lb_algorithm,
+            "--healthz-bind-address", f"127.0.0.1:{converge.HEALTHZ_PORT}",
+            "--metrics-bind-address", f"127.0.0.1:{converge.METRICS_PORT}"]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class UpOptions:
     mode: str = "iptables"
     lb_algorithm: str = "random"
-    cluster_cidr: str = topology.DEFAULT_CLUSTER_CIDR
-    service_cidr: str = topology.DEFAULT_SERVICE_CIDR
+    cluster_cidr: str = layout.DEFAULT_CLUSTER_CIDR
+    service_cidr: str = layout.DEFAULT_SERVICE_CIDR
     external_node: str | None = None
 
 
@@ -100,10 +112,10 @@ class Lab:
     def __init__(
         self, name: str = "lab", *, base: Path = DEFAULT_BASE, net: Netns | None = None
     ) -> None:
-        self.name = topology.check_lab_name(name)
-        self.store = Store(name, base)
+        self.name = layout.check_lab_name(name)
+        self.store = LabStore(name, base)
         self.net = net or Netns()
-        self.prefix = topology.ns_prefix(name)
+        self.prefix = layout.ns_prefix(name)
 
     # ------------------------------------------------------------ up / down
 
@@ -119,10 +131,10 @@ class Lab:
                     f"lab {self.name!r} is already up (or left over); "
                     f"run `kubeproxy lab down --name {self.name}` first"
                 )
-            plan = topology.plan(
+            plan = layout.plan(
                 self.name,
                 objects_,
-                topology.Options(options.cluster_cidr, options.service_cidr, options.external_node),
+                layout.Options(options.cluster_cidr, options.service_cidr, options.external_node),
             )
             bodies, statuses = objects.api_objects(plan, documents, time.time())
             state = LabState(
@@ -234,12 +246,7 @@ class Lab:
         for node in state.nodes:
             argv = [sys.executable, "-m", PROXY_MODULE, "run",
                     "--kubeconfig", str(self.store.node_kubeconfig),
-                    "--hostname-override", node.name, "--proxy-mode", state.mode,
-                    "--cluster-cidr", state.cluster_cidr,
-                    "--healthz-bind-address", f"127.0.0.1:{converge.HEALTHZ_PORT}",
-                    "--metrics-bind-address", f"127.0.0.1:{converge.METRICS_PORT}"]  # fmt: skip
-            if state.lb_algorithm != "random":
-                argv += ["--lb-algorithm", state.lb_algorithm]
+                    *proxy_flags(state, node.name)]  # fmt: skip
             log = self.store.log_file(f"proxy-{node.name}")
             proxies[node.name] = spawn(self.net.exec_argv(node.ns, argv), log).pid
         return self._record(state, proxies=proxies)
@@ -302,7 +309,7 @@ class Lab:
     def slices(self) -> list[JSON]:
         return self.api().list("EndpointSlice")[0]
 
-    def plan(self, state: LabState | None = None) -> topology.Plan:
+    def plan(self, state: LabState | None = None) -> layout.Plan:
         """The lab as it is now (its network plus what the API holds)."""
         state = state or self.state()
         api = self.api(state)
@@ -396,28 +403,15 @@ class Lab:
         return subprocess.run(self.net.exec_argv(ns, list(argv)), check=False, **kwargs).returncode
 
     def node_rules(self, node: str | None = None) -> str:
-        """The live rules of a node: ``iptables-save`` or the nftables kube-proxy table."""
+        """The live rules of a node, as its mode's own tools print them."""
         state = self.state()
         try:
             ns = state.node(node).ns if node else state.nodes[0].ns
         except KeyError:
             raise LabError(f"no node {node!r} in lab {self.name!r}") from None
-        if state.mode == "nftables":
-            argv = ["nft", "list", "table", "ip", "kube-proxy"]
-            return subprocess.run(
-                self.net.exec_argv(ns, argv), capture_output=True, text=True, check=False
-            ).stdout
-        binary = self.iptables_binary(ns)
-        return subprocess.run(
-            self.net.exec_argv(ns, [f"{binary}-save"]), capture_output=True, text=True, check=False
-        ).stdout
-
-    def iptables_binary(self, ns: str) -> str:
-        """The iptables variant (nft or legacy backend) that holds kube-proxy's rules."""
-        for binary in ("iptables", "iptables-nft", "iptables-legacy"):
-            argv = self.net.exec_argv(ns, [f"{binary}-save", "-t", "nat"])
-            with contextlib.suppress(OSError):
-                out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
-                if "KUBE-SERVICES" in out:
-                    return binary
-        return "iptables"
+        runner = NetnsRunner(lab_namespace(ns), timeout=60)
+        try:
+            return modes.get(state.mode).data_plane(runner, PlaneOptions()).rules()
+        except DataPlaneError as err:
+            raise LabError(f"reading the rules of node {node or state.nodes[0].name}: {err}"
+                           ) from err

@@ -21,12 +21,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
+from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import LabStateError
-from kubeproxy.lab.topology import ExternalPlan, NodePlan
+from kubeproxy.lab.layout import ExternalPlan, NodePlan
 
-JSON = dict[str, Any]
 DEFAULT_BASE = Path("/run/kubeproxy-lab")
 
 
@@ -86,7 +85,7 @@ class LabState:
 
 
 @dataclass(frozen=True)
-class Store:
+class LabStore:
     """The files of one lab."""
 
     name: str

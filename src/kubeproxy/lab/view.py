@@ -14,14 +14,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from kubeproxy.lab import controller, objects, topology
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab import controller, layout, objects
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import LabObjects, parse_node, parse_pod, parse_service
 from kubeproxy.lab.state import LabState
 
-JSON = dict[str, Any]
 T = TypeVar("T")
 log = logging.getLogger("kubeproxy.lab.view")
 
@@ -86,13 +86,13 @@ def live_plan(
     pods: Sequence[JSON],
     services: Sequence[JSON],
     slices: Sequence[JSON],
-) -> topology.Plan:
+) -> layout.Plan:
     """The lab's plan as it is now: its fixed network plus what the API holds."""
     parsed_services = _parse_all(parse_service, services)
     parsed_pods = _parse_all(parse_pod, pods)
     by_node = {n.name: n for n in state.nodes}
     pod_plans = tuple(
-        topology.pod_plan(state.name, p, by_node[p.node_name], parsed_services)
+        layout.pod_plan(state.name, p, by_node[p.node_name], parsed_services)
         for p in parsed_pods
         if p.node_name in by_node and p.pod_ip
     )
@@ -103,7 +103,7 @@ def live_plan(
         tuple(parsed_services),
         user_slices,
     )
-    return topology.Plan(
+    return layout.Plan(
         lab=state.name,
         switch_ns=state.switch_ns,
         nodes=state.nodes,
@@ -138,7 +138,7 @@ def namespace_of(state: LabState, pods: Sequence[LivePod], target: str) -> str:
     pod = find_pod(pods, target)
     if pod.node not in {n.name for n in state.nodes} or not pod.ip:
         raise LabError(f"Pod {pod.key} is not running ({pod.phase})")
-    return topology.pod_ns(state.name, pod.namespace, pod.name)
+    return layout.pod_ns(state.name, pod.namespace, pod.name)
 
 
 def address_of(

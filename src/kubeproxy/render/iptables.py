@@ -33,7 +33,7 @@ from functools import lru_cache
 
 from kubeproxy.config import LBAlgorithm
 from kubeproxy.model import IPAddress, IPNetwork, NamespacedName
-from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.nodeview import ClusterIPMasquerade, EndpointView, NodeView, Route, ServicePortView
 
 KUBE_SERVICES = "KUBE-SERVICES"
 KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
@@ -160,7 +160,7 @@ def jump_rule(jump: tuple[str, str, str, str]) -> str:
 def render(view: NodeView) -> Ruleset:
     r = _Renderer(view)
     r.render()
-    jumps = JUMPS + (LOCALHOST_JUMPS if r.localhost_guard else ())
+    jumps = JUMPS + (LOCALHOST_JUMPS if view.nodeports.localhost else ())
     return Ruleset(family=view.family, tables={"filter": r.filter, "nat": r.nat}, jumps=jumps,
                    owners=r.owners)
 
@@ -188,10 +188,11 @@ class _Renderer:
         self.filter: dict[str, list[str]] = {c: [] for c in TOP_CHAINS["filter"]}
         self.nat: dict[str, list[str]] = {c: [] for c in TOP_CHAINS["nat"]}
         self.owners: dict[str, NamespacedName] = {}
-        self.localhost_guard = view.localhost_nodeports and (
-            view.nodeports.match_all
-            or any(ip.is_loopback for ip in view.nodeports.addresses))
         self.not_local, self.local = _detector_matches(view)
+        # How the ClusterIP masquerade rule matches its source (None: no rule).
+        self.cluster_ip_masq = {ClusterIPMasquerade.ALL: ("", ""),
+                                ClusterIPMasquerade.NOT_LOCAL: self.not_local,
+                                ClusterIPMasquerade.NONE: None}[view.cluster_ip_masquerade]
 
     # -- fixed chains ---------------------------------------------------------------
 
@@ -218,9 +219,10 @@ class _Renderer:
             '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         ]
-        if self.localhost_guard:
+        if self.view.nodeports.localhost:
+            lo = self.view.nodeports.loopback
             self.filter[KUBE_FIREWALL] = [
-                '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment '
+                f'-A KUBE-FIREWALL ! -s {lo} -d {lo} -m comment --comment '
                 '"block incoming localnet connections" '
                 "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"]
 
@@ -230,17 +232,11 @@ class _Renderer:
         comment = f'-m comment --comment "{NODEPORTS_COMMENT}"'
         nodeports = self.view.nodeports
         if nodeports.match_all:
-            guard = ""
-            if self.view.family == 6:
-                guard = "! -d ::1/128 "
-            elif not self.view.localhost_nodeports:
-                guard = "! -d 127.0.0.0/8 "
+            guard = "" if nodeports.guard is None else f"! -d {nodeports.guard} "
             rules.append(f"-A KUBE-SERVICES {guard}{comment} -m addrtype --dst-type LOCAL "
                          "-j KUBE-NODEPORTS")
             return
-        for ip in nodeports.addresses:
-            if ip.is_loopback and not self.view.localhost_nodeports:
-                continue  # localhost NodePorts need route_localnet, IPv4 only
+        for ip in nodeports.destinations:
             rules.append(f"-A KUBE-SERVICES -d {ip}{self.host} {comment} -j KUBE-NODEPORTS")
 
     # -- one service port -----------------------------------------------------------
@@ -323,7 +319,7 @@ class _Renderer:
         if spv.uses_local_chain:
             chains[svl_chain] = []
         internal_chain = svc_chain if spv.internal is Route.CLUSTER else svl_chain
-        masq = ("", "") if self.view.masquerade_all else self.not_local
+        masq = self.cluster_ip_masq
         if spv.internal in (Route.CLUSTER, Route.LOCAL) and masq is not None:
             src, iface = masq
             chains[internal_chain].append(

@@ -63,7 +63,8 @@ to its map); 256 shared maps 3.5 s and ~25 ms per change. So:
 * The firewall chain spells ``ip saddr != { a, b } drop`` as ``ip saddr != a ip saddr
   != b drop`` (same meaning, no anonymous set).
 * Not implemented: the ``Drop traffic to unallocated ClusterIPs`` rule (there is no
-  --service-cidr flag). Localhost NodePorts are not offered, as upstream nftables.
+  --service-cidr flag). Localhost NodePorts are not offered, as upstream nftables: the
+  renderer reads the node view's ``NodePorts.without_localhost()``.
 
 The ruleset is lazy: :func:`render` indexes the views, and each Service's objects are
 built when first asked for, so a partial sync of one Service at 10,000 costs one
@@ -81,7 +82,14 @@ from typing import Literal, NamedTuple
 
 from kubeproxy.config import LBAlgorithm
 from kubeproxy.model import IPAddress, NamespacedName, ServicePortName
-from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.nodeview import (
+    ClusterIPMasquerade,
+    EndpointView,
+    NodePorts,
+    NodeView,
+    Route,
+    ServicePortView,
+)
 from kubeproxy.render.nft_ir import (
     PROTOCOL_NUMBERS,
     Chain,
@@ -370,11 +378,11 @@ def _family(view: NodeView) -> FamilyRuleset:
     addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
     sets = [SetDef(n, k.format(addr=addr), d, comment=c) for n, k, d, c in GLOBAL_SETS]
     elements: list[tuple[str, Element]] = []
-    if not view.nodeports.match_all:
+    nodeports = _nodeports(view)
+    if not nodeports.match_all:
         name, key, _, comment = NODEPORT_IPS
         sets.append(SetDef(name, key.format(addr=addr), comment=comment))
-        elements += [(name, Element((ip,))) for ip in view.nodeports.addresses
-                     if not ip.is_loopback]  # upstream nftables has no localhost NodePorts
+        elements += [(name, Element((ip,))) for ip in nodeports.destinations]
     return FamilyRuleset(family, view, _fixed_chains(view, family), tuple(sets),
                          tuple(elements))
 
@@ -393,17 +401,28 @@ def _collisions(view: NodeView) -> frozenset[ServicePortName]:
     return frozenset(out)
 
 
+def _nodeports(view: NodeView) -> NodePorts:
+    """Where NodePorts answer here: upstream nftables offers no localhost NodePorts."""
+    return view.nodeports.without_localhost()
+
+
+def _net(net: ipaddress.IPv4Network | ipaddress.IPv6Network
+         ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | IPAddress:
+    """A network as nft spells it: a single address without its prefix length."""
+    return net if net.prefixlen < net.max_prefixlen else net.network_address
+
+
 def _fixed_chains(view: NodeView, family: FamilyName) -> tuple[Chain, ...]:
     mark = view.masquerade_mark
     daddr, saddr = Field(f"{family} daddr"), Field(f"{family} saddr")
     frontend = (daddr, Field("meta l4proto"), Field("th dport"))
     l4 = (Field("meta l4proto"), Field("th dport"))
-    loopback = ipaddress.ip_network("127.0.0.0/8" if family == "ip" else "::1/128")
-    not_loopback = Cmp(daddr, loopback if family == "ip" else loopback.network_address,
-                       negate=True)
-    if view.nodeports.match_all:
-        to_node: tuple[Item, ...] = (Cmp(Field("fib daddr type"), "local"), not_loopback)
-        np_check: tuple[Item, ...] = (not_loopback,)
+    nodeports = _nodeports(view)
+    if nodeports.match_all:
+        guard = nodeports.guard
+        np_check: tuple[Item, ...] = () if guard is None else (Cmp(daddr, _net(guard),
+                                                                    negate=True),)
+        to_node: tuple[Item, ...] = (Cmp(Field("fib daddr type"), "local"), *np_check)
     else:
         to_node = np_check = (SetMatch((daddr,), "nodeport-ips"),)
     rules: dict[str, list[Rule]] = {name: [] for name, *_ in BASE_CHAINS}
@@ -461,6 +480,12 @@ class _Common:
             self.local = Cmp(Field("iifname"), det.interface + ("*" if det.prefix else ""))
         self.not_local = (Cmp(self.local.expr, self.local.value, negate=True)
                           if self.local else None)
+        # How the ClusterIP masquerade rule matches its source (None: no rule).
+        self.cluster_ip_masq: tuple[Item, ...] | None = None
+        if view.cluster_ip_masquerade is ClusterIPMasquerade.ALL:
+            self.cluster_ip_masq = ()
+        elif view.cluster_ip_masquerade is ClusterIPMasquerade.NOT_LOCAL and self.not_local:
+            self.cluster_ip_masq = (self.not_local,)
 
 
 class _ServiceRenderer:
@@ -538,10 +563,8 @@ class _ServiceRenderer:
             # routed here from anywhere; the reply must come back through this node).
             head: tuple[Item, ...] = (Cmp(self.daddr, spv.cluster_ip),
                                       Cmp(self.c.dport[spv.protocol], spv.port))
-            if self.view.masquerade_all:
-                masq.append(Rule((*head, self.c.masq)))
-            elif self.c.not_local is not None:
-                masq.append(Rule((*head, self.c.not_local, self.c.masq)))
+            if self.c.cluster_ip_masq is not None:
+                masq.append(Rule((*head, *self.c.cluster_ip_masq, self.c.masq)))
         internal = svc_chain if spv.internal is Route.CLUSTER else local_chain
         slots = 0
         for name, eps in ((svc_chain, spv.cluster_endpoints),

@@ -1,11 +1,14 @@
 """Packet tracers over rendered rules: "where does this packet go, and why".
 
-A tracer reads what a renderer produced (iptables-save text today) and follows one packet
-through it the way the kernel would, so flow tests can assert behaviour ("pod 10.0.0.2 ->
-172.30.0.41:80 reaches {10.180.0.1:80}, not masqueraded") instead of rule text.
+A tracer reads what a renderer produced (iptables-save text, an nftables script) and
+follows one packet through it the way the kernel would, so flow tests can assert
+behaviour ("pod 10.0.0.2 -> 172.30.0.41:80 reaches {10.180.0.1:80}, not masqueraded")
+instead of rule text. The packet's way through netfilter's hooks is one module
+(:mod:`.netfilter`); each mode adds only the walker of its own chains.
 """
 
 from kubeproxy.trace.iptables import RulesetParseError, trace_iptables
+from kubeproxy.trace.nftables import trace_nftables
 from kubeproxy.trace.result import (
     IPAddress,
     Packet,
@@ -24,4 +27,5 @@ __all__ = [
     "TraceResult",
     "Verdict",
     "trace_iptables",
+    "trace_nftables",
 ]

@@ -3,21 +3,23 @@
 Theory of operation. The ruleset text is parsed generically (:mod:`.iptables_parse`):
 every rule becomes matches and a target, with no idea of what a renderer meant, so a
 renderer bug shows up as a wrong answer instead of being papered over. Chains are parsed
-when the trace first enters them, so tracing through a huge dump stays cheap. The tracer
-then plays the kernel for the first packet of a NEW connection:
+when the trace first enters them, so tracing through a huge dump stays cheap.
 
-* locally originated (the source is a local or loopback address):
-  nat OUTPUT -> filter OUTPUT -> nat POSTROUTING;
-* otherwise: mangle PREROUTING -> nat PREROUTING -> routing on the (possibly DNATed)
-  destination -> filter INPUT if it is local, else filter FORWARD -> nat POSTROUTING.
+The packet's way through the hooks (prerouting, routing, input / forward, postrouting;
+output for packets the node sends, and back in on ``lo`` when it sends them to itself) is
+:mod:`.netfilter`'s, shared with the nftables tracer. This module is the iptables
+:class:`~kubeproxy.trace.netfilter.ChainWalker`: for each hook it runs the builtin chains
+of ``HOOK_TABLES`` (:mod:`.iptables_parse`) in order: mangle then nat in PREROUTING,
+filter in INPUT and FORWARD, nat then filter in OUTPUT, nat in POSTROUTING; the parser
+refuses rules in any other builtin chain, since the trace would silently skip them. When
+the connection's NAT is already decided (a packet coming back in on ``lo``), the nat
+table is skipped. A missing chain is empty with an ACCEPT policy.
 
-(``HOOK_TABLES`` in :mod:`.iptables_parse` is that list; the parser refuses rules in any
-other builtin chain, since the trace would silently skip them.) A missing chain is empty
-with an ACCEPT policy. Inside a table the walk is iptables' own: rules in order, ``-j``
-returns, ``-g`` returns to the caller's caller, RETURN or falling off a user chain resumes
-the caller, falling off a builtin chain applies its policy. DROP and REJECT end the
-packet; ACCEPT ends the table for this hook; DNAT, SNAT and MASQUERADE end the nat table
-for this hook. DNAT rewrites destination and port, so later hooks see the endpoint and
+Inside a table the walk is iptables' own: rules in order, ``-j`` returns, ``-g`` returns
+to the caller's caller, RETURN or falling off a user chain resumes the caller, falling
+off a builtin chain applies its policy. DROP and REJECT end the packet; ACCEPT ends the
+table for this hook; DNAT, SNAT and MASQUERADE end the nat table for this hook. DNAT
+rewrites destination and port (and so the route), so later hooks see the endpoint and
 conntrack status DNAT; MASQUERADE / SNAT mark the branch as masqueraded.
 
 Branches: ``statistic`` (random with probability below 1, nth with every above 1) and
@@ -26,12 +28,8 @@ explores both outcomes depth-first. Identical branches (same position, same pack
 state) are explored once, which keeps the usual kube-proxy chains linear; the walk still
 stops with :class:`TraceLimitError` past ``_MAX_STEPS`` steps or ``_MAX_DEPTH`` nested
 jumps, and refuses a jump into a chain it is already inside (a loop, which the kernel
-would refuse too) with a :class:`RulesetParseError` naming the line.
-
-Merging: the endpoints are the DNAT destinations of every branch that is delivered,
-masquerade is true if any delivered branch is masqueraded, the path lists the user chains
-in the order they were first entered, and if branches disagree on the verdict the most
-permissive wins (DNAT > ACCEPT > REJECT > DROP) and the explanation says so.
+would refuse too) with a :class:`RulesetParseError` naming the line. How branches merge
+into one answer is :mod:`.netfilter`'s too.
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ from kubeproxy.trace.iptables_parse import (
 )
 from kubeproxy.trace.iptables_rules import (
     Dnat,
-    Flow,
     Jump,
     NoOp,
     Rule,
@@ -57,14 +54,13 @@ from kubeproxy.trace.iptables_rules import (
     Standard,
     Tri,
 )
+from kubeproxy.trace.netfilter import End, Flow, Hook, HookRun, Routing, trace_journey
 from kubeproxy.trace.result import (
     IPAddress,
     Packet,
     TraceError,
     TraceLimitError,
     TraceResult,
-    Verdict,
-    format_endpoint,
 )
 
 __all__ = [
@@ -82,7 +78,6 @@ _TARGET_HOOKS: dict[str, frozenset[str]] = {
     "MASQUERADE": frozenset({"POSTROUTING"}),
     "REJECT": frozenset({"INPUT", "FORWARD", "OUTPUT"}),
 }
-_VERDICT_PRIORITY: tuple[Verdict, ...] = ("DROP", "REJECT", "ACCEPT", "DNAT")  # low to high
 _MAX_STEPS = 100_000  # chains entered plus branches explored, per trace
 _MAX_DEPTH = 64  # nested jumps
 
@@ -104,22 +99,8 @@ def trace_ruleset(
     ruleset: Ruleset, packet: Packet, local_addresses: frozenset[IPAddress]
 ) -> TraceResult:
     """Trace one packet through an already parsed ruleset (parse once, trace many)."""
-    return _Tracer(ruleset, local_addresses).run(packet)
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    verdict: Verdict
-    endpoint: str | None
-    masquerade: bool
-
-    def describe(self) -> str:
-        text: str = self.verdict
-        if self.endpoint is not None and self.verdict == "DNAT":
-            text += f" to {self.endpoint}"
-        elif self.endpoint is not None:
-            text += f" (after DNAT to {self.endpoint})"
-        return text + (", masqueraded" if self.masquerade else "")
+    routing = Routing(local_addresses)
+    return trace_journey(_Walker(ruleset, routing), packet, routing)
 
 
 @dataclass(frozen=True)
@@ -140,76 +121,50 @@ class _Frame:
         return f"{self.table}/{self.chain.name}" if self.chain.builtin else self.chain.name
 
 
-class _Tracer:
-    """One trace: holds the explanation, path and outcomes as they are found."""
+class _Walker:
+    """The iptables tables of one trace, walked one hook at a time (a ChainWalker)."""
 
-    def __init__(self, ruleset: Ruleset, local_addresses: frozenset[IPAddress]) -> None:
+    def __init__(self, ruleset: Ruleset, routing: Routing) -> None:
         self._ruleset = ruleset
-        self._local = local_addresses
+        self._routing = routing
         self._lines: list[str] = []
         self._path: dict[str, None] = {}
-        self._outcomes: dict[_Outcome, None] = {}
-        self._steps = 0
+        self._steps = 0  # over the whole trace
 
-    def run(self, packet: Packet) -> TraceResult:
-        local_origin = self._is_local(packet.src)
-        flow = Flow(
-            src=packet.src,
-            dst=packet.dst,
-            proto=packet.proto,
-            dport=packet.port,
-            sport=packet.src_port,
-            in_interface=None if local_origin else packet.in_interface,
-            mark=0,
-            dnat=False,
-            src_local=local_origin,
-            dst_local=self._is_local(packet.dst),
-            endpoint=None,
-            masquerade=False,
-        )
-        if local_origin:
-            self._say(0, f"packet {packet.describe()} originates on this node")
-            delivered = self._hook("POSTROUTING", self._hook("OUTPUT", [flow]))
-        else:
-            self._say(0, f"packet {packet.describe()} arrives on {packet.in_interface}")
-            routed = self._hook("PREROUTING", [flow])
-            local = [f for f in routed if f.dst_local]
-            forwarded = [f for f in routed if not f.dst_local]
-            for f in local:
-                self._say(0, f"routing: {f.dst} is local: deliver to this node (INPUT)")
-            for f in forwarded:
-                self._say(0, f"routing: {f.dst} is not local: forward (FORWARD, POSTROUTING)")
-            delivered = self._hook("INPUT", local)
-            delivered += self._hook("POSTROUTING", self._hook("FORWARD", forwarded))
-        for f in delivered:
-            self._finish(f, "DNAT" if f.dnat else "ACCEPT")
-        return self._result()
-
-    # --- hooks and tables ------------------------------------------------------------------
-
-    def _hook(self, hook: str, flows: list[Flow]) -> list[Flow]:
-        """Run each table of a hook over every branch; return the branches that pass."""
-        for table in HOOK_TABLES[hook]:
+    def run_hook(self, hook: Hook, flow: Flow, nat: bool) -> HookRun:
+        """Run each table of a hook over every branch, in order; NAT only if ``nat``."""
+        self._lines, self._path = [], {}
+        name = hook.upper()
+        ended: list[tuple[End, Flow]] = []
+        flows = [flow]
+        for table in HOOK_TABLES[name]:
+            if table == "nat" and not nat:
+                continue
             passed: dict[Flow, None] = {}
-            for flow in flows:
-                passed.update(dict.fromkeys(self._table(table, hook, flow)))
+            for f in flows:
+                for end, out in self._table(table, name, f):
+                    if end == "accept":
+                        passed.setdefault(out)
+                    else:
+                        ended.append((end, out))
             flows = list(passed)
-        return flows
+        exits = (*ended, *(("accept", f) for f in flows))
+        return HookRun(exits, tuple(self._lines), tuple(self._path))
 
-    def _table(self, table: str, hook: str, flow: Flow) -> list[Flow]:
+    def _table(self, table: str, hook: str, flow: Flow) -> list[tuple[End, Flow]]:
         chain = self._ruleset.chain(table, hook)
         if chain is None or (not chain.rules and chain.policy == "ACCEPT"):
-            return [flow]
+            return [("accept", flow)]
         self._say(0, f"{table}/{hook}: {flow.describe()}")
-        passed = []
+        ends: list[tuple[End, Flow]] = []
         for exit_flow, end in self._walk(_Frame(table, hook, chain, (hook,)), flow):
-            if end in ("DROP", "REJECT"):
-                self._finish(exit_flow, "DROP" if end == "DROP" else "REJECT")
-            elif end == "CONTINUE" and chain.policy == "DROP":
-                self._finish(exit_flow, "DROP")
+            if end == "DROP" or (end == "CONTINUE" and chain.policy == "DROP"):
+                ends.append(("drop", exit_flow))
+            elif end == "REJECT":
+                ends.append(("reject", exit_flow))
             else:
-                passed.append(exit_flow)
-        return passed
+                ends.append(("accept", exit_flow))
+        return ends
 
     # --- chains ----------------------------------------------------------------------------
 
@@ -318,14 +273,7 @@ class _Tracer:
                 f"line {rule.line}: DNAT to an IPv{address.version} address for an "
                 f"IPv{flow.dst.version} packet: {rule.text}"
             )
-        return replace(
-            flow,
-            dst=address,
-            dport=port,
-            dnat=True,
-            dst_local=self._is_local(address),
-            endpoint=format_endpoint(address, port),
-        )
+        return self._routing.dnat(flow, address, port)
 
     @staticmethod
     def _check_hook(target: str, frame: _Frame, rule: Rule) -> None:
@@ -338,9 +286,6 @@ class _Tracer:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _is_local(self, address: IPAddress) -> bool:
-        return address in self._local or address.is_loopback
-
     def _step(self) -> None:
         self._steps += 1
         if self._steps > _MAX_STEPS:
@@ -351,28 +296,6 @@ class _Tracer:
 
     def _say(self, depth: int, text: str) -> None:
         self._lines.append("  " * depth + text)
-
-    def _finish(self, flow: Flow, verdict: Verdict) -> None:
-        outcome = _Outcome(verdict, flow.endpoint, flow.masquerade)
-        if outcome not in self._outcomes:
-            self._outcomes[outcome] = None
-            self._say(0, f"outcome: {outcome.describe()}")
-
-    def _result(self) -> TraceResult:
-        outcomes = list(self._outcomes)
-        verdicts = {o.verdict for o in outcomes}
-        verdict = max(verdicts, key=_VERDICT_PRIORITY.index)
-        if len(verdicts) > 1:
-            seen = ", ".join(v for v in reversed(_VERDICT_PRIORITY) if v in verdicts)
-            self._say(0, f"branches disagree ({seen}); reporting {verdict}, the most permissive")
-        delivered = [o for o in outcomes if o.verdict in ("DNAT", "ACCEPT")]
-        return TraceResult(
-            verdict=verdict,
-            endpoints=tuple(sorted({o.endpoint for o in delivered if o.endpoint is not None})),
-            masquerade=any(o.masquerade for o in delivered),
-            path=tuple(self._path),
-            explanation=tuple(self._lines),
-        )
 
 
 def _describe_rule(label: str, rule: Rule) -> str:

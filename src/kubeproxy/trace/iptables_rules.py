@@ -1,7 +1,8 @@
 """The iptables vocabulary the tracer understands: packet state, matches, targets, rules.
 
-A :class:`Flow` is one branch's view of the packet: addresses and ports (rewritten by
-DNAT), the packet mark, the conntrack DNAT bit and what has happened to it so far.
+A :class:`~kubeproxy.trace.netfilter.Flow` is one branch's view of the packet: addresses
+and ports (rewritten by DNAT), the packet mark, the conntrack DNAT bit and what has
+happened to it so far; every tracer shares it.
 
 Each match answers, for one Flow, YES, NO or MAYBE. MAYBE is for matches whose outcome
 depends on something a single-packet trace cannot know: ``statistic`` (random / nth) and
@@ -21,7 +22,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-from kubeproxy.trace.result import IPAddress, format_endpoint
+from kubeproxy.trace.netfilter import Flow
+from kubeproxy.trace.result import IPAddress
 
 
 class Tri(enum.Enum):
@@ -34,32 +36,6 @@ class Tri(enum.Enum):
 
 def _answer(matched: bool, negated: bool) -> Tri:
     return Tri.YES if matched is not negated else Tri.NO
-
-
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """One branch's state of the packet while it crosses the hooks."""
-
-    src: IPAddress
-    dst: IPAddress
-    proto: str
-    dport: int
-    sport: int
-    in_interface: str | None  # None for locally originated packets (no input interface)
-    mark: int
-    dnat: bool  # conntrack status DNAT (the connection's destination was rewritten)
-    src_local: bool  # addrtype LOCAL: a local address or loopback
-    dst_local: bool
-    endpoint: str | None  # "ip:port" this branch was DNATed to
-    masquerade: bool  # MASQUERADE / SNAT happened in nat POSTROUTING
-
-    def describe(self) -> str:
-        states = "NEW,DNAT" if self.dnat else "NEW"
-        src = str(self.src) if self.src.version == 4 else f"[{self.src}]"
-        return (
-            f"{src}:{self.sport} -> {format_endpoint(self.dst, self.dport)}/{self.proto}, "
-            f"mark {self.mark:#x}, ctstate {states}"
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,39 +1,33 @@
 """Trace one packet through an nftables script: where does it go, and why.
 
 Theory of operation. The script is parsed generically (:mod:`kubeproxy.render.nft_parse`)
-into chains, sets and maps with their elements; the tracer then plays the kernel for the
-first packet of a NEW connection, in the table of the packet's family:
-
-* locally originated (the source is a local or loopback address): the ``output`` base
-  chains in priority order (filter -110, nat -100, filter -90), then ``postrouting``; if
-  the destination (after DNAT) is local, the packet then comes back in on ``lo`` through
-  the filter chains of ``prerouting`` and ``input`` (NAT is decided once per connection,
-  so the nat chains do not run again);
-* otherwise: ``prerouting`` (filter, then nat), routing on the possibly DNATed
-  destination, ``input`` if it is local (delivered: no postrouting), else ``forward``
-  then ``postrouting``.
+into chains, sets and maps with their elements, and the packet is followed through the
+``kube-proxy`` table of its family. Its way through the hooks (prerouting, routing,
+input / forward, postrouting; output for packets the node sends, and back in on ``lo``
+when it sends them to itself) and how branches merge into one answer are
+:mod:`.netfilter`'s, shared with the iptables tracer. This module is the nftables
+:class:`~kubeproxy.trace.netfilter.ChainWalker`: for each hook it runs the table's base
+chains on that hook in priority order (e.g. output: filter -110, nat -100, filter -90);
+when the connection's NAT is already decided (a packet coming back in on ``lo``), the
+chains of type nat are skipped.
 
 Inside a base chain the walk is nftables': rules in order; ``jump`` returns, ``goto``
 returns to the caller's caller; ``return`` or the end of a regular chain resumes the
 caller; the end of a base chain is its policy (accept). ``accept`` ends the base chain,
 ``drop``/``reject`` end the packet; ``dnat`` and ``masquerade`` end the nat chain. A vmap
-or map lookup that finds nothing does nothing.
+or map lookup that finds nothing does nothing. ``iifname`` of a packet the node sends
+is the empty string, as the kernel reads it.
 
 Branches: ``numgen`` with a modulus above 1 takes every value, and membership of a
 dynamic set (session affinity) may go either way, so the walk forks; identical branches
 are explored once. ``numgen ... mod 1`` is a constant and does not fork.
-
-Merging, as the iptables tracer does: the endpoints are the DNAT destinations of every
-delivered branch, masquerade is true if any delivered branch is masqueraded, the path
-lists the regular chains in the order first entered, and if branches disagree on the
-verdict the most permissive wins (DNAT > ACCEPT > REJECT > DROP).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Literal
 
 from kubeproxy.render.nft_ir import (
@@ -61,6 +55,7 @@ from kubeproxy.render.nft_ir import (
     VMap,
 )
 from kubeproxy.render.nft_parse import ScriptError, Table, parse_script
+from kubeproxy.trace.netfilter import End, Flow, Hook, HookRun, Routing, trace_journey
 from kubeproxy.trace.result import (
     IPAddress,
     Packet,
@@ -74,22 +69,6 @@ _MAX_STEPS = 200_000
 _MAX_DEPTH = 16
 _MAX_FORK = 4096
 Outcome = Literal["return", "accept", "drop", "reject"]
-_RANK = {"DNAT": 3, "ACCEPT": 2, "REJECT": 1, "DROP": 0}
-
-
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """One branch's view of the packet."""
-
-    src: IPAddress
-    dst: IPAddress
-    proto: str
-    dport: int
-    iif: str  # "" for locally originated packets
-    mark: int = 0
-    dnat: bool = False  # conntrack status DNAT
-    endpoint: str | None = None
-    masquerade: bool = False
 
 
 def trace_nftables(script: str, packet: Packet,
@@ -105,13 +84,16 @@ def trace_nftables(script: str, packet: Packet,
         return TraceResult("ACCEPT", (), False, (), (
             f"packet {packet.describe()}",
             f"there is no {family} kube-proxy table: the packet is not touched"))
-    return _Tracer(table, local_addresses).trace(packet)
+    routing = Routing(local_addresses)
+    return trace_journey(_Walker(table, routing), packet, routing)
 
 
-class _Tracer:
-    def __init__(self, table: Table, local: frozenset[IPAddress]) -> None:
+class _Walker:
+    """The base chains of one table, walked one hook at a time (a ChainWalker)."""
+
+    def __init__(self, table: Table, routing: Routing) -> None:
         self.table = table
-        self.local = local
+        self.routing = routing
         self.steps = 0
         self.path: dict[str, None] = {}
         self.notes: dict[str, None] = {}
@@ -120,55 +102,26 @@ class _Tracer:
 
     # -- hooks --------------------------------------------------------------------
 
-    def trace(self, packet: Packet) -> TraceResult:
-        local_out = self.is_local(packet.src)
-        flow = Flow(packet.src, packet.dst, packet.proto, packet.port,
-                    "" if local_out else packet.in_interface)
-        self.note(f"packet {packet.describe()}"
-                  + (", sent by this node" if local_out else f", arriving on {flow.iif}"))
-        self.finals: list[tuple[str, Flow]] = []
-        self.journey(flow, local_out)
-        return self.merge(self.finals)
-
-    def journey(self, flow: Flow, local_out: bool) -> None:
-        if local_out:
-            for f in self.hook("output", flow, nat=True):
-                for g in self.hook("postrouting", f, nat=True):
-                    if not self.is_local(g.dst):
-                        self.finals.append(("delivered", g))
-                        continue
-                    self.note(f"{g.dst} is local: the packet comes back in on lo")
-                    for h in self.hook("prerouting", replace(g, iif="lo"), nat=False):
-                        self.finals.extend(("delivered", k)
-                                           for k in self.hook("input", h, nat=False))
-            return
-        for f in self.hook("prerouting", flow, nat=True):
-            if self.is_local(f.dst):
-                self.note(f"{f.dst} is local: input")
-                self.finals.extend(("delivered", g) for g in self.hook("input", f, nat=True))
-            else:
-                self.note(f"{f.dst} is not local: forward")
-                for g in self.hook("forward", f, nat=True):
-                    self.finals.extend(("delivered", h)
-                                       for h in self.hook("postrouting", g, nat=True))
-
-    def hook(self, hook: str, flow: Flow, nat: bool) -> list[Flow]:
-        """The flows that leave ``hook``; the dropped and rejected ones become finals."""
+    def run_hook(self, hook: Hook, flow: Flow, nat: bool) -> HookRun:
+        """Every base chain on ``hook`` in priority order (type nat only if ``nat``)."""
+        self.path, self.notes = {}, {}
         chains = sorted((c for c in self.table.chains.values()
                          if c.hook is not None and c.hook.hook == hook
                          and (nat or c.hook.type != "nat")),
                         key=lambda c: (c.hook.priority if c.hook else 0, c.name))
+        ended: list[tuple[End, Flow]] = []
         flows = [flow]
         for chain in chains:
             nxt: list[Flow] = []
             for f in flows:
                 for outcome, g in self.run(chain, f, 0):
-                    if outcome in ("drop", "reject"):
-                        self.finals.append((outcome, g))
+                    if outcome == "drop" or outcome == "reject":
+                        ended.append((outcome, g))
                     else:
                         nxt.append(g)
             flows = list(dict.fromkeys(nxt))
-        return flows
+        exits = (*ended, *(("accept", f) for f in flows))
+        return HookRun(exits, tuple(self.notes), tuple(self.path))
 
     # -- chains -------------------------------------------------------------------
 
@@ -282,9 +235,8 @@ class _Tracer:
                 yield outcome, f
 
     def dnat(self, where: str, flow: Flow, addr: IPAddress, port: int) -> Flow:
-        ep = format_endpoint(addr, port)
-        self.note(f"{where} -> DNAT to {ep}")
-        return replace(flow, dst=addr, dport=port, dnat=True, endpoint=ep)
+        self.note(f"{where} -> DNAT to {format_endpoint(addr, port)}")
+        return self.routing.dnat(flow, addr, port)
 
     # -- matches ------------------------------------------------------------------
 
@@ -334,7 +286,7 @@ class _Tracer:
         if name == "meta l4proto":
             return [flow.proto]
         if name == "iifname":
-            return [flow.iif]
+            return [flow.in_interface or ""]
         if name == "meta mark":
             return [flow.mark]
         if name == "ct state":
@@ -342,9 +294,9 @@ class _Tracer:
         if name == "ct status":
             return ["dnat" if flow.dnat else ""]
         if name == "fib saddr type":
-            return ["local" if self.is_local(flow.src) else "unicast"]
+            return ["local" if flow.src_local else "unicast"]
         if name == "fib daddr type":
-            return ["local" if self.is_local(flow.dst) else "unicast"]
+            return ["local" if flow.dst_local else "unicast"]
         raise TraceError(f"cannot trace field {name}")  # pragma: no cover
 
     def lookup(self, name: str, keys: list[tuple[Value, ...]]) -> list[Element]:
@@ -355,35 +307,8 @@ class _Tracer:
 
     # -- helpers ------------------------------------------------------------------
 
-    def is_local(self, ip: IPAddress) -> bool:
-        return ip in self.local or ip.is_loopback
-
     def note(self, text: str) -> None:
         self.notes.setdefault(text, None)
-
-    def merge(self, finals: list[tuple[str, Flow]]) -> TraceResult:
-        verdicts = []
-        endpoints: set[str] = set()
-        masq = False
-        for outcome, f in finals:
-            if outcome == "delivered":
-                verdicts.append("DNAT" if f.endpoint else "ACCEPT")
-                if f.endpoint:
-                    endpoints.add(f.endpoint)
-                masq = masq or f.masquerade
-            else:
-                verdicts.append(outcome.upper())
-        if not verdicts:
-            raise TraceError("the packet took no path")
-        verdict = max(verdicts, key=lambda v: _RANK[v])
-        lines = list(self.notes)
-        if len(set(verdicts)) > 1:
-            lines.append(f"branches end in {', '.join(sorted(set(verdicts)))}; "
-                         f"the most permissive ({verdict}) is reported")
-        if verdict != "DNAT":
-            endpoints = set()
-        return TraceResult(verdict, tuple(sorted(endpoints)), masq and verdict != "DROP",  # type: ignore[arg-type]
-                           tuple(self.path), tuple(lines))
 
 
 def _equal(expr: Expr, have: Value, want: Value) -> bool:

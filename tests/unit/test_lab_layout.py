@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.lab import topology
+from kubeproxy.lab import layout
 from kubeproxy.lab.errors import ManifestError
 from kubeproxy.lab.manifest import load_documents, parse_objects
 
-JSON = dict[str, Any]
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
 
 TWO_NODES = """
@@ -56,9 +55,9 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}
 """
 
 
-def plan_of(text: str, lab: str = "t", **options: Any) -> topology.Plan:
+def plan_of(text: str, lab: str = "t", **options: Any) -> layout.Plan:
     objects = parse_objects(load_documents([("test.yaml", text)]))
-    return topology.plan(lab, objects, topology.Options(**options))
+    return layout.plan(lab, objects, layout.Options(**options))
 
 
 def test_two_nodes_addresses_and_names() -> None:
@@ -112,7 +111,7 @@ def test_resolved_objects_are_what_apply_reads() -> None:
     assert alpha["status"]["addresses"][0] == {"type": "InternalIP", "address": "192.168.0.2"}
     assert alpha["metadata"]["labels"]["topology.kubernetes.io/zone"] == "z1"
     # Re-planning the resolved objects gives the same plan (state is stable).
-    again = topology.plan("t", p.objects)
+    again = layout.plan("t", p.objects)
     assert again.pods == p.pods and again.nodes == p.nodes
 
 
@@ -126,7 +125,7 @@ def test_seed_example_plans() -> None:
     objects = parse_objects(load_documents([("seed", SEED.read_text())]))
     # The seed's slices belong to selector Services: the lab's controller owns those.
     assert objects.slices == () and len(objects.notes) == 2
-    p = topology.plan("seed", objects)
+    p = layout.plan("seed", objects)
     assert [pp.ip for pp in p.pods] == ["10.244.1.2", "10.244.1.3", "10.244.1.4"]
 
 

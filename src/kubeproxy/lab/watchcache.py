@@ -23,10 +23,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kubeproxy.lab.api import JSON, ApiError, LabApi
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.sources.client import ClientError, WatchStream
 
-log = logging.getLogger("kubeproxy.lab.informer")
+log = logging.getLogger("kubeproxy.lab.watchcache")
 WATCH_TIMEOUT = 300
 RETRY_DELAY = 0.5
 
@@ -48,7 +49,7 @@ def key_of(obj: JSON) -> Key:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
-class Informer:
+class WatchCache:
     def __init__(self, api: LabApi, kind: str, notify: Notify) -> None:
         self.api = api
         self.kind = kind
@@ -86,7 +87,7 @@ class Informer:
 
     # ---- life
 
-    def start(self) -> Informer:
+    def start(self) -> WatchCache:
         self._thread.start()
         return self
 

@@ -1,0 +1,76 @@
+"""What a data-plane mode supplies: the shape every mode plugs into.
+
+A mode is a value, not a class hierarchy: :class:`Mode` is a frozen record of functions
+over the mode's own ruleset type ``R`` (``iptables``: one iptables-save ruleset per
+family; ``nftables``: both families' tables in one ruleset). Every function takes the
+node views of *all* IP families in use, so callers never care how a mode groups them.
+
+``render`` and ``trace`` are pure. ``data_plane`` and ``cleanup`` are the I/O edge: they
+talk to the kernel only through the :class:`~kubeproxy.dataplane.base.Runner` they are
+given (the real one, a namespace's, or a test's). ``fake`` is the same data plane code
+over a strict fake kernel that the package ships (``kubeproxy.testing``), as knftables
+ships its ``Fake``: it rejects what the kernel would reject, so tests of syncs without
+root still prove something.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from kubeproxy.dataplane.base import Runner
+from kubeproxy.model import IPAddress, NamespacedName
+from kubeproxy.nodeview import NodeView, ServicePortView
+from kubeproxy.render.names import ChainNames
+from kubeproxy.trace.result import Packet, TraceResult
+
+R = TypeVar("R")
+R_contra = TypeVar("R_contra", contravariant=True)
+
+
+class DataPlane(Protocol[R_contra]):
+    """Writes a mode's ruleset to one node's kernel."""
+
+    def sync(self, ruleset: R_contra, changed: frozenset[NamespacedName] | None = None
+             ) -> None:
+        """Apply ``ruleset``: all of it when ``changed`` is None, else only what belongs
+        to the ``changed`` services (plus the node-wide parts). All or nothing: on
+        DataPlaneError the kernel keeps what it had, and the next sync must be full."""
+
+    def cleanup(self) -> None:
+        """Remove everything this data plane may have written."""
+
+    def rules(self) -> str:
+        """What the kernel holds now, as the mode's own tools print it."""
+
+
+@dataclass(frozen=True)
+class PlaneOptions:
+    """Settings of the I/O edge (not policy: the node view has all of that)."""
+
+    iptables_backend: str = "auto"  # auto (as iptables-wrapper decides), legacy, nft
+
+
+@dataclass(frozen=True)
+class Mode(Generic[R]):
+    name: str
+    # Node views of every family in use -> the mode's ruleset. Pure.
+    render: Callable[[Sequence[NodeView]], R]
+    # The ruleset as `kubeproxy render` prints it, for node ``node``. Pure.
+    text: Callable[[R, str], str]
+    # Follow one packet through the ruleset (the node's local addresses given). Pure.
+    trace: Callable[[R, Packet, frozenset[IPAddress]], TraceResult]
+    # Follow one packet through rules as ``DataPlane.rules()`` prints them (the kernel's
+    # own account, so a test or a user can check what was really written). Pure.
+    trace_rules: Callable[[str, Packet, frozenset[IPAddress]], TraceResult]
+    # The data plane for the kernel the runner reaches.
+    data_plane: Callable[[Runner, PlaneOptions], DataPlane[R]]
+    # The same data plane over the package's strict fake kernel.
+    fake: Callable[[], DataPlane[R]]
+    # Remove whatever this mode may ever have written (any backend), for `cleanup`.
+    cleanup: Callable[[Runner, PlaneOptions], None]
+    # The per-service chains the renderer writes for one service port (diagrams).
+    chain_names: Callable[[ServicePortView], ChainNames]
+    # The counter of failed syncs, upstream's name for this mode.
+    sync_failures_metric: str

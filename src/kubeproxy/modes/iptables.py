@@ -1,0 +1,138 @@
+"""iptables mode: upstream's chain layout, one iptables-save ruleset per IP family.
+
+Each family is rendered on its own (render/iptables.py) and written by its own
+:class:`~kubeproxy.dataplane.iptables.IptablesDataPlane` through ``iptables-restore``
+(``ip6tables-restore`` for IPv6), with the backend (legacy or nft) that
+iptables-wrapper's rule picks. A packet is traced through its family's ruleset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kubeproxy.dataplane.base import Runner
+from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
+from kubeproxy.model import Family, IPAddress, NamespacedName
+from kubeproxy.modes.base import Mode, PlaneOptions
+from kubeproxy.nodeview import NodeView
+from kubeproxy.render import iptables
+from kubeproxy.render.names import iptables_chain_names
+from kubeproxy.trace.iptables import trace_iptables
+from kubeproxy.trace.result import Packet, TraceResult
+
+log = logging.getLogger("kubeproxy.modes.iptables")
+BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
+
+
+@dataclass(frozen=True)
+class Rulesets:
+    """One iptables ruleset per IP family in use."""
+
+    families: Mapping[Family, iptables.Ruleset]
+
+
+def render(views: Sequence[NodeView]) -> Rulesets:
+    return Rulesets({view.family: iptables.render(view) for view in views})
+
+
+def text(rulesets: Rulesets, node: str) -> str:
+    out: list[str] = []
+    for family, ruleset in sorted(rulesets.families.items()):
+        tool = "iptables-save" if family == 4 else "ip6tables-save"
+        out.append(f"# IPv{family} rules for node {node} ({tool} format)\n")
+        out.append(ruleset.save_text())
+    return "".join(out)
+
+
+def trace(rulesets: Rulesets, packet: Packet, local: frozenset[IPAddress]) -> TraceResult:
+    family: Family = 4 if packet.dst.version == 4 else 6
+    ruleset = rulesets.families.get(family)
+    if ruleset is None:  # no rules of ours in this family: nothing touches the packet
+        return TraceResult("ACCEPT", (), False, (), (
+            f"packet {packet.describe()}",
+            f"no IPv{family} rules were rendered: the packet is not touched"))
+    return trace_iptables(ruleset.save_text(), packet, local)
+
+
+IPV6_MARK = "# kubeproxy: IPv6 rules follow\n"  # between the families in rules()
+
+
+def trace_rules(text: str, packet: Packet, local: frozenset[IPAddress]) -> TraceResult:
+    """Through the packet's family's part of ``DataPlane.rules()``."""
+    v4, _, v6 = text.partition(IPV6_MARK)
+    return trace_iptables(v4 if packet.dst.version == 4 else v6, packet, local)
+
+
+class DataPlane:
+    """One IptablesDataPlane per family; a family once written stays written."""
+
+    def __init__(self, runner: Runner, backend: Backend) -> None:
+        self.runner = runner
+        self.backend = backend
+        self.planes: dict[Family, IptablesDataPlane] = {}
+
+    def sync(self, rulesets: Rulesets, changed: frozenset[NamespacedName] | None = None
+             ) -> None:
+        for family, ruleset in sorted(rulesets.families.items()):
+            plane = self.planes.get(family)
+            if plane is None:
+                plane = self.planes[family] = IptablesDataPlane(
+                    self.runner, family, self.backend)
+            plane.sync(ruleset, changed)
+
+    def cleanup(self) -> None:
+        for family in (4, 6):
+            IptablesDataPlane(self.runner, family, self.backend).cleanup()
+        self.planes.clear()
+
+    def rules(self) -> str:
+        """iptables-save of filter and nat: IPv4, then IPv6 if this plane wrote it."""
+        text = IptablesDataPlane(self.runner, 4, self.backend).save()
+        if 6 in self.planes:
+            text += IPV6_MARK + IptablesDataPlane(self.runner, 6, self.backend).save()
+        return text
+
+
+def choose_backend(runner: Runner, options: PlaneOptions) -> Backend:
+    if options.iptables_backend == "auto":
+        backend = detect_backend(runner)
+        log.info("iptables backend: %s", backend)
+        return backend
+    if options.iptables_backend not in BACKENDS:
+        raise ValueError(f"iptables backend {options.iptables_backend!r}: "
+                         f"one of auto, {', '.join(BACKENDS)}")
+    return options.iptables_backend
+
+
+def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
+    return DataPlane(runner, choose_backend(runner, options))
+
+
+def fake() -> DataPlane:
+    from kubeproxy.testing.iptables import FakeIptables
+
+    return DataPlane(FakeIptables(), "nft")
+
+
+def cleanup(runner: Runner, options: PlaneOptions) -> None:
+    """Both backends unless one is named: rules may be in either."""
+    backends = BACKENDS if options.iptables_backend == "auto" else (
+        choose_backend(runner, options),)
+    for backend in backends:
+        DataPlane(runner, backend).cleanup()
+
+
+MODE: Mode[Rulesets] = Mode(
+    name="iptables",
+    render=render,
+    text=text,
+    trace=trace,
+    trace_rules=trace_rules,
+    data_plane=data_plane,
+    fake=fake,
+    cleanup=cleanup,
+    chain_names=iptables_chain_names,
+    sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
+)

@@ -1,0 +1,137 @@
+"""The mode registry: every mode plugs in the same way, and nothing else asks which.
+
+Each registered mode's data plane runs here over the package's strict fake kernel
+(``Mode.fake``): a sequence of partial syncs must leave the fake kernel holding exactly
+what one full sync of the final cluster writes into a fresh one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from kubeproxy import modes
+from kubeproxy.config import ConfigError, ProxyConfig
+from kubeproxy.k8s import decode_objects
+from kubeproxy.model import NamespacedName, parse_cidr
+from kubeproxy.proxier import Proxier
+from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ProxyConfig(hostname=NODE, cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),))
+A, B = NamespacedName("ns1", "a"), NamespacedName("ns1", "b")
+
+
+def svc_a(*ips: str) -> list[Obj]:
+    return [service("a", cluster_ip="172.30.0.41"),
+            endpoint_slice("a", [endpoint(ip) for ip in ips])]
+
+
+def svc_b() -> list[Obj]:
+    return [service("b", cluster_ip="172.30.0.42", type="NodePort",
+                    ports=[("p80", 80, "TCP", 30080)]),
+            endpoint_slice("b", [endpoint("10.180.0.7"), endpoint("10.180.1.7", "node2")])]
+
+
+# (what changed, the cluster after the change); each step is one partial sync.
+STEPS: list[tuple[frozenset[NamespacedName], list[Obj]]] = [
+    (frozenset({B}), [node(), *svc_a("10.180.0.1", "10.180.0.2"), *svc_b()]),
+    (frozenset({A}), [node(), *svc_a("10.180.0.1", "10.180.0.3", "10.180.0.4"), *svc_b()]),
+    (frozenset({B}), [node(), *svc_a("10.180.0.1", "10.180.0.3", "10.180.0.4")]),
+    (frozenset({A}), [node(), service("a", cluster_ip="172.30.0.41")]),
+    (frozenset({A, B}), [node(), *svc_a("10.180.0.9"), *svc_b()]),
+]
+
+
+def config(mode: str) -> ProxyConfig:
+    return ProxyConfig(**{**CONFIG.__dict__, "mode": mode})
+
+
+def test_every_name_resolves_to_its_mode() -> None:
+    assert tuple(modes.REGISTRY) == modes.NAMES
+    for name in modes.NAMES:
+        assert modes.get(name).name == name
+    assert [m.name for m in modes.every()] == list(modes.NAMES)
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(modes.UnknownModeError, match=r"'ipvsx'.*iptables"):
+        modes.get("ipvsx")
+    with pytest.raises(ConfigError, match="mode"):
+        ProxyConfig(mode="ipvsx")
+
+
+@pytest.mark.parametrize("name", modes.NAMES)
+def test_partial_syncs_equal_one_full_sync(name: str) -> None:
+    mode = modes.get(name)
+    incremental = Proxier(mode, config(name), mode.fake())
+    incremental.sync(decode_objects([node(), *svc_a("10.180.0.1", "10.180.0.2")]), None)
+    assert "10.180.0.2" in incremental.plane.rules()
+    for changed, objs in STEPS:
+        cluster = decode_objects(objs)
+        assert not cluster.errors
+        incremental.sync(cluster, changed)
+        scratch = Proxier(mode, config(name), mode.fake())
+        scratch.sync(cluster, None)
+        assert incremental.plane.rules() == scratch.plane.rules(), changed
+
+
+@pytest.mark.parametrize("name", modes.NAMES)
+def test_report_carries_the_views_written(name: str) -> None:
+    mode = modes.get(name)
+    proxier = Proxier(mode, config(name), mode.fake())
+    v6 = [node(ips=["192.168.0.2", "fd00::2"]), *svc_a("10.180.0.1"),
+          service("six", cluster_ip="fd00:30::6"),
+          endpoint_slice("six", [endpoint("fd00:180::6")], family="IPv6")]
+    report = proxier.sync(decode_objects(v6), None)
+    assert sorted(report.views) == [4, 6]
+    assert [s.name.service.name for s in report.views[6].services] == ["six"]
+    # A family once in use stays rendered (emptied, not orphaned).
+    report = proxier.sync(decode_objects([node(), *svc_a("10.180.0.1")]), None)
+    assert sorted(report.views) == [4, 6] and report.views[6].services == ()
+    assert "fd00:180::6" not in proxier.plane.rules()
+
+
+@pytest.mark.parametrize("name", modes.NAMES)
+def test_cleanup_empties_the_fake_kernel(name: str) -> None:
+    mode = modes.get(name)
+    proxier = Proxier(mode, config(name), mode.fake())
+    proxier.sync(decode_objects(STEPS[0][1]), None)
+    assert "10.180.0.7" in proxier.plane.rules()
+    proxier.plane.cleanup()
+    assert "10.180.0.7" not in proxier.plane.rules()
+    assert "172.30.0.41" not in proxier.plane.rules()
+
+
+# --- nothing outside the registry branches on the mode -------------------------------
+
+_NAME = "|".join(modes.NAMES)
+# An `if`, `elif` or conditional expression comparing with a mode's name.
+MODE_BRANCH = re.compile(
+    rf"""\b(el)?if\b.*((==|!=)\s*["']({_NAME})["']|["']({_NAME})["']\s*(==|!=))""")
+
+
+def _branches(paths: list[Path]) -> list[str]:
+    found = []
+    for path in paths:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if MODE_BRANCH.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    return found
+
+
+def test_no_mode_branches_outside_the_registry() -> None:
+    sources = [p for p in (ROOT / "src" / "kubeproxy").rglob("*.py")
+               if "modes" not in p.relative_to(ROOT / "src" / "kubeproxy").parts]
+    tests = list((ROOT / "tests").rglob("*.py"))
+    assert _branches(sources + tests) == []
+
+
+def test_the_branch_detector_sees_a_branch() -> None:
+    assert MODE_BRANCH.search('if config.mode == "' + modes.NAMES[-1] + '":')
+    assert MODE_BRANCH.search("elif '" + modes.NAMES[0] + "' != mode:")
+    assert MODE_BRANCH.search('x = a if mode != "' + modes.NAMES[0] + '" else b')
+    assert not MODE_BRANCH.search("choices=modes.NAMES")
+    assert not MODE_BRANCH.search('assert answer == "' + modes.NAMES[0] + '"')
