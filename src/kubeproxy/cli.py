@@ -155,6 +155,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run as this node's proxy until SIGTERM (upstream's kube-proxy); or clean up and exit."""
+    from dataclasses import replace
+
     from kubeproxy import daemon
     from kubeproxy.config import parse_duration, with_overrides
 
@@ -172,8 +174,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                "--iptables-min-sync-period")
     config = with_overrides(build_config(args), **kw)
     kubeconfig = args.kubeconfig or (Path(config.kubeconfig) if config.kubeconfig else None)
-    return daemon.run(config, daemon.DaemonOptions(
-        kubeconfig=kubeconfig, master=args.master, iptables_backend=args.iptables_backend))
+    options = daemon.DaemonOptions(kubeconfig=kubeconfig, master=args.master,
+                                   iptables_backend=args.iptables_backend)
+    if args.watch_stall_timeout:
+        stall = parse_duration(args.watch_stall_timeout, "--watch-stall-timeout")
+        if stall <= 0:
+            raise ConfigError("--watch-stall-timeout must be > 0")
+        options = replace(options, watch_stall_timeout=stall)
+    return daemon.run(config, options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often rules are fully resynced (default 30s)")
     p.add_argument("--iptables-min-sync-period", metavar="DURATION",
                    help="minimum time between syncs (default 1s)")
+    p.add_argument("--watch-stall-timeout", metavar="DURATION",
+                   help="re-open a watch that brings no event and no bookmark for this long "
+                        "(default 2m; not an upstream flag)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every rule kubeproxy wrote, then exit")
     p.set_defaults(func=cmd_run)

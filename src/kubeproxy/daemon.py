@@ -11,6 +11,13 @@ when it is due. A sync renders this node's rules from the tracker's cluster (nod
 changed services only. Between turns the main thread sleeps on the queue, with the loop's
 next deadline as the timeout, so it wakes for an event or for a sync, never to poll.
 
+Between syncs, about once a second (``SyncLoop.next_check``), it asks the data plane
+whether what it wrote is still there (``DataPlane.intact()``, cheap: a generation number
+or a table fingerprint, looked at closer only when it moved). If not (someone flushed
+KUBE-SERVICES, deleted the kube-proxy table ...), the plane logs what it found, the
+``kubeproxy_sync_proxy_rules_flush_detected_total`` counter goes up, and the loop runs a
+full sync at once, so the rules are back within a second or two.
+
 After each successful sync it keeps the node views the proxier wrote and, against the
 previous ones, deletes stale UDP conntrack entries (conntrack.py, dataplane/conntrack.py)
 and opens / closes the health-check node ports of eTP=Local LoadBalancers
@@ -54,7 +61,7 @@ from kubeproxy.server import (
     parse_bind_address,
 )
 from kubeproxy.sources.client import Client, ClientError
-from kubeproxy.sources.informer import Informer, Replace, resources
+from kubeproxy.sources.informer import STALL_TIMEOUT, Informer, Replace, resources
 from kubeproxy.sources.kubeconfig import resolve
 from kubeproxy.sync import Syncer, SyncLoop, SyncResult
 from kubeproxy.tracker import Tracker, Update
@@ -70,6 +77,8 @@ class DaemonOptions:
     master: str | None = None
     iptables_backend: str = "auto"  # auto, legacy, nft
     watch_timeout: tuple[int, int] = (300, 600)  # seconds, randomized per watch
+    # A watch with no event and no bookmark for this long is given up and re-opened.
+    watch_stall_timeout: float = STALL_TIMEOUT
 
 
 # --- the main loop ----------------------------------------------------------------
@@ -91,10 +100,12 @@ class Daemon:
     def __init__(self, config: ProxyConfig, proxier: Syncer, *, health: Health,
                  metrics: Metrics, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, conntrack: Runner | None = None,
-                 healthcheck_addresses: Sequence[str] | None = None) -> None:
+                 healthcheck_addresses: Sequence[str] | None = None,
+                 intact: Callable[[], bool] | None = None) -> None:
         """``conntrack``: runs ``conntrack -D`` for stale UDP flows (None: no cleanup).
         ``healthcheck_addresses``: where health-check node ports listen (None: the
-        node's addresses)."""
+        node's addresses). ``intact``: the data plane's ``intact()`` (None: no flush
+        detection)."""
         self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self.tracker = Tracker(config.hostname, report=_report_invalid)
         self.loop = SyncLoop(self.tracker, proxier, clock,
@@ -107,6 +118,7 @@ class Daemon:
         self._cleaner = ConntrackCleaner(conntrack) if conntrack is not None else None
         self._healthcheck_addresses = healthcheck_addresses
         self._views: dict[Family, NodeView] = {}  # written by the last successful sync
+        self._intact = intact
         self._clock = clock
         self._wall = wall
         self._last_updated: float | None = None
@@ -132,6 +144,7 @@ class Daemon:
                     self._record(result)
                     if result.report is not None:
                         self._after_sync(dict(result.report.views))
+                self._check_intact()
                 self._publish()
         finally:
             self.health_checks.close()
@@ -153,9 +166,24 @@ class Daemon:
             log.warning("%s", error)
         self._views = views
 
+    def _check_intact(self) -> None:
+        """Flush detection: ask the data plane when the loop says so (at most once a
+        second, never while a sync is due); a full sync follows a False answer."""
+        if self._intact is None or not self.loop.check_due():
+            return
+        intact = self._intact()
+        self.loop.checked(intact)
+        if not intact:
+            self.metrics.record_flush()
+            log.info("rules changed from outside: full sync to restore them")
+
     def _wait(self) -> list[Item]:
-        """The queued items: blocks until the first one or until the next sync is due."""
-        due = self.loop.next_run()
+        """The queued items: blocks until the first one, the next sync or the next
+        flush check."""
+        deadlines = [self.loop.next_run()]
+        if self._intact is not None:
+            deadlines.append(self.loop.next_check())
+        due = min((d for d in deadlines if d is not None), default=None)
         return drain(self.queue, None if due is None else max(0.0, due - self._clock()))
 
     def _fold(self, item: Update | Replace) -> None:
@@ -239,11 +267,13 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
         raise ConfigError(str(err)) from err
     proxier = Proxier(mode, config, plane)
     health, metrics = Health(2 * config.sync_period), Metrics(config.mode)
-    daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner)
+    daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner,
+                    intact=plane.intact)
     endpoints = _endpoints(config, health, metrics)
     log.info("kubeproxy run: node %s, mode %s, API server %s", config.hostname, config.mode,
              access.server)
-    informers = [Informer(client, res, daemon.emit, watch_timeout=options.watch_timeout)
+    informers = [Informer(client, res, daemon.emit, watch_timeout=options.watch_timeout,
+                          stall_timeout=options.watch_stall_timeout)
                  for res in resources(config.hostname)]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

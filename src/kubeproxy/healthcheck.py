@@ -19,7 +19,9 @@ set), or the addresses a caller passes (tests: 127.0.0.1). I/O part:
 :class:`HealthCheckServers` keeps one ``http.server`` per (address, port) in step with
 that desired state after each sync: it opens new ones, closes departed ones, and only
 swaps the numbers for the rest. A port that cannot be bound is logged and tried again
-at the next update, as upstream retries on its next sync.
+at the next update, as upstream retries on its next sync. Opening a server does no name
+lookup (``LocalHTTPServer``): ``update`` runs on the daemon's main loop, and the stock
+``HTTPServer`` would wait seconds for reverse DNS in a namespace without a resolver.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from kubeproxy.model import NamespacedName
 from kubeproxy.nodeview import NodeView
+from kubeproxy.server import LocalHTTPServer
 
 log = logging.getLogger("kubeproxy.healthcheck")
 Address = tuple[str, int]  # (IP, port)
@@ -115,9 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         del format, args  # load balancers probe every few seconds
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(LocalHTTPServer):  # binds without a name lookup: see LocalHTTPServer
     def __init__(self, key: Address, owner: HealthCheckServers) -> None:
         self.key = key
         self.owner = owner

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -292,6 +293,23 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterIndex:
+    """Lookups by Service, for work on a few services of a large cluster (partial
+    syncs): the Service itself, and its EndpointSlices by slice key."""
+
+    services: Mapping[NamespacedName, Service]
+    slices: Mapping[NamespacedName, Mapping[NamespacedName, EndpointSlice]]
+
+    @classmethod
+    def of(cls, services: Iterable[Service], slices: Iterable[EndpointSlice]
+           ) -> ClusterIndex:
+        by_service: dict[NamespacedName, dict[NamespacedName, EndpointSlice]] = {}
+        for eps in slices:
+            by_service.setdefault(eps.service, {})[NamespacedName(eps.namespace, eps.name)] = eps
+        return cls({s.ref: s for s in services}, by_service)
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     """Everything one node's proxy needs, as parsed; what the tracker folds into."""
 
@@ -299,6 +317,12 @@ class Cluster:
     slices: tuple[EndpointSlice, ...] = ()
     nodes: tuple[Node, ...] = ()
     errors: tuple[InvalidObject, ...] = field(default=(), compare=False)
+    # Given by the tracker (kept up to date as objects change); else built on demand.
+    index: ClusterIndex | None = field(default=None, compare=False, repr=False)
+
+    def lookup(self) -> ClusterIndex:
+        return self.index if self.index is not None else ClusterIndex.of(self.services,
+                                                                         self.slices)
 
     def node(self, name: str) -> Node | None:
         for node in self.nodes:

@@ -23,7 +23,9 @@ the cluster endpoints and the "local chain" the node-local ones.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -218,19 +220,94 @@ def build_node_views(cluster: Cluster, config: ProxyConfig) -> dict[Family, Node
 
 
 def build_node_view(cluster: Cluster, config: ProxyConfig, family: Family) -> NodeView:
-    node = cluster.node(config.hostname) or Node(name=config.hostname or "localhost")
+    node = _node(cluster, config)
     node_ips = tuple(ip for ip in node.addresses if ip.version == family)
     slices = _slices_by_service(cluster.slices, family)
     views: list[ServicePortView] = []
     for svc in cluster.services:
-        cluster_ip = next((ip for ip in svc.cluster_ips if ip.version == family), None)
-        if cluster_ip is None:
-            continue
-        for spec in svc.ports:
-            views.append(_port_view(svc, spec, cluster_ip, slices.get(svc.ref, ()),
-                                    node, node_ips, family))
+        views += _service_views(svc, slices.get(svc.ref, ()), node, node_ips, family)
     views.sort(key=lambda v: (v.name.service.namespace, v.name.service.name, v.name.port,
                               v.name.protocol))
+    return _node_wide(config, node, node_ips, family, tuple(views))
+
+
+class NodeViewCache:
+    """:func:`build_node_view` with memory, for a proxy that syncs one cluster again and
+    again: ``build(cluster, changed)`` recomputes only the port views of the ``changed``
+    services and reuses every other one (the same objects, so renderers can memoize on
+    them too). Everything is recomputed when ``changed`` is None (a full sync) or when
+    this node changed (labels, addresses: every service may be affected). The result
+    equals ``build_node_view(cluster, config, family)`` (tests/unit/test_incremental.py).
+    """
+
+    def __init__(self, config: ProxyConfig, family: Family) -> None:
+        self.config = config
+        self.family = family
+        self._node: Node | None = None
+        self._view: NodeView | None = None
+        self._ports: dict[NamespacedName, tuple[ServicePortView, ...]] = {}
+        self._order: list[NamespacedName] = []  # _ports' keys, sorted
+        self._seq: list[tuple[ServicePortView, ...]] = []  # _ports' values, in that order
+
+    def build(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> NodeView:
+        node = _node(cluster, self.config)
+        if changed is None or self._view is None or node != self._node:
+            return self._build_all(cluster, node)
+        family, node_ips = self.family, self._view.node_ips
+        index = cluster.lookup()
+        for ref in changed:
+            svc = index.services.get(ref)
+            slices = tuple(sorted((eps for eps in index.slices.get(ref, {}).values()
+                                   if eps.family == family), key=lambda e: e.name))
+            ports = _service_views(svc, slices, node, node_ips, family) if svc else ()
+            self._set(ref, tuple(ports))
+        services = tuple(itertools.chain.from_iterable(self._seq))
+        self._view = replace(self._view, services=services)
+        return self._view
+
+    def _build_all(self, cluster: Cluster, node: Node) -> NodeView:
+        view = build_node_view(cluster, self.config, self.family)
+        grouped: dict[NamespacedName, list[ServicePortView]] = defaultdict(list)
+        for spv in view.services:
+            grouped[spv.name.service].append(spv)
+        self._ports = {ref: tuple(views) for ref, views in grouped.items()}
+        self._order = list(grouped)  # build_node_view sorts by service first
+        self._seq = list(self._ports.values())
+        self._node, self._view = node, view
+        return view
+
+    def _set(self, ref: NamespacedName, ports: tuple[ServicePortView, ...]) -> None:
+        had = ref in self._ports
+        at = bisect.bisect_left(self._order, ref)
+        if ports:
+            self._ports[ref] = ports
+            if had:
+                self._seq[at] = ports
+            else:
+                self._order.insert(at, ref)
+                self._seq.insert(at, ports)
+        elif had:
+            del self._ports[ref], self._order[at], self._seq[at]
+
+
+def _node(cluster: Cluster, config: ProxyConfig) -> Node:
+    return cluster.node(config.hostname) or Node(name=config.hostname or "localhost")
+
+
+def _service_views(svc: Service, slices: tuple[EndpointSlice, ...], node: Node,
+                   node_ips: tuple[IPAddress, ...], family: Family) -> list[ServicePortView]:
+    """One Service's port views in this family, sorted by port name and protocol."""
+    cluster_ip = next((ip for ip in svc.cluster_ips if ip.version == family), None)
+    if cluster_ip is None:
+        return []
+    views = [_port_view(svc, spec, cluster_ip, slices, node, node_ips, family)
+             for spec in svc.ports]
+    views.sort(key=lambda v: (v.name.port, v.name.protocol))
+    return views
+
+
+def _node_wide(config: ProxyConfig, node: Node, node_ips: tuple[IPAddress, ...],
+               family: Family, services: tuple[ServicePortView, ...]) -> NodeView:
     detector = _local_detector(config, node, family)
     localhost = config.localhost_nodeports and family == 4
     return NodeView(
@@ -244,7 +321,7 @@ def build_node_view(cluster: Cluster, config: ProxyConfig, family: Family) -> No
         nodeports=_nodeports(config, node_ips, family, localhost),
         localhost_nodeports=localhost,
         lb_algorithm=config.lb_algorithm,
-        services=tuple(views),
+        services=services,
     )
 
 

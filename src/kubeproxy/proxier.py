@@ -2,7 +2,12 @@
 
 ``Proxier(mode, config, plane).sync(cluster, changed)`` builds this node's views (all
 policy, nodeview.py) for every IP family in use, renders them with the mode, and hands
-the ruleset to the mode's data plane, whole or for the ``changed`` services only. A
+the ruleset to the mode's data plane, whole or for the ``changed`` services only.
+
+Work is proportional to what changed: the node views are kept across syncs and only
+the ``changed`` services' port views are recomputed (``NodeViewCache``; everything on a
+full sync or when this Node changed), and the mode's renderer (``Mode.renderer``) may
+keep what it rendered for port views it has seen before. A
 family once in use stays rendered, so when its last service goes, its rules are emptied
 rather than orphaned. The report carries the views that were written, for what the
 daemon does after a sync (conntrack cleanup, health-check node ports, metrics).
@@ -17,7 +22,7 @@ from kubeproxy.config import ProxyConfig
 from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import Cluster, Family, NamespacedName
 from kubeproxy.modes.base import DataPlane, Mode
-from kubeproxy.nodeview import NodeView, Route, build_node_view
+from kubeproxy.nodeview import NodeView, NodeViewCache, Route
 from kubeproxy.pipeline import families_in_use
 from kubeproxy.sync import SyncReport
 
@@ -28,15 +33,23 @@ class Proxier:
         self.config = config
         self.plane = plane
         self.families: set[Family] = set()
+        self.views: dict[Family, NodeViewCache] = {}
+        self.render = mode.renderer()
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
         families = sorted(self.families | set(families_in_use(cluster, self.config)))
         with paused_gc():
-            views = {f: build_node_view(cluster, self.config, f) for f in families}
-            ruleset = self.mode.render(list(views.values()))
+            views = {f: self._cache(f).build(cluster, changed) for f in families}
+            ruleset = self.render(list(views.values()))
         self.plane.sync(ruleset, changed)
         self.families.update(families)
         return report(views)
+
+    def _cache(self, family: Family) -> NodeViewCache:
+        cache = self.views.get(family)
+        if cache is None:
+            cache = self.views[family] = NodeViewCache(self.config, family)
+        return cache
 
 
 def report(views: Mapping[Family, NodeView]) -> SyncReport:

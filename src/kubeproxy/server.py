@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -146,6 +147,11 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
      "Cumulative proxy nftables sync failures"),
     ("sync_proxy_rules_no_local_endpoints_total", "gauge",
      "Number of services with a Local traffic policy and no endpoints"),
+    # Ours, not upstream's (upstream only logs): rules found changed or removed from
+    # outside (a flushed chain, a deleted table) by the data plane's intact() check; each
+    # one triggers a full sync.
+    ("sync_proxy_rules_flush_detected_total", "counter",
+     "Cumulative times the proxy's rules were found changed or removed from outside"),
 )
 
 
@@ -183,6 +189,11 @@ class Metrics:
             if result.report is not None:
                 self._no_local = {"internal": result.report.no_local_internal,
                                   "external": result.report.no_local_external}
+
+    def record_flush(self) -> None:
+        """The data plane found its rules changed from outside (a full sync follows)."""
+        with self._lock:
+            self._values["sync_proxy_rules_flush_detected_total"] += 1
 
     def set_pending(self, services: int, endpoints: int) -> None:
         with self._lock:
@@ -245,8 +256,24 @@ class _Handler(BaseHTTPRequestHandler):
         del format, args  # probes every few seconds: not worth a log line
 
 
-class _Server(ThreadingHTTPServer):
+class LocalHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` that binds without any name lookup.
+
+    ``HTTPServer.server_bind`` sets ``server_name = socket.getfqdn(host)``, a reverse
+    DNS lookup that blocks for seconds where no resolver answers (a node's namespace,
+    the lab); the caller's thread (the daemon's main loop) waits with it. Nothing we
+    serve reads ``server_name``, so it is just the bound address.
+    """
+
     daemon_threads = True
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
+class _Server(LocalHTTPServer):
     routes: dict[str, Callable[[], Answer]]
 
 

@@ -17,12 +17,21 @@ The rules:
   allowed moment; triggers before that moment coalesce into that one run.
 * Without triggers, a run happens ``sync_period`` after the previous one started.
 * A run is *full* (the data plane rewrites everything and removes stale rules) when it
-  is the first, when the previous one failed, when this Node changed, or when
-  ``full_sync_period`` (by default ``sync_period``) has passed since the last full one.
-  Otherwise it is *partial*: the data plane gets only the services changed since the
-  previous run; with none changed, the data plane is not called at all.
+  is the first, when the previous one failed, when this Node changed, when the data
+  plane found its rules changed from outside, or when ``full_sync_period`` (an hour, as
+  upstream's ``FullSyncPeriod``) has passed since the last full one. Otherwise it is
+  *partial*: the data plane gets only the services changed since the previous run; with
+  none changed, the data plane is not called at all (upstream's cadence: partial runs
+  every ``sync_period``, a full one every hour or after a failure).
 * A failed run (DataPlaneError) is retried ``min_sync_period`` after it started, and the
   retry is full: the changes the failed run took from the tracker are covered that way.
+* Flush detection: between runs, once rules were written, the caller asks the data plane
+  whether they are still intact (``DataPlane.intact()``) at :meth:`SyncLoop.next_check`,
+  every ``check_period`` (1 s) after the last check or successful run, and reports the
+  answer with :meth:`SyncLoop.checked`. A False answer (someone flushed a chain or
+  deleted a table) is :meth:`SyncLoop.request_full`: a full run as soon as
+  ``min_sync_period`` allows. So a flush is repaired within about ``check_period`` plus
+  one full sync, instead of waiting for the hourly full sync.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from kubeproxy.nodeview import NodeView
 from kubeproxy.tracker import Changes, Kind, Tracker
 
 Clock = Callable[[], float]  # monotonic seconds
+FULL_SYNC_PERIOD = 3600.0  # upstream's proxyutil.FullSyncPeriod
+CHECK_PERIOD = 1.0  # how often the data plane is asked whether its rules are intact
 
 
 @dataclass(frozen=True)
@@ -84,15 +95,19 @@ class SyncResult:
 class SyncLoop:
     def __init__(self, tracker: Tracker, proxier: Syncer, clock: Clock, *,
                  min_sync_period: float = 1.0, sync_period: float = 30.0,
-                 full_sync_period: float | None = None) -> None:
-        if sync_period <= 0 or min_sync_period < 0:
-            raise ValueError("sync_period must be > 0 and min_sync_period >= 0")
+                 full_sync_period: float = FULL_SYNC_PERIOD,
+                 check_period: float = CHECK_PERIOD) -> None:
+        if sync_period <= 0 or min_sync_period < 0 or check_period <= 0:
+            raise ValueError("sync_period and check_period must be > 0 and "
+                             "min_sync_period >= 0")
         self._tracker = tracker
         self._proxier = proxier
         self._clock = clock
         self.min_sync_period = min_sync_period
         self.sync_period = sync_period
-        self.full_sync_period = sync_period if full_sync_period is None else full_sync_period
+        self.full_sync_period = full_sync_period
+        self.check_period = check_period
+        self._last_check: float | None = None
         self._synced: set[Kind] = set()
         self._ready_at: float | None = None
         self._last_start: float | None = None
@@ -133,6 +148,29 @@ class SyncLoop:
         if self._wanted:
             due = min(due, self._last_start + self.min_sync_period)
         return due
+
+    def next_check(self) -> float | None:
+        """When the data plane should next be asked whether its rules are intact; None
+        before anything was written and while a full run is wanted anyway."""
+        if self.last_success is None or (self._needs_full and self._wanted):
+            return None
+        return max(self.last_success, self._last_check or 0.0) + self.check_period
+
+    def check_due(self) -> bool:
+        due = self.next_check()
+        return due is not None and self._clock() >= due
+
+    def checked(self, intact: bool) -> None:
+        """The caller asked the data plane (``DataPlane.intact()``); False: its rules
+        were changed from outside, so a full run follows."""
+        self._last_check = self._clock()
+        if not intact:
+            self.request_full()
+
+    def request_full(self) -> None:
+        """Make the next run full and due as soon as ``min_sync_period`` allows."""
+        self._needs_full = True
+        self._wanted = True
 
     def run_if_due(self) -> SyncResult | None:
         due = self.next_run()

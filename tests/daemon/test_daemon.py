@@ -369,6 +369,9 @@ class RecordingPlane:
     def rules(self) -> str:
         return self.inner.rules()
 
+    def intact(self) -> bool:
+        return self.inner.intact()
+
 
 @pytest.mark.parametrize("mode_name", modes.NAMES)
 def test_daemon_loop_in_process(mode_name: str) -> None:

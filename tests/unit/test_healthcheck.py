@@ -27,7 +27,7 @@ from kubeproxy.healthcheck import (
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Cluster, Family, NamespacedName, parse_cidr
 from kubeproxy.nodeview import NodeView, build_node_view
-from kubeproxy.server import Health, Metrics
+from kubeproxy.server import Health, Metrics, health_endpoint, metrics_endpoint
 from kubeproxy.sources.informer import Replace
 from kubeproxy.sync import SyncReport
 from kubeproxy.tracker import Update
@@ -184,6 +184,54 @@ def test_port_in_use_is_reported_and_retried() -> None:
         assert servers.serving == {("127.0.0.1", port)}
     finally:
         servers.close()
+
+
+def _no_name_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every name lookup fail loudly (and record it): where no resolver answers,
+    the stock ``HTTPServer.server_bind`` (``socket.getfqdn``) blocks the caller for
+    seconds, so a server that starts must not look anything up."""
+    calls: list[str] = []
+
+    def lookup(name: str = "", *args: object) -> Any:
+        calls.append(name)
+        raise AssertionError(f"name lookup of {name!r} while opening a server")
+
+    for fn in ("getfqdn", "gethostbyaddr", "gethostbyname", "gethostbyname_ex",
+               "getnameinfo"):
+        monkeypatch.setattr(socket, fn, lookup)
+    return calls
+
+
+def test_health_check_server_opens_without_name_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _no_name_lookups(monkeypatch)
+    servers = HealthCheckServers(lambda: True)
+    port = free_port()
+    try:
+        assert servers.update({("127.0.0.1", port): HealthCheck(WEB, 1)}) == []
+        answer = get(port)
+        assert answer is not None and answer[0] == 200
+    finally:
+        servers.close()
+    assert calls == []
+
+
+def test_health_and_metrics_endpoints_open_without_name_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _no_name_lookups(monkeypatch)
+    health = Health(10.0)
+    endpoints = [health_endpoint(("127.0.0.1", 0), health).start(),
+                 metrics_endpoint(("127.0.0.1", 0), Metrics("iptables"), health).start()]
+    try:
+        for endpoint_, path in zip(endpoints, ("/livez", "/proxyMode"), strict=True):
+            conn = http.client.HTTPConnection("127.0.0.1", endpoint_.port, timeout=5)
+            conn.request("GET", path)
+            assert conn.getresponse().status == 200
+            conn.close()
+    finally:
+        for endpoint_ in endpoints:
+            endpoint_.stop()
+    assert calls == []
 
 
 # --- wired into the daemon ------------------------------------------------------------

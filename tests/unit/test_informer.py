@@ -36,6 +36,7 @@ from kubeproxy.sources.client import (
     ProtocolError,
     StatusError,
     TransportError,
+    WatchStalled,
 )
 from kubeproxy.sources.informer import (
     SERVICE_SELECTOR,
@@ -77,6 +78,7 @@ class Reply:
     events: list[Obj] | None = None  # a watch: one JSON line per event, chunked
     broken: bool = False  # cut the watch stream in the middle of a chunk
     hold: bool = False  # keep the watch open until the fake is closed
+    silent: bool = False  # a stopped server: take the request, never answer it
 
 
 @dataclass
@@ -143,6 +145,9 @@ class FakeApi:
         url = urlsplit(h.path)
         exp = self.next(url.path, dict(parse_qsl(url.query)), h.headers)
         reply = exp.reply if exp else Reply(500, {"kind": "Status", "code": 500})
+        if reply.silent:
+            self.closing.wait(10)
+            return
         if reply.events is None:
             body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
             h.send_response(reply.status)
@@ -494,22 +499,72 @@ def test_informer_lists_watches_resumes_and_relists(
                                                                 svc_obj("c", "11")))),
         Expect("/api/v1/services", watch_q("12"),
                Reply(events=[ev("DELETED", svc_obj("c", "13"))], broken=True)),
-        # A broken stream: back off, relist.
-        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("13", svc_obj("b", "9", 81)))),
+        # A broken stream: back off, watch again from the last version (no relist).
         Expect("/api/v1/services", watch_q("13"), Reply(events=[], hold=True)),
     ])
     sink = Sink()
     inf = informer(Client(ClusterAccess(api.url)), sink).start()
     try:
-        sink.wait(lambda: api.served == 7 and inf.lists == 3 and len(sink.items) == 6)
+        sink.wait(lambda: api.served == 6 and inf.lists == 2 and len(sink.items) == 5)
     finally:
         started = time.monotonic()
         inf.stop()
         assert time.monotonic() - started < 2, "stop() wakes a quiet watch"
-    assert sink.replaces() == 3
+    assert sink.replaces() == 2
     assert sink.names() == ["b"] and inf.resource_version == "13"
     (b,) = sink.tracker.cluster().services
     assert b.ports[0].port == 81
+
+
+STALL = 0.3  # seconds: the tests' stall bound (the fake sends no bookmarks)
+
+
+def test_a_quiet_watch_ends_with_watch_stalled(fake: MakeFake) -> None:
+    api = fake([Expect("/api/v1/services", watch_q("5"),
+                       Reply(events=[ev("ADDED", svc_obj("a", "6"))], hold=True)),
+                Expect("/api/v1/services", watch_q("6"), Reply(silent=True))])
+    client = Client(ClusterAccess(api.url))
+    seen: list[str] = []
+    with pytest.raises(WatchStalled, match=r"no event or bookmark for 0\.3s"), client.watch(
+            "/api/v1/services", resource_version="5", timeout_seconds=60,
+            label_selector=SERVICE_SELECTOR, stall_timeout=STALL) as stream:
+        seen.extend(e["type"] for e in stream)
+    assert seen == ["ADDED"], "events before the stall are delivered"
+    with pytest.raises(WatchStalled, match=r"no answer within 0\.3s"):
+        client.watch("/api/v1/services", resource_version="6", timeout_seconds=60,
+                     label_selector=SERVICE_SELECTOR, stall_timeout=STALL)
+
+
+def test_informer_rewatches_a_hung_watch_from_its_resource_version(fake: MakeFake) -> None:
+    """A server that stops (not closes): the stream goes quiet, then a new watch gets no
+    answer at all. The informer gives each up after the bound and watches again from
+    the last resourceVersion it saw, without relisting; the server resumes and the
+    change made meanwhile arrives. The script is strict: a relist would be an error."""
+    api = fake([
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("5", svc_obj("a", "4")))),
+        Expect("/api/v1/services", watch_q("5"),
+               Reply(events=[ev("ADDED", svc_obj("b", "6"))], hold=True)),  # goes quiet
+        Expect("/api/v1/services", watch_q("6"), Reply(silent=True)),  # still stopped
+        Expect("/api/v1/services", watch_q("6"),
+               Reply(events=[ev("ADDED", svc_obj("c", "7"))], hold=True)),  # resumed
+        *[Expect("/api/v1/services", watch_q("7"), Reply(events=[], hold=True))] * 20,
+    ])
+    sink = Sink()
+    inf = Informer(Client(ClusterAccess(api.url)), SVC, sink.emit, watch_timeout=(60, 120),
+                   stall_timeout=STALL, backoff=Backoff(initial=0.01, cap=0.05))
+    inf.start()
+    try:
+        sink.wait(lambda: sink.names() == ["a", "b", "c"])
+    finally:
+        inf.stop()
+    assert inf.lists == 1 and sink.replaces() == 1
+    assert inf.stalls >= 2 and inf.resource_version == "7"
+
+
+def test_informer_stall_bound_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stall_timeout"):
+        Informer(Client(ClusterAccess("http://127.0.0.1:1")), SVC, lambda _: None,
+                 stall_timeout=0)
 
 
 def test_informer_backs_off_while_the_server_fails(

@@ -325,3 +325,77 @@ def test_detect_backend(case: Detect) -> None:
     n = len(fake.calls)
     assert detect_backend(fake) == case.want
     assert all(argv[0].endswith("-save") for argv, _ in fake.calls[n:])  # it only reads
+
+
+# --- flush detection: damage() ---------------------------------------------------------
+
+
+def saves(fake: FakeIptables, since: int) -> list[str]:
+    """The tables read back (iptables-save -t TABLE) since call ``since``."""
+    return [argv[-1] for argv, _ in fake.calls[since:] if argv[0].endswith("-save")]
+
+
+@dataclass(frozen=True)
+class Outside:
+    name: str
+    args: tuple[str, ...]  # an operator's iptables command, after the binary
+    found: str | None  # what damage() reports (a fragment), None: ours is intact
+
+
+OUTSIDE = [
+    Outside("flush nat KUBE-SERVICES", ("-t", "nat", "-F", "KUBE-SERVICES"),
+            "nat table: chain KUBE-SERVICES holds 0 rules"),
+    Outside("flush nat", ("-t", "nat", "-F"), "nat table: chain KUBE-MARK-MASQ holds 0"),
+    Outside("delete the mangle canary", ("-t", "mangle", "-X", "KUBE-PROXY-CANARY"),
+            "mangle table: chain KUBE-PROXY-CANARY is gone"),
+    Outside("delete our jump", ("-t", "nat", "-D", "POSTROUTING", "-m", "comment",
+                                "--comment", "kubernetes postrouting rules", "-j",
+                                "KUBE-POSTROUTING"),
+            "the jump from POSTROUTING to KUBE-POSTROUTING is gone"),
+    Outside("someone else's chain", ("-t", "filter", "-N", "OTHER"), None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", OUTSIDE, ids=[c.name for c in OUTSIDE])
+def test_damage_reads_the_tables_only_when_the_fingerprint_moved(backend: Backend,
+                                                                 case: Outside) -> None:
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 4, backend, watch=fake)
+    assert plane.damage() is None, "nothing written yet"
+    plane.sync(rules_for(feature_cluster()))
+    n = len(fake.calls)
+    assert plane.damage() is None and plane.damage() is None
+    assert saves(fake, n) == [], "nothing is read while the fingerprint holds"
+    assert fake.run([f"iptables-{backend}", "-w", *case.args]).returncode == 0
+    n = len(fake.calls)
+    found = plane.damage()
+    assert saves(fake, n) == ["mangle", "filter", "nat"][:len(saves(fake, n))]
+    if case.found is None:
+        assert found is None
+        n = len(fake.calls)
+        assert plane.damage() is None and saves(fake, n) == [], "the new fingerprint holds"
+    else:
+        assert found is not None and case.found in found and f"IPv4 {backend}" in found
+        assert plane.damage() == found, "still damaged until a sync"
+        plane.sync(rules_for(feature_cluster()), None)
+        assert plane.damage() is None
+
+
+def test_damage_without_a_watch_reads_every_time() -> None:
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 6, "nft")
+    plane.sync(rules_for(feature_cluster(), 6))
+    n = len(fake.calls)
+    assert plane.damage() is None and plane.damage() is None
+    assert saves(fake, n) == ["mangle", "filter", "nat"] * 2
+    assert fake.run(["ip6tables-nft", "-t", "nat", "-F", "KUBE-SERVICES"]).returncode == 0
+    assert "(IPv6 nft) nat table: chain KUBE-SERVICES holds 0" in (plane.damage() or "")
+
+
+def test_cleanup_forgets_what_was_written() -> None:
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 4, "legacy", watch=fake)
+    plane.sync(rules_for(feature_cluster()))
+    plane.cleanup()
+    assert plane.damage() is None, "nothing of ours is expected any more"

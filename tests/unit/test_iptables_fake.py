@@ -296,6 +296,17 @@ COMMANDS = [
     Command("an unknown table", "-t nope -N X", 3, r"table `nope'"),
     Command("MASQUERADE outside nat", "-A FOREIGN -j MASQUERADE", 1,
             r"^iptables: Invalid argument"),
+    # What an operator breaks rules with (flush detection's tests use them).
+    Command("flush a chain", "-t nat -F KUBE-SERVICES", 0, "", {("nat", "KUBE-SERVICES"): []}),
+    Command("flush a builtin chain", "-t nat -F PREROUTING", 0, "",
+            {("nat", "PREROUTING"): []}),
+    Command("flush a whole table", "-t nat -F", 0, "", {
+        ("nat", c): [] for c in ("PREROUTING", "KUBE-SERVICES", "KUBE-SVC-A", "KUBE-SEP-A",
+                                 "KUBE-SVC-OLD")}),
+    Command("flush a missing chain", "-t nat -F NOPE", 1, r"No chain/target/match"),
+    Command("delete a chain with rules", "-t nat -X KUBE-SVC-A", 1, r"Directory not empty"),
+    Command("delete every chain, some with rules", "-t nat -X", 1, r"Directory not empty"),
+    Command("delete a builtin chain", "-t nat -X PREROUTING", 1, r"built-in chain"),
 ]
 
 
@@ -309,6 +320,32 @@ def test_iptables_command(case: Command) -> None:
     assert res.returncode == case.returncode, res.stderr
     assert re.search(case.stderr, res.stderr) if case.stderr else res.stderr == ""
     assert {table: fake.chains(table) for table in ("filter", "nat")} == want
+
+
+def test_flush_then_delete_every_chain_of_a_table() -> None:
+    fake = seeded("legacy")
+    before = fake.fingerprint(4, "legacy")
+    ipt = ["iptables-legacy", "-w", "-t", "nat"]
+    assert fake.run([*ipt, "-F", "KUBE-SVC-A"]).returncode == 0
+    res = fake.run([*ipt, "-X", "KUBE-SVC-A"])
+    assert res.returncode == 1 and "Too many links" in res.stderr, "KUBE-SERVICES jumps there"
+    assert fake.run([*ipt, "-F"]).returncode == 0
+    assert fake.run([*ipt, "-X"]).returncode == 0
+    assert set(fake.chains("nat", backend="legacy")) == {
+        "PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}
+    assert "FOREIGN" in fake.chains("filter", backend="legacy"), "other tables untouched"
+    assert fake.fingerprint(4, "legacy") != before
+    assert fake.fingerprint(4, "nft") == fake.fingerprint(6, "legacy") == 0
+
+
+def test_fingerprint_moves_with_writes_only() -> None:
+    fake = seeded("nft")
+    before = fake.fingerprint(4, "nft")
+    fake.run(["iptables-nft-save", "-t", "nat"])
+    fake.run(["iptables-nft", "-w", "-t", "nat", "-C", "KUBE-SVC-A", "-j", "KUBE-SEP-A"])
+    assert fake.fingerprint(4, "nft") == before, "reading is not writing"
+    fake.run(["iptables-nft", "-w", "-t", "nat", "-A", "KUBE-SVC-A", "-j", "RETURN"])
+    assert fake.fingerprint(4, "nft") != before
 
 
 # -- what the fake holds, and what it will not guess -----------------------------------
@@ -357,7 +394,6 @@ UNSUPPORTED = [
     (["iptables", "-N", "X"], None),  # no backend named
     (["iptables-nft", "-w", "-t", "nat", "-L", "-n"], None),
     (["iptables-nft", "-w", "-t", "nat", "-S"], None),
-    (["iptables-nft", "-w", "-t", "nat", "-X", "KUBE-SVC-A"], None),
     (["iptables-nft", "-t", "nat", "-D", "KUBE-SVC-A", "1"], None),
     (["iptables-nft", "-t", "nat", "-A", "KUBE-SVC-A", "-t", "filter", "-j", "RETURN"], None),
     (["iptables-nft-save", "-c"], None),

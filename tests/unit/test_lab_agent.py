@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,9 @@ class FakeIp:
 
 class Harness:
     def __init__(self, tmp: Path) -> None:
-        self.server = ApiServer(ServerConfig(bookmark_interval=0.05, reap_interval=0.05)).start()
+        self.config = ServerConfig(bookmark_interval=0.05, reap_interval=0.05,
+                                   state_file=str(tmp / "apiserver.json"))
+        self.server = ApiServer(self.config).start()
         self.api = LabApi(self.server.url)
         plan = layout.plan("u", parse_objects(load_documents([("lab", LAB)])))
         bodies, _ = objects.api_objects(plan, [])
@@ -102,6 +105,12 @@ class Harness:
         mine = [s for s in items if s["metadata"]["labels"].get(SERVICE_NAME_LABEL)
                 == service]  # fmt: skip
         return {e["targetRef"]["name"]: e for s in mine for e in s.get("endpoints") or []}
+
+    def restart_server(self) -> None:
+        """Stop the API server and start another on the same port, from its state file."""
+        port = self.server.port
+        self.server.stop()
+        self.server = ApiServer(replace(self.config, port=port)).start()
 
     def close(self) -> None:
         self.agent.close()
@@ -198,3 +207,19 @@ def test_load_balancer_gets_an_ip_and_a_route_then_slices_follow_the_service(
     lab.api.delete("Service", "default", "lb")
     lab.settle()
     assert lab.endpoints("lb") == {}
+
+
+def test_agent_follows_an_api_server_restart(lab: Harness) -> None:
+    """Same port, same objects (the state file): the caches reach the new server (a
+    watch from their resourceVersion, or a list), and a Service created after the
+    restart gets its slices."""
+    before = {k: c.connections for k, c in lab.agent.caches.items()}
+    uid = lab.pod("web-1")["metadata"]["uid"]
+    lab.restart_server()
+    assert lab.pod("web-1")["metadata"]["uid"] == uid, "the objects came back"
+    lab.api.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "late"},
+                    "spec": {"selector": {"app": "web"},
+                             "ports": [{"port": 80, "targetPort": 8080}]}})  # fmt: skip
+    lab.settle()
+    assert set(lab.endpoints("late")) == {"web-1", "web-2"}
+    assert all(c.connections > before[k] for k, c in lab.agent.caches.items())

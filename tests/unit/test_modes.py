@@ -8,12 +8,16 @@ what one full sync of the final cluster writes into a fresh one.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubeproxy import modes
 from kubeproxy.config import ConfigError, ProxyConfig
+from kubeproxy.dataplane.nft_ops import AddTable, DeleteTable, FlushChain
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.proxier import Proxier
@@ -135,3 +139,83 @@ def test_the_branch_detector_sees_a_branch() -> None:
     assert MODE_BRANCH.search('x = a if mode != "' + modes.NAMES[0] + '" else b')
     assert not MODE_BRANCH.search("choices=modes.NAMES")
     assert not MODE_BRANCH.search('assert answer == "' + modes.NAMES[0] + '"')
+
+
+# --- flush detection: intact() over the strict fakes ------------------------------------
+
+Damage = Callable[[Any], object]  # breaks a mode's fake kernel "from outside"
+
+
+def _iptables(*args: str) -> Damage:
+    """An operator's iptables command against the fake kernel (the fake's backend)."""
+    def run(plane: Any) -> object:
+        res = plane.runner.run(["iptables-nft", "-w", *args])
+        assert res.returncode == 0, res.stderr
+        return res
+    return run
+
+
+def _nft(*ops: Any) -> Damage:
+    """A transaction someone else commits to the fake nf_tables, as `nft` would."""
+    def run(plane: Any) -> object:
+        plane.plane.transport.commit(list(ops))
+        return None
+    return run
+
+
+@dataclass(frozen=True)
+class FlushCase:
+    name: str
+    mode: str
+    damage: Damage
+    breaks: bool = True  # False: someone else's change, ours is intact
+
+
+FLUSHES = [
+    FlushCase("-t nat -F KUBE-SERVICES", "iptables",
+              _iptables("-t", "nat", "-F", "KUBE-SERVICES")),
+    FlushCase("-t nat -F (builtin jumps too)", "iptables", _iptables("-t", "nat", "-F")),
+    FlushCase("-t nat -F; -t nat -X", "iptables", lambda p: (
+        _iptables("-t", "nat", "-F")(p), _iptables("-t", "nat", "-X")(p))),
+    FlushCase("-t mangle -X KUBE-PROXY-CANARY", "iptables",
+              _iptables("-t", "mangle", "-X", "KUBE-PROXY-CANARY")),
+    FlushCase("-t nat -D PREROUTING (our jump)", "iptables",
+              _iptables("-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment",
+                        "kubernetes service portals", "-j", "KUBE-SERVICES")),
+    FlushCase("someone else's nat chain", "iptables", lambda p: (
+        _iptables("-t", "nat", "-N", "OTHER")(p),
+        _iptables("-t", "nat", "-A", "PREROUTING", "-j", "OTHER")(p)), breaks=False),
+    FlushCase("flush chain ip kube-proxy services", "nftables",
+              _nft(FlushChain("ip", "services"))),
+    FlushCase("flush chain ip kube-proxy nat-prerouting", "nftables",
+              _nft(FlushChain("ip", "nat-prerouting"))),
+    FlushCase("delete table ip kube-proxy", "nftables", _nft(DeleteTable("ip"))),
+    FlushCase("someone else's transaction", "nftables", _nft(AddTable("ip6")),
+              breaks=False),
+]
+
+
+@pytest.mark.parametrize("case", FLUSHES, ids=lambda c: f"{c.mode}: {c.name}")
+def test_intact_sees_flushes_and_a_full_sync_restores(case: FlushCase) -> None:
+    """sync -> intact -> damaged from outside -> not intact -> full sync -> intact,
+    holding what a fresh kernel holds."""
+    mode = modes.get(case.mode)
+    cluster = decode_objects(STEPS[0][1])
+    proxier = Proxier(mode, config(case.mode), mode.fake())
+    assert proxier.plane.intact(), "nothing written yet"
+    proxier.sync(cluster, None)
+    assert proxier.plane.intact() and proxier.plane.intact()
+    before = proxier.plane.rules()
+    case.damage(proxier.plane)
+    assert proxier.plane.intact() is not case.breaks
+    if not case.breaks:
+        return
+    proxier.sync(cluster, None)
+    assert proxier.plane.intact()
+    scratch = Proxier(mode, config(case.mode), mode.fake())
+    scratch.sync(cluster, None)
+    assert proxier.plane.rules() == scratch.plane.rules() == before
+
+
+def test_every_mode_has_flush_cases() -> None:
+    assert {c.mode for c in FLUSHES if c.breaks} == set(modes.NAMES)

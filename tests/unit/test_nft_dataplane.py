@@ -514,3 +514,63 @@ def test_each_operation_is_one_message(op: Op, kind: int) -> None:
     (msg,) = encode([op])
     assert (msg.type, msg.family) == (kind, wire.FAMILIES["ip"])
 
+
+
+# -- flush detection: damage() ---------------------------------------------------------
+
+
+class CountingFake(FakeNftables):
+    """The fake nf_tables, counting the (costlier) rule-count reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count_reads = 0
+
+    def rule_counts(self, family: str, chains: Iterable[str]) -> dict[str, int] | None:
+        self.count_reads += 1
+        return super().rule_counts(family, chains)
+
+
+@pytest.mark.parametrize(("name", "ops", "found"), [
+    ("flush the services chain", [nft.FlushChain("ip", "services")],
+     "chain ip kube-proxy services holds 0 rules"),
+    ("flush a base chain", [nft.FlushChain("ip6", "nat-output")],
+     "chain ip6 kube-proxy nat-output holds 0 rules"),
+    ("delete the table", [nft.DeleteTable("ip")], "table ip kube-proxy is gone"),
+    ("someone else's transaction", [nft.AddTable("ip")], None),
+])
+def test_damage_counts_chains_only_when_the_generation_moved(
+        name: str, ops: list[Op], found: str | None) -> None:
+    fake = CountingFake()
+    plane = NftablesDataPlane(NoRunner(), fake)
+    assert plane.damage() is None, "nothing written yet"
+    rs = ruleset(cluster(*basic(), service("six", cluster_ip="fd00:30::6"),
+                         endpoint_slice("six", [endpoint("fd00:180::6")], family="IPv6")))
+    plane.sync(rs)
+    assert plane.damage() is None and plane.damage() is None
+    assert fake.count_reads == 0, "nothing is read while the generation holds"
+    fake.commit(ops)
+    got = plane.damage()
+    assert fake.count_reads >= 1
+    if found is None:
+        assert got is None
+        reads = fake.count_reads
+        assert plane.damage() is None and fake.count_reads == reads, "accepted"
+    else:
+        assert got is not None and found in got, name
+        plane.sync(rs)  # the full sync the daemon then runs
+        assert plane.damage() is None
+        assert_holds(fake, rs)
+
+
+def test_a_failed_sync_leaves_damage_checking_by_counts() -> None:
+    fake = FakeNftables()
+    plane = NftablesDataPlane(NoRunner(), fake)
+    rs = ruleset(cluster(*basic()))
+    plane.sync(rs)
+    fake.fail(errno.ENOMEM)
+    with pytest.raises(TransactionError):
+        plane.sync(rs)
+    assert plane.generation is None and plane.damage() is None
+    fake.commit([nft.FlushChain("ip", "services")])
+    assert "services holds 0 rules" in (plane.damage() or "")

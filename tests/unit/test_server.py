@@ -110,6 +110,16 @@ def test_nftables_failures_have_their_own_counter() -> None:
     assert s["kubeproxy_sync_proxy_rules_iptables_restore_failures_total"] == "0"
 
 
+def test_flushes_found_are_counted() -> None:
+    m = Metrics("nftables")
+    name = "kubeproxy_sync_proxy_rules_flush_detected_total"
+    assert samples(m.render())[name] == "0"
+    m.record_flush()
+    m.record_flush()
+    assert samples(m.render())[name] == "2"
+    assert f"# TYPE {name} counter" in m.render()
+
+
 @pytest.mark.parametrize(("text", "want"), [
     ("127.0.0.1:10256", ("127.0.0.1", 10256)),
     ("0.0.0.0", ("0.0.0.0", 7)),

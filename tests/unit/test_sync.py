@@ -16,7 +16,7 @@ import pytest
 
 from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.model import Cluster, NamespacedName, Service
-from kubeproxy.sync import SyncLoop, SyncReport, SyncResult
+from kubeproxy.sync import CHECK_PERIOD, FULL_SYNC_PERIOD, SyncLoop, SyncReport, SyncResult
 from kubeproxy.tracker import Kind, Tracker, Update
 from tests.builders import NODE
 from tests.fakes import FakeClock
@@ -37,6 +37,17 @@ class StrictDataPlane:
     kernel: dict[NamespacedName, object] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     fail: int = 0  # fail the next n syncs (all or nothing, as iptables-restore)
+    flushed: bool = False  # someone emptied the kernel; only a full sync restores it
+    checks: list[float] = field(default_factory=list)  # when intact() was asked
+
+    def flush(self) -> None:
+        """Someone else empties our rules (``iptables -t nat -F``, ``nft delete table``)."""
+        self.kernel = {}
+        self.flushed = True
+
+    def intact(self) -> bool:
+        self.checks.append(self.clock.now)
+        return not self.flushed
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
         if self.calls:
@@ -51,6 +62,7 @@ class StrictDataPlane:
         want = state_of(cluster)
         if changed is None:
             self.kernel = want
+            self.flushed = False
         else:
             for name in changed:
                 if name in want:
@@ -97,18 +109,23 @@ class Rig:
                     self.loop.trigger()
 
     def advance(self, seconds: float) -> None:
-        """What the daemon does: sleep until the next deadline, run, repeat."""
+        """What the daemon does: sleep until the next deadline (a run or a flush
+        check), run if due, check if due, repeat."""
         end = self.clock.now + seconds
         while True:
-            due = self.loop.next_run()
+            run, check = self.loop.next_run(), self.loop.next_check()
+            due = min((d for d in (run, check) if d is not None), default=None)
             if due is None or due > end:
                 break
             self.clock.now = max(self.clock.now, due)
             result = self.loop.run_if_due()
-            assert result is not None, "next_run() said a run was due"
-            self.results.append(result)
-            if result.ok:
-                assert self.plane.kernel == state_of(self.tracker.cluster())
+            assert (result is not None) == (run is not None and run <= self.clock.now)
+            if result is not None:
+                self.results.append(result)
+                if result.ok and not self.plane.flushed:  # a partial run cannot repair
+                    assert self.plane.kernel == state_of(self.tracker.cluster())
+            if self.loop.check_due():
+                self.loop.checked(self.plane.intact())
         self.clock.now = max(self.clock.now, end)
 
     def kinds(self) -> list[str]:
@@ -167,8 +184,8 @@ def test_repeated_triggers_coalesce_into_one_partial_sync() -> None:
     assert changed is not None and len(changed) == 21
 
 
-def test_a_full_resync_every_sync_period_without_changes() -> None:
-    r = started()
+def test_a_full_resync_every_full_sync_period_without_changes() -> None:
+    r = started(full_sync_period=PERIOD)
     r.advance(PERIOD * 3 + 1)
     assert r.kinds() == ["full"] * 4
     gaps = [b.at - a.at for a, b in itertools.pairwise(r.plane.calls)]
@@ -176,7 +193,7 @@ def test_a_full_resync_every_sync_period_without_changes() -> None:
 
 
 def test_partial_syncs_do_not_push_the_periodic_full_sync_back() -> None:
-    r = started()
+    r = started(full_sync_period=PERIOD)
     for _ in range(40):
         r.feed(svc("a", port=81 + len(r.plane.calls)))
         r.advance(1)
@@ -184,11 +201,18 @@ def test_partial_syncs_do_not_push_the_periodic_full_sync_back() -> None:
     assert len(fulls) == 2 and fulls[1] - fulls[0] == pytest.approx(PERIOD, abs=MIN)
 
 
-def test_full_sync_period_longer_than_sync_period() -> None:
-    r = started(full_sync_period=3600.0)
+def test_upstream_cadence_partial_every_sync_period_full_every_hour() -> None:
+    r = started()
+    assert r.loop.full_sync_period == FULL_SYNC_PERIOD == 3600.0
     r.advance(PERIOD * 2 + 1)
     assert r.kinds() == ["full"], "periodic runs with nothing changed do not call the plane"
     assert [x.skipped for x in r.results] == [False, True, True]
+    r.feed(svc("c", "172.30.0.43"))
+    r.advance(FULL_SYNC_PERIOD)
+    assert r.kinds() == ["full", "ns1/c", "full"]
+    # The first periodic run once the hour is over: up to one sync_period late.
+    assert FULL_SYNC_PERIOD <= r.plane.calls[2].at - r.plane.calls[0].at \
+        <= FULL_SYNC_PERIOD + PERIOD
 
 
 def test_a_failed_sync_is_retried_after_min_period_as_a_full_one() -> None:
@@ -267,3 +291,72 @@ def test_random_event_streams_converge(seed: int) -> None:
     assert all(b - a <= PERIOD + 1e-9 for a, b in itertools.pairwise(starts))
     assert r.plane.kernel == state_of(r.tracker.cluster())
     assert any(c.changed is not None for c in r.plane.calls), "some syncs were partial"
+
+
+# --- flush detection ------------------------------------------------------------------
+
+
+def test_no_checks_before_the_first_sync() -> None:
+    r = rig()
+    r.list_done(services=[svc("a")])
+    assert r.loop.next_check() is None
+    r.advance(10)
+    assert r.plane.checks == [] and r.loop.next_check() is None
+
+
+def test_checks_run_every_check_period_between_syncs() -> None:
+    r = started(full_sync_period=FULL_SYNC_PERIOD)
+    t0 = r.clock.now
+    r.advance(10.5)
+    assert r.plane.checks == [pytest.approx(t0 + 0.05 + i) for i in range(1, 11)]
+    assert r.kinds() == ["full"], "an intact plane is not rewritten"
+
+
+def test_a_sync_postpones_the_next_check() -> None:
+    r = started()
+    r.clock.now += 0.5
+    r.feed(svc("c", "172.30.0.43"))
+    r.advance(1.6)
+    assert r.kinds() == ["full", "ns1/c"]
+    assert r.plane.checks == [pytest.approx(r.plane.calls[1].at + 0.05 + CHECK_PERIOD)]
+
+
+@pytest.mark.parametrize("after", [0.01, 0.3, 0.99, 7.5])
+def test_a_flush_is_found_and_repaired_by_a_full_sync(after: float) -> None:
+    """Found at the next check (<= CHECK_PERIOD), repaired by a full run at once (the
+    partial run the loop would otherwise do could not restore an emptied kernel: the
+    plane's kernel == cluster check after each run would fail)."""
+    r = started()
+    r.clock.now += after
+    flushed_at = r.clock.now
+    r.plane.flush()
+    r.advance(CHECK_PERIOD + MIN)
+    assert r.kinds() == ["full", "full"]
+    assert r.plane.calls[1].at - flushed_at <= CHECK_PERIOD + 1e-9
+    assert r.plane.calls[1].at - r.plane.calls[0].at >= MIN, "minSyncPeriod still holds"
+    r.advance(5)
+    assert r.kinds() == ["full", "full"] and not r.plane.flushed
+
+
+def test_a_partial_sync_does_not_hide_a_flush() -> None:
+    """A partial run between the flush and the next check rewrites only its services;
+    the check after it still finds the flush."""
+    r = started()
+    r.clock.now += 0.5
+    r.plane.flush()
+    r.clock.now += 0.4
+    r.feed(svc("c", "172.30.0.43"))
+    r.advance(MIN + CHECK_PERIOD)
+    assert r.kinds() == ["full", "ns1/c", "full"]
+    assert r.plane.calls[2].at == pytest.approx(r.plane.calls[1].at + 0.05 + CHECK_PERIOD)
+    assert not r.plane.flushed
+
+
+def test_a_failed_repair_is_retried() -> None:
+    r = started()
+    r.clock.now += 2.5
+    r.plane.flush()
+    r.plane.fail = 1
+    r.advance(CHECK_PERIOD + MIN + 0.1)
+    assert r.kinds() == ["full", "full", "full"]
+    assert not r.results[-2].ok and r.results[-1].ok and not r.plane.flushed

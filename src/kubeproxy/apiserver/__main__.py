@@ -1,10 +1,12 @@
 """`python -m kubeproxy.apiserver`: run the lab API server until SIGTERM.
 
     python -m kubeproxy.apiserver --listen 127.0.0.1:6443 \
-        [--netns NAME:IP:PORT ...] [--history N] --kubeconfig-out FILE
+        [--netns NAME:IP:PORT ...] [--history N] [--state FILE] --kubeconfig-out FILE
 
 The kubeconfig is written (atomically) only once every listener is up, so its appearance
 means "ready". SIGTERM or SIGINT stops the server cleanly; the exit status is 0 then.
+With ``--state FILE`` the objects survive a restart: loaded from FILE if it exists,
+FILE rewritten after every change (see server.py).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-port-range", type=_range, default=(30000, 32767))
     p.add_argument("--bookmark-interval", type=float, default=60.0,
                    help="seconds between BOOKMARK events on watches that allow them")
+    p.add_argument("--state", default=None,
+                   help="keep the objects in this file: restored from it at start if it "
+                        "exists, rewritten after every change")
     p.add_argument("--kubeconfig-out", required=True, help="where to write the kubeconfig")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return p.parse_args(argv)
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                               netns=tuple(args.netns), history=args.history,
                               service_cidr=args.service_cidr,
                               node_port_range=args.node_port_range,
-                              bookmark_interval=args.bookmark_interval)
+                              bookmark_interval=args.bookmark_interval,
+                              state_file=args.state)
         server = ApiServer(config).start()
     except (ValueError, NetnsError, OSError) as exc:
         print(f"kubeproxy.apiserver: {exc}", file=sys.stderr)

@@ -110,6 +110,14 @@ def gone(message: str) -> ApiError:
     return ApiError(410, "Expired", message)
 
 
+def too_large_resource_version(asked: int, current: int) -> ApiError:
+    """A resourceVersion the server has not reached (upstream: 504 after waiting 3 s; a
+    client that remembers a version from before a restart lands here and relists)."""
+    return ApiError(504, "Timeout", f"Too large resource version: {asked}, current: {current}",
+                    causes=(Cause("", "Too large resource version", "ResourceVersionTooLarge"),),
+                    extra_details={"retryAfterSeconds": 1})
+
+
 def method_not_allowed(verb: str, what: str) -> ApiError:
     return ApiError(
         405, "MethodNotAllowed", f"{verb} is not supported on {what}",

@@ -3,7 +3,9 @@
 The store itself is single-threaded and pure. Every request thread goes through
 `Hub.call`, which runs a function on the store under the lock and wakes all sleeping
 watchers if the resourceVersion moved. Watch streams call `wait` with the last
-resourceVersion they have seen; `close` wakes everyone for shutdown.
+resourceVersion they have seen; `close` wakes everyone for shutdown. `on_change` (the
+snapshot writer, when there is one) runs under the same lock after every change, so
+snapshots are written in order and a change is on disk before its request is answered.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ T = TypeVar("T")
 
 
 class Hub:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_change: Callable[[Store], None] | None = None
+                 ) -> None:
         self._store = store
+        self._on_change = on_change
         self._cond = threading.Condition()
         self._closed = False
 
@@ -34,6 +38,8 @@ class Hub:
                 return fn(self._store)
             finally:
                 if self._store.resource_version != before:
+                    if self._on_change is not None:
+                        self._on_change(self._store)
                     self._cond.notify_all()
 
     def wait(self, seen: int, timeout: float) -> None:

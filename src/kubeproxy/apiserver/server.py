@@ -6,12 +6,21 @@ for this machine and the lab, nobody else), plus one socket inside each requeste
 network namespace (netns.py). A reaper thread finishes graceful deletions when their
 grace period is over. `start()` returns once every socket is listening, so a kubeconfig
 written after it is a readiness signal; `stop()` closes watches, connections and sockets.
+
+With `state_file` the store outlives the process: it is restored from that file when it
+exists, and the file is rewritten (atomically, under the store's lock) after every
+change, before the change is answered. A restarted server therefore comes back with the
+same objects, UIDs and resourceVersions; only the watch history is gone (store.py).
+One JSON file rewritten per change costs O(objects) per write: right for the lab's
+hundreds of objects, not for a bench with tens of thousands (which runs without it).
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import json
+import logging
 import os
 import random
 import socket
@@ -30,6 +39,7 @@ from kubeproxy.apiserver.netns import netns_socket
 from kubeproxy.apiserver.store import Store, StoreConfig
 
 CLUSTER_NAME = "kubeproxy-lab"
+log = logging.getLogger("kubeproxy.apiserver")
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class ServerConfig:
     bookmark_interval: float = 60.0
     watch_timeout: float = 1800.0
     reap_interval: float = 0.2
+    state_file: str | None = None  # restore from it if it exists; rewrite on every change
 
     def __post_init__(self) -> None:
         if not ipaddress.ip_address(self.host).is_loopback:
@@ -94,17 +105,48 @@ def kubeconfig_text(server_url: str, name: str = CLUSTER_NAME) -> str:
 
 def write_kubeconfig(path: str, server_url: str) -> None:
     """Atomically (rename), so a reader never sees half a file."""
+    _write_atomic(path, kubeconfig_text(server_url), 0o644)
+
+
+def _write_atomic(path: str, text: str, mode: int) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".kubeconfig-")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}-")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(kubeconfig_text(server_url))
-        os.chmod(tmp, 0o644)
+            f.write(text)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def load_store(path: str | None, config: StoreConfig, *, clock: Callable[[], float],
+               rng: random.Random | None) -> Store:
+    """The store saved in ``path`` (ValueError if damaged), or a new one."""
+    if path is None or not os.path.exists(path):
+        return Store(config, clock=clock, rng=rng)
+    try:
+        with open(path) as f:
+            snapshot = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"state file {path}: {exc}") from exc
+    try:
+        return Store.restore(snapshot, config, clock=clock, rng=rng)
+    except ValueError as exc:
+        raise ValueError(f"state file {path}: {exc}") from exc
+
+
+def snapshot_writer(path: str) -> Callable[[Store], None]:
+    """Hub.on_change: rewrite ``path`` with the store's state."""
+    def write(store: Store) -> None:
+        try:
+            _write_atomic(path, json.dumps(store.dump(), separators=(",", ":")), 0o600)
+        except OSError as exc:  # the change stands in memory; a restart would lose it
+            log.error("cannot write the state file %s: %s", path, exc)
+
+    return write
 
 
 class ApiServer:
@@ -113,8 +155,10 @@ class ApiServer:
         self.config = cfg = config or ServerConfig()
         network = services.ServiceNetwork(ipaddress.IPv4Network(cfg.service_cidr),
                                           *cfg.node_port_range)
-        self.store = Store(StoreConfig(history=cfg.history, network=network), clock=clock, rng=rng)
-        self.hub = Hub(self.store)
+        self.store = load_store(cfg.state_file, StoreConfig(history=cfg.history, network=network),
+                                clock=clock, rng=rng)
+        self._save = snapshot_writer(cfg.state_file) if cfg.state_file else None
+        self.hub = Hub(self.store, on_change=self._save)
         self.api = Api(self.hub, clock=clock,
                        config=ApiConfig(bookmark_interval=cfg.bookmark_interval,
                                         watch_timeout=cfg.watch_timeout))
@@ -139,6 +183,8 @@ class ApiServer:
             for s in sockets:
                 s.close()
             raise
+        if self._save is not None:
+            self._save(self.store)  # the file exists (and is current) from the start
         for sock in sockets:
             self._serve(sock)
         self._spawn(self._reap_loop, "apiserver-reaper")

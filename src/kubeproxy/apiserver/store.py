@@ -19,6 +19,12 @@ MODIFIED event; the object goes away (DELETED) when the grace period has elapsed
 finalizer is left (`reap`, driven by the server with the injected clock), or at once on
 a second delete with gracePeriodSeconds=0. The clock and the random source (UIDs,
 generateName suffixes) are injected, so unit tests are exact.
+
+`dump` / `Store.restore` carry the state across a process restart (the lab's API server
+keeps a snapshot file): the objects, the resourceVersion counter and pending deletions.
+The history is not kept, as etcd compacts: a restored store can serve watches from its
+current resourceVersion on; an older one gets 410 (relist), a newer one 504 "Too large
+resource version" (relist), so a client never silently misses a change.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ Clock = Callable[[], float]
 
 PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+SNAPSHOT_VERSION = 1
 _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # upstream's generateName alphabet
 
 
@@ -123,6 +130,49 @@ class Store:
         for name in INITIAL_NAMESPACES:
             self.create(resources.NAMESPACES, None, {"metadata": {"name": name}})
 
+    # ---- snapshots -------------------------------------------------------------------
+
+    def dump(self) -> Obj:
+        """The whole state as one JSON-able document (shares the objects: serialize it
+        before the store changes again)."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "resourceVersion": self._rv,
+            "objects": {key: [obj for _, obj in sorted(objs.items())]
+                        for key, objs in sorted(self._objects.items())},
+            "deletions": [[res, ns, name, deadline]
+                          for (res, ns, name), deadline in sorted(self._deadlines.items())],
+        }
+
+    @classmethod
+    def restore(cls, snapshot: Obj, config: StoreConfig | None = None, *,
+                clock: Clock = time.time, rng: random.Random | None = None) -> Store:
+        """A store holding what ``snapshot`` (from ``dump``) held; ValueError if it is not
+        a snapshot this version wrote."""
+        store = cls(config, clock=clock, rng=rng)
+        try:
+            if snapshot["version"] != SNAPSHOT_VERSION:
+                raise ValueError(f"snapshot version {snapshot['version']!r}, "
+                                 f"expected {SNAPSHOT_VERSION}")
+            rv = int(snapshot["resourceVersion"])
+            objects: dict[str, dict[tuple[str, str], Obj]] = {k: {} for k in store._objects}
+            for key, items in snapshot["objects"].items():
+                if key not in objects:
+                    raise ValueError(f"unknown resource {key!r}")
+                for obj in items:
+                    if int(obj["metadata"]["resourceVersion"]) > rv:
+                        raise ValueError(f"{key} {_key(obj)}: newer than the snapshot")
+                    objects[key][_key(obj)] = obj
+            deadlines = {(str(r), str(ns), str(name)): float(at)
+                         for r, ns, name, at in snapshot["deletions"]}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a store snapshot: {exc!r}") from exc
+        store._rv = store._floor = rv
+        store._history.clear()
+        store._objects = objects
+        store._deadlines = deadlines
+        return store
+
     # ---- reading ---------------------------------------------------------------------
 
     @property
@@ -195,6 +245,8 @@ class Store:
         """Changes after resourceVersion `after`, as the watcher should see them."""
         if after < self._floor:
             raise errors.gone(f"too old resource version: {after} ({self._floor + 1})")
+        if after > self._rv:
+            raise errors.too_large_resource_version(after, self._rv)
         out: Events = []
         for change in self._history:
             if change.rv <= after or change.resource != res.key:

@@ -52,6 +52,9 @@ def _noop_carry(old: Obj, new: Obj) -> None:
 # ---- common metadata ----------------------------------------------------------------------
 
 
+ANNOTATIONS_SIZE_LIMIT = 256 * 1024  # upstream's TotalAnnotationSizeLimitB: keys + values
+
+
 def validate_metadata(obj: Obj, name_check: Callable[[str], list[str]]) -> list[Cause]:
     meta = obj.get("metadata") or {}
     errs: list[Cause] = []
@@ -69,9 +72,14 @@ def validate_metadata(obj: Obj, name_check: Callable[[str], list[str]]) -> list[
         else:
             errs += [Cause("metadata.labels", f"Invalid value: {value!r}: {m}")
                      for m in names.label_value(value)]
-    for key in meta.get("annotations") or {}:
+    annotations = meta.get("annotations") or {}
+    for key in annotations:
         errs += [Cause("metadata.annotations", f"Invalid value: {key!r}: {m}")
                  for m in names.qualified_name(key.lower())]
+    size = sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items())
+    if size > ANNOTATIONS_SIZE_LIMIT:  # upstream's ValidateAnnotationsSize: bytes, as Go's len
+        errs.append(Cause("metadata.annotations", "Too long: may not be more than "
+                          f"{ANNOTATIONS_SIZE_LIMIT} bytes", "FieldValueTooLong"))
     return errs
 
 

@@ -20,20 +20,40 @@ have to be told apart from a real one by its message.
 The restore is atomic per table, so a failure leaves the previous rules in place and
 the caller falls back to a full sync next time.
 
+Flush detection (``damage``), in two steps so that it can run every second at 10,000
+services: reading the nat table back costs ~0.9 s on the legacy backend at that size
+(libiptc copies and parses the whole table even for ``-S KUBE-PROXY-CANARY``), so the
+tables are not read while a cheap *fingerprint* (:class:`Watch`) is unchanged since our
+last write: the x_tables GET_INFO of mangle, filter and nat (entry count and size, a
+getsockopt without the rules) on legacy, the nf_tables generation id on nft. When it
+moved, one ``iptables-save -t TABLE`` per table checks what we wrote: the
+KUBE-PROXY-CANARY chain of each table (upstream's canary), the rule count of each
+top-level chain (``-F KUBE-SERVICES``), the jumps from the builtin chains (``-t nat -F``).
+If all is there the change was someone else's and the new fingerprint is accepted.
+Per-service chains are not checked (upstream does not either); they hang off
+KUBE-SERVICES, and the hourly full sync rewrites them.
+
 Which iptables binary: as upstream's iptables-wrapper decides it, the backend (legacy
 or nft) already holding kube rules wins, else the one with more rules, else nft.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import os
 import re
 import shlex
+import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
-from kubeproxy.dataplane.base import Runner, check
+from kubeproxy.dataplane.base import DataPlaneError, Runner, check
+from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
 from kubeproxy.model import NamespacedName
+from kubeproxy.netns_thread import call_at
 from kubeproxy.render.iptables import (
     KUBE_FIREWALL,
     KUBE_PROXY_CANARY,
@@ -44,6 +64,7 @@ from kubeproxy.render.iptables import (
 )
 
 Backend = Literal["legacy", "nft"]
+CANARY_TABLES = ("mangle", "filter", "nat")  # where the KUBE-PROXY-CANARY chains live
 _HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _CHAIN_LINE = re.compile(r"^:(\S+) ")
 
@@ -83,14 +104,103 @@ class SyncStats:
     bytes: int = 0
 
 
+class Watch(Protocol):
+    """A cheap fingerprint of a family's tables on one backend: equal fingerprints mean
+    nothing was written in between (:class:`KernelWatch`; the fake kernel is its own)."""
+
+    def fingerprint(self, family: int, backend: Backend) -> object:
+        """Raises DataPlaneError when it cannot be read."""
+
+
+class KernelWatch:
+    """Fingerprints read from the kernel of the namespace the runner's commands run in:
+    x_tables GET_INFO per table (legacy), the nf_tables generation id (nft)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self._netns: list[str | None] = []  # looked up once: [path or None]
+        self._sockets: dict[int, socket.socket] = {}
+        self._nft: NetlinkTransport | None = None
+
+    def _where(self) -> str | None:
+        if not self._netns:
+            self._netns.append(find_netns(self.runner))
+        return self._netns[0]
+
+    def fingerprint(self, family: int, backend: Backend) -> object:
+        if backend == "nft":
+            if self._nft is None:
+                self._nft = NetlinkTransport(self._where())
+            return self._nft.generation()
+        sock = self._sockets.get(family)
+        if sock is None:
+            sock = self._sockets[family] = self._open(family)
+        return tuple(_xt_info(sock, family, table) for table in CANARY_TABLES)
+
+    def _open(self, family: int) -> socket.socket:
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+
+        def raw() -> socket.socket:
+            return socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+
+        where = self._where()
+        try:
+            return raw() if where is None else call_at(where, raw)
+        except OSError as err:
+            raise DataPlaneError(f"cannot open a raw socket for x_tables: {err}") from err
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        if self._nft is not None:
+            self._nft.close()
+
+
+IPT_SO_GET_INFO = 64  # IPT_BASE_CTL; IP6T_SO_GET_INFO has the same number at IPPROTO_IPV6
+_GETINFO_SIZE = 84  # struct ipt_getinfo: name[32], valid_hooks, hook_entry[5],
+#                     underflow[5], num_entries, size (all u32)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _xt_info(sock: socket.socket, family: int, table: str) -> bytes | None:
+    """The table's hooks, entry count and size (not its rules), or None if the table
+    does not exist. The socket's namespace is the one read."""
+    buf = ctypes.create_string_buffer(table.encode(), _GETINFO_SIZE)
+    size = ctypes.c_uint32(_GETINFO_SIZE)
+    level = socket.IPPROTO_IP if family == 4 else socket.IPPROTO_IPV6
+    if _libc().getsockopt(sock.fileno(), level, IPT_SO_GET_INFO, buf,
+                          ctypes.byref(size)) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise DataPlaneError(f"getsockopt(IPT_SO_GET_INFO, {table}): {os.strerror(err)}")
+    return buf.raw[32:]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a sync left in the kernel, as flush detection checks it."""
+
+    rules: dict[tuple[str, str], int]  # (table, top-level chain) -> rule count
+    jumps: tuple[tuple[str, str, str], ...]  # (table, builtin chain, our chain)
+    fingerprint: object  # the watch's, right after the sync; None without a watch
+
+
 @dataclass
 class IptablesDataPlane:
     runner: Runner
     family: int
     backend: Backend
+    watch: Watch | None = None  # None: damage() reads the tables every time
     # What we wrote last: nat chain -> owning service (for partial syncs and -X).
     written: dict[str, NamespacedName] = field(default_factory=dict)
     needs_full: bool = True
+    last: Written | None = None  # for damage(); None until a sync succeeded
 
     @property
     def _bins(self) -> tuple[str, str, str]:
@@ -116,7 +226,54 @@ class IptablesDataPlane:
         self._ensure_jumps(ruleset)
         self.written = dict(ruleset.owners)
         self.needs_full = False
+        self.last = Written(
+            {(t, c): len(rules) for t in ("filter", "nat")
+             for c, rules in ruleset.tables[t].items()
+             if c in TOP_CHAINS[t] or c == KUBE_FIREWALL},
+            tuple(j[:3] for j in ruleset.jumps), self._fingerprint())
         return stats
+
+    def _fingerprint(self) -> object:
+        return None if self.watch is None else self.watch.fingerprint(self.family,
+                                                                      self.backend)
+
+    def damage(self) -> str | None:
+        """What was changed from outside in what the last sync wrote, or None (also
+        before any sync). Cheap while the fingerprint holds (module docstring)."""
+        last = self.last
+        if last is None:
+            return None
+        try:
+            now = self._fingerprint()
+        except DataPlaneError:
+            now = None  # cannot tell: read the tables
+        if now is not None and now == last.fingerprint:
+            return None
+        found = self._check(last)
+        if found is None and now is not None:
+            self.last = replace(last, fingerprint=now)  # someone else's change
+        return found
+
+    def _check(self, last: Written) -> str | None:
+        """Read each table once and compare with ``last``."""
+        name = f"IPv{self.family} {self.backend}"
+        for table in CANARY_TABLES:
+            res = self.runner.run([self._bins[1], "-t", table])
+            text = "\n" + res.stdout if res.returncode == 0 else ""
+            if f"\n:{KUBE_PROXY_CANARY} " not in text:
+                return f"iptables ({name}) {table} table: chain {KUBE_PROXY_CANARY} is gone"
+            for (t, chain), want in sorted(last.rules.items()):
+                if t != table:
+                    continue
+                got = text.count(f"\n-A {chain} ")
+                if got != want:
+                    return (f"iptables ({name}) {table} table: chain {chain} holds {got} "
+                            f"rules, {want} were written")
+            for t, builtin, target in last.jumps:
+                if t == table and not _has_jump(text, builtin, target):
+                    return (f"iptables ({name}) {table} table: the jump from {builtin} "
+                            f"to {target} is gone")
+        return None
 
     def _payload(self, ruleset: Ruleset, write: set[str], stale: set[str]
                  ) -> tuple[str, SyncStats]:
@@ -187,3 +344,16 @@ class IptablesDataPlane:
                 check(self.runner, [restore, "-w", "--noflush"], payload)
         self.written = {}
         self.needs_full = True
+        self.last = None
+
+
+def _has_jump(text: str, builtin: str, target: str) -> bool:
+    """Whether iptables-save ``text`` has a rule in ``builtin`` jumping to ``target``."""
+    head, at = f"\n-A {builtin} ", 0
+    while (at := text.find(head, at)) >= 0:
+        end = text.find("\n", at + 1)
+        line = text[at + 1:end if end >= 0 else len(text)]
+        if line.endswith(f" -j {target}") or f" -j {target} " in line:
+            return True
+        at += 1
+    return False

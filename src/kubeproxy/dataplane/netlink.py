@@ -25,6 +25,10 @@ in the kernel, the rest rendering and encoding in Python). The messages are nft'
 (the kernel tests compare the kernel's dump of both), so ``nft list`` reads the table as
 the renderer wrote it; ``nft`` stays the tool to *read* it.
 
+Flush detection reads the ruleset generation (``generation``: one GETGEN, ~0.02 ms) and,
+when it moved, our fixed chains' rule counts (``rule_counts``: a GETRULE dump filtered
+by table and chain, so the kernel walks only that chain).
+
 Safety: the socket is opened in the network namespace the Runner's commands run in
 (:func:`find_netns` finds it by inode under /run/netns when it differs from ours), on a
 throwaway thread (kubeproxy.netns_thread), never anywhere else. A socket keeps the
@@ -70,6 +74,7 @@ NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFTA_GEN_ID = 1
 _HDR = struct.Struct("=IHHII")
 
 
@@ -203,6 +208,39 @@ class NetlinkTransport:
             a[2].rstrip(b"\0").decode() for b in self.dump(wire.GETSET, fam)
             if (a := wire.parse_attrs(b)).get(1, b"").rstrip(b"\0").decode() == TABLE)
         return Listing(chains, sets)
+
+    def generation(self) -> int:
+        """The ruleset generation id (NFT_MSG_GETGEN; one small request and reply)."""
+        sock = self._socket()
+        seq = self._next_seq()
+        try:
+            sock.sendall(_HDR.pack(20, wire.NFNL_SUBSYS_NFTABLES << 8 | wire.GETGEN,
+                                   wire.F_REQUEST, seq, 0) + struct.pack("BBH", 0, 0, 0))
+            while True:
+                for kind, got_seq, body in _messages(sock.recv(65536)):
+                    if got_seq != seq:
+                        continue  # a late reply to an earlier request
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", body)[0]
+                        raise TransactionError([("reading the nftables generation", code)])
+                    gen_id = wire.parse_attrs(body[4:]).get(NFTA_GEN_ID)
+                    if gen_id is None or len(gen_id) < 4:
+                        raise DataPlaneError("nftables generation reply without an id")
+                    value: int = struct.unpack(">I", gen_id[:4])[0]
+                    return value
+        except OSError as err:
+            raise DataPlaneError(f"reading the nftables generation: {err}") from err
+
+    def rule_counts(self, family: str, chains: Iterable[str]) -> dict[str, int] | None:
+        fam = wire.FAMILIES[family]
+        tables = {wire.parse_attrs(b).get(1, b"").rstrip(b"\0").decode()
+                  for b in self.dump(wire.GETTABLE, fam)}
+        if TABLE not in tables:
+            return None
+        # A dump filtered by table and chain: the kernel walks that one chain only.
+        return {name: len(self.dump(wire.GETRULE, fam,
+                                    wire.strz(1, TABLE) + wire.strz(2, name)))
+                for name in chains}
 
     def dump(self, msg_type: int, family: int, payload: bytes = b"") -> list[bytes]:
         """The bodies (attributes) of the objects a GET* dump returns (none if the

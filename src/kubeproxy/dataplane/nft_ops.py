@@ -159,3 +159,13 @@ class Transport(Protocol):
 
     def listing(self, family: str) -> Listing | None:
         """Chain and set names of our table in ``family``, or None if there is none."""
+
+    def generation(self) -> int:
+        """The ruleset's generation id: the kernel moves it with every transaction
+        anyone commits, in any table. Cheap (one small message): flush detection reads
+        it every second."""
+
+    def rule_counts(self, family: str, chains: Iterable[str]) -> dict[str, int] | None:
+        """How many rules each of ``chains`` of our table holds now (0 for a chain that
+        is missing), or None when the table itself is missing. Costs one small dump per
+        chain: meant for the few fixed chains, not the per-service ones."""

@@ -19,6 +19,17 @@ This module only decides *what* to write:
   shared between Services, a ClusterIP's ``cluster-ips`` entry or an endpoint's hairpin
   pair, are reference-counted).
 
+Flush detection (``damage``): after each successful sync the data plane notes the
+ruleset's generation id, which the kernel moves with every transaction anyone commits.
+While it has not moved, nothing changed (one GETGEN round trip, ~0.1 ms). When it moved
+(someone else wrote, often to a table of theirs), the fixed chains of our tables
+(``services``, the base chains, ...) are counted with small filtered dumps and compared
+with what was written; the per-service chains hang off those, and a chain or set still
+referenced cannot be deleted, so ``nft flush chain ... services``, ``nft delete table``
+or a flush of the whole ruleset all show there. Not seen: elements deleted from a map
+or rules changed inside a per-service chain (upstream does not look either); the hourly
+full sync repairs those.
+
 Stale chains are flushed in the transaction and deleted right after it in a second,
 separate one: before Linux 6.2 a chain that a just-deleted map element pointed to is
 still "in use" (EBUSY) for a moment; the next sync retries (upstream kube-proxy defers
@@ -42,7 +53,13 @@ from kubeproxy.dataplane.nft_ops import Listing, Op, TransactionError, Transport
 from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import IPAddress, NamespacedName
 from kubeproxy.render.nft_ir import Element, SetDef
-from kubeproxy.render.nftables import EndpointSlots, FamilyRuleset, NftRuleset, ServiceObjects
+from kubeproxy.render.nftables import (
+    TABLE,
+    EndpointSlots,
+    FamilyRuleset,
+    NftRuleset,
+    ServiceObjects,
+)
 
 # Sets whose elements several Services may share: reference-counted.
 SHARED_SETS = frozenset({"cluster-ips", "hairpin-endpoints"})
@@ -65,6 +82,7 @@ class SyncStats:
 @dataclass
 class _FamilyState:
     fixed: str = ""  # digest of the fixed part last written
+    fixed_rules: dict[str, int] = field(default_factory=dict)  # fixed chain -> rule count
     services: dict[NamespacedName, ServiceObjects] = field(default_factory=dict)
     # Users of each shared element: cluster-ips by ClusterIP, hairpin pairs by endpoint.
     shared: dict[str, Counter[IPAddress]] = field(
@@ -84,6 +102,7 @@ class NftablesDataPlane:
         self._transport = transport
         self.state: dict[str, _FamilyState] | None = None  # None: nothing written yet
         self.stale: dict[str, set[str]] = {f: set() for f in FAMILIES}  # chains to delete
+        self.generation: int | None = None  # the ruleset generation after our last write
 
     @property
     def transport(self) -> Transport:
@@ -94,8 +113,32 @@ class NftablesDataPlane:
     def sync(self, ruleset: NftRuleset, changed: Iterable[NamespacedName] | None = None
              ) -> SyncStats:
         """Apply ``ruleset``: fully, or only the objects of the ``changed`` Services."""
+        self.generation = None  # until this sync succeeds
         with paused_gc():
-            return self._sync(ruleset, changed)
+            stats = self._sync(ruleset, changed)
+        self.generation = self.transport.generation()
+        return stats
+
+    def damage(self) -> str | None:
+        """What was changed from outside in the tables we wrote, or None (also when
+        nothing was written yet). Cheap while nobody else commits (module docstring)."""
+        if self.state is None:
+            return None
+        generation = self.transport.generation()
+        if generation == self.generation:
+            return None
+        for family, st in self.state.items():
+            if not st.fixed:
+                continue  # a family we do not use
+            counts = self.transport.rule_counts(family, st.fixed_rules)
+            if counts is None:
+                return f"nftables table {family} {TABLE} is gone"
+            for chain, want in sorted(st.fixed_rules.items()):
+                if counts[chain] != want:
+                    return (f"nftables chain {family} {TABLE} {chain} holds {counts[chain]}"
+                            f" rules, {want} were written")
+        self.generation = generation  # someone else's transaction: ours is intact
+        return None
 
     def _sync(self, ruleset: NftRuleset, changed: Iterable[NamespacedName] | None
               ) -> SyncStats:
@@ -130,6 +173,7 @@ class NftablesDataPlane:
                 if err.errno != errno.ENOENT:  # ENOENT: no table, nothing to delete
                     raise
         self.state = None
+        self.generation = None
         self.stale = {f: set() for f in FAMILIES}
 
     # -- full ----------------------------------------------------------------------
@@ -185,6 +229,7 @@ class NftablesDataPlane:
         stats.chains_written += len(chains)
         yield from _full_elements(fam, services, set_defs, st, stats)
         st.fixed = _fixed_digest(fam)
+        st.fixed_rules = {c.name: len(c.rules) for c in fam.chains}
         st.services = {svc: o for svc, o in services.items() if o != _EMPTY}
 
     # -- stale chains ----------------------------------------------------------------

@@ -27,8 +27,14 @@ to which every change was acted on (what the last pass saw; later bookmarks move
 only while no change arrived since), whether the last pass found nothing to do
 (``idle``), and when it last saw a change to what the proxies read (Services,
 EndpointSlices, Nodes). That is
-what ``lab`` commands wait on (``converge.py``). SIGTERM stops the agent; what it started
-keeps running until ``lab down``.
+what ``lab`` commands wait on (``converge.py``). It also counts, per kind, the lists
+and watches the API server answered (``connections``): after ``lab restart-apiserver``
+every count must move, which says the agent reconnected to the new API server. SIGTERM
+stops the agent; what it started keeps running until ``lab down``.
+
+The agent needs nothing special to survive an API server restart: the server comes back
+on the same port with the same objects and resourceVersions, the caches list again once
+it answers (``watchcache.py``), and a pass whose writes failed meanwhile is retried.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ class AgentStatus:
     idle: bool  # the last pass found nothing to write and nothing failed
     proxy_event: float  # wall time of the last change seen to Services, slices or Nodes
     errors: list[str] = field(default_factory=list)
+    connections: dict[str, int] = field(default_factory=dict)  # kind -> lists + watches
 
     @property
     def seen(self) -> int:
@@ -89,6 +96,7 @@ class AgentStatus:
                 bool(data["idle"]),
                 float(data["proxy_event"]),
                 list(data["errors"]),
+                {str(k): int(v) for k, v in data.get("connections", {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -291,6 +299,7 @@ class Agent:
             idle=self.idle,
             proxy_event=self.proxy_event,
             errors=self.errors,
+            connections={k: c.connections for k, c in self.caches.items()},
         )
         if status != self._written:
             write_atomic(self.store.agent_status, json.dumps(asdict(status)))

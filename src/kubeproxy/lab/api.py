@@ -106,10 +106,21 @@ class LabApi:
             item.setdefault("kind", kind)
         return items, rv
 
-    def watch(self, kind: str, resource_version: str, timeout_seconds: int) -> WatchStream:
+    def watch(
+        self,
+        kind: str,
+        resource_version: str,
+        timeout_seconds: int,
+        stall_timeout: float | None = None,
+    ) -> WatchStream:
+        """``stall_timeout``: end with an error when no event and no bookmark arrived for
+        that long (a stopped API server), see ``sources.client``."""
         try:
             return self.reader.watch(
-                path(kind), resource_version=resource_version, timeout_seconds=timeout_seconds
+                path(kind),
+                resource_version=resource_version,
+                timeout_seconds=timeout_seconds,
+                stall_timeout=stall_timeout,
             )
         except ClientError as exc:
             raise _translate(exc) from exc

@@ -148,6 +148,17 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart_apiserver(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    state = Lab(args.name).restart_apiserver()
+    print(
+        f"lab {args.name!r}: API server restarted on 127.0.0.1:{state.api_port} with the "
+        f"same objects; the agent and every node caught up "
+        f"({time.monotonic() - started:.1f} s)"
+    )
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     gone = Lab(args.name).down()
     print(f"lab {args.name!r} is down ({len(gone)} namespaces removed)")
@@ -288,6 +299,11 @@ def _life_commands(command: Command) -> None:
         "wait",
         cmd_wait,
         "wait until every node's rules hold what the API holds (after kubectl changes)",
+    )
+    command(
+        "restart-apiserver",
+        cmd_restart_apiserver,
+        "stop the lab's API server and start it again (same port, same objects)",
     )
     command("down", cmd_down, "remove the lab and everything it started")
 

@@ -47,6 +47,7 @@ from kubeproxy import modes
 from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
 from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import converge, layout, network, objects, view
+from kubeproxy.lab.agent import KINDS as AGENT_KINDS
 from kubeproxy.lab.agent import AgentStatus
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import CommandError, LabError, LabStateError
@@ -71,6 +72,7 @@ from kubeproxy.sources.kubeconfig import load_kubeconfig
 log = logging.getLogger("kubeproxy.lab")
 MODES = modes.NAMES
 LB_ALGORITHMS = ("random", "round-robin")
+PROXY_WATCH_STALL = 5.0  # seconds: the proxies give up a silent watch this fast
 NODE_API_PORT = 6443  # the API server inside each node namespace, on 127.0.0.1
 BOOKMARK_INTERVAL = 0.2  # seconds; how closely the agent's caches follow the API
 START_TIMEOUT = 20.0
@@ -80,6 +82,8 @@ def proxy_flags(state: LabState, node: str) -> list[str]:
     """The flags of node ``node``'s ``kubeproxy run`` (besides its kubeconfig)."""
     return ["--hostname-override", node, "--proxy-mode", state.mode,
             "--cluster-cidr", state.cluster_cidr, "--lb-algorithm", state.lb_algorithm,
+            # The lab's API server sends bookmarks every fraction of a second.
+            "--watch-stall-timeout", f"{PROXY_WATCH_STALL:g}s",
             "--healthz-bind-address", f"127.0.0.1:{converge.HEALTHZ_PORT}",
             "--metrics-bind-address", f"127.0.0.1:{converge.METRICS_PORT}"]  # fmt: skip
 
@@ -185,6 +189,36 @@ class Lab:
         self.store.remove()
         return gone
 
+    def restart_apiserver(self, timeout: float = 30.0) -> LabState:
+        """Stop the lab's API server and start it again: same port, same objects and
+        resourceVersions (its state file). Returns once the agent has listed or watched
+        every kind from the new server and every node's rules hold what the API holds."""
+        with self.store.lock():
+            state = self.state()
+            before = AgentStatus.read(self.store.agent_status)
+            pid = state.processes.apiserver
+            if pid and is_lab_process(pid, self.name, self.store.dir):
+                kill([pid])  # SIGTERM: the state file is current after every change
+            state = self._start_apiserver(state)
+            self.store.settled_file.unlink(missing_ok=True)
+        self._wait_for_reconnect(before.connections if before else {}, timeout)
+        self._settle(state)
+        return state
+
+    def _wait_for_reconnect(self, before: dict[str, int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            now = AgentStatus.read(self.store.agent_status)
+            count = now.connections if now else {}
+            behind = sorted(k for k in AGENT_KINDS if count.get(k, 0) <= before.get(k, 0))
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent did not reach the restarted API server for "
+                               f"{', '.join(behind)} within {timeout:g} s:\n"
+                               f"{log_tail(self.store.log_file('agent'))}")
+            time.sleep(0.05)
+
     # ------------------------------------------------------------ starting processes
 
     def _record(self, state: LabState, **pids: Any) -> LabState:
@@ -193,12 +227,17 @@ class Lab:
         return state
 
     def _start_apiserver(self, state: LabState) -> LabState:
-        argv = [sys.executable, "-m", APISERVER_MODULE, "--listen", "127.0.0.1:0",
+        # A free port at `lab up`, the same one ever after (restart_apiserver): the agent
+        # and kubeconfig users keep calling it. The state file carries the objects over.
+        argv = [sys.executable, "-m", APISERVER_MODULE,
+                "--listen", f"127.0.0.1:{state.api_port or 0}",
                 *(f"--netns={n.ns}:127.0.0.1:{NODE_API_PORT}" for n in state.nodes),
                 "--service-cidr", state.service_cidr,
                 "--bookmark-interval", str(BOOKMARK_INTERVAL),
+                "--state", str(self.store.apiserver_state),
                 "--kubeconfig-out", str(self.store.kubeconfig)]  # fmt: skip
         log = self.store.log_file("apiserver")
+        self.store.kubeconfig.unlink(missing_ok=True)  # its appearance means "listening"
         proc = spawn(argv, log)
         state = self._record(state, apiserver=proc.pid)
         deadline = time.monotonic() + START_TIMEOUT

@@ -2,14 +2,17 @@
 
 The lab's Kubernetes objects live in its API server, not here. ``state.json`` holds
 what the API does not: the settings ``lab up`` was given, the network plan of the nodes
-and of the external client (fixed for the lab's life), the API server's port, and the
-PIDs of the processes the lab runs (API server, agent, one proxy per node). Writers hold
+and of the external client (fixed for the lab's life), the API server's root-namespace
+port (chosen free at ``lab up``, then kept for the lab's life: a restarted API server
+listens on it again, so the agent and kubectl keep their address), and the PIDs of the
+processes the lab runs (API server, agent, one proxy per node). Writers hold
 ``<name>.lock`` (flock); ``state.json`` is replaced atomically.
 
 Other files in the directory: ``kubeconfig`` (for kubectl, server on 127.0.0.1 in the
 root namespace), ``node.kubeconfig`` (for the proxies, server on 127.0.0.1 inside their
 node namespace), ``agent.json`` (the agent's progress, read by the convergence wait),
-``logs/`` and ``ready/`` (pod servers' ready files).
+``apiserver.json`` (the API server's objects, rewritten by it after every change: what a
+restarted API server starts from), ``logs/`` and ``ready/`` (pod servers' ready files).
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class LabStore:
     @property
     def node_kubeconfig(self) -> Path:
         return self.dir / "node.kubeconfig"
+
+    @property
+    def apiserver_state(self) -> Path:
+        return self.dir / "apiserver.json"
 
     @property
     def agent_status(self) -> Path:

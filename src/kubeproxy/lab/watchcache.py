@@ -7,6 +7,14 @@ events change the cache, a BOOKMARK only moves ``resource_version`` forward, a 4
 or a broken stream means a fresh list after a short pause. After every change it calls
 ``notify(kind, changed)`` (``changed`` False for a bookmark), which wakes the agent.
 
+The lab's API server sends a bookmark every 0.2 s, so a watch that shows nothing for
+``STALL_TIMEOUT`` is hung (an API server stopped, not closed): the cache gives it up and
+lists again, like any broken stream. An API server that restarted (on the same port,
+with the same objects) is found the same way: its streams end, requests fail until it
+is back, then the cache watches again from its resourceVersion (or lists again).
+``connections`` counts the lists and watches the server answered, which is how ``lab
+restart-apiserver`` knows the agent has reconnected.
+
 ``resource_version`` is how far the cache has seen: every change to this kind up to it
 is in the cache; ``progress`` pairs it with a count of changes, so that the agent can
 tell "seen, and acted on" from "seen, not yet acted on". The lab's API server sends
@@ -30,6 +38,7 @@ from kubeproxy.sources.client import ClientError, WatchStream
 log = logging.getLogger("kubeproxy.lab.watchcache")
 WATCH_TIMEOUT = 300
 RETRY_DELAY = 0.5
+STALL_TIMEOUT = 5.0  # seconds without an event or a bookmark (sent every 0.2 s): hung
 
 Key = tuple[str, str]  # (namespace or "", name)
 Notify = Callable[[str, bool], None]
@@ -58,6 +67,7 @@ class WatchCache:
         self._cache: dict[Key, JSON] = {}
         self._rv = 0
         self._changes = 0  # counts lists and ADDED/MODIFIED/DELETED events
+        self._connections = 0  # lists and watches the server answered
         self._synced = False
         self._stopping = threading.Event()
         self._stream: WatchStream | None = None
@@ -79,6 +89,11 @@ class WatchCache:
     def resource_version(self) -> int:
         with self._lock:
             return self._rv
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return self._connections
 
     @property
     def synced(self) -> bool:
@@ -116,12 +131,17 @@ class WatchCache:
             self._cache = {key_of(o): o for o in items}
             self._rv = int(rv or 0)
             self._changes += 1
+            self._connections += 1
             self._synced = True
         self._notify(self.kind, True)
 
     def _watch_once(self) -> None:
-        stream = self.api.watch(self.kind, str(self.resource_version), WATCH_TIMEOUT)
+        stream = self.api.watch(
+            self.kind, str(self.resource_version), WATCH_TIMEOUT, STALL_TIMEOUT
+        )
         self._stream = stream
+        with self._lock:
+            self._connections += 1
         with stream:
             for event in stream:
                 if self._stopping.is_set():

@@ -44,6 +44,17 @@ class DataPlane(Protocol[R_contra]):
     def rules(self) -> str:
         """What the kernel holds now, as the mode's own tools print it."""
 
+    def intact(self) -> bool:
+        """False when something this data plane wrote was changed or removed from
+        outside since its last successful sync (a flushed chain, a deleted table, a
+        detached program ...); True before any sync. Logs what it found (a warning).
+
+        The daemon calls it about once a second between syncs and answers False with a
+        full sync, so it must be cheap at 10,000 services: compare something the kernel
+        keeps anyway (a generation number, a count) with what it was after our last
+        write, and look closer only when that moved. It need not see every change to
+        every per-service object: the hourly full sync rewrites those."""
+
 
 @dataclass(frozen=True)
 class PlaneOptions:
@@ -57,6 +68,9 @@ class Mode(Generic[R]):
     name: str
     # Node views of every family in use -> the mode's ruleset. Pure.
     render: Callable[[Sequence[NodeView]], R]
+    # A render function with memory for a long-running proxy: same output as render,
+    # but it may reuse what it rendered for port views it saw in an earlier call.
+    renderer: Callable[[], Callable[[Sequence[NodeView]], R]]
     # The ruleset as `kubeproxy render` prints it, for node ``node``. Pure.
     text: Callable[[R, str], str]
     # Follow one packet through the ruleset (the node's local addresses given). Pure.

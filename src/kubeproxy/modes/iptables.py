@@ -9,11 +9,17 @@ iptables-wrapper's rule picks. A packet is traced through its family's ruleset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kubeproxy.dataplane.base import Runner
-from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
+from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.iptables import (
+    Backend,
+    IptablesDataPlane,
+    KernelWatch,
+    Watch,
+    detect_backend,
+)
 from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.modes.base import Mode, PlaneOptions
 from kubeproxy.nodeview import NodeView
@@ -35,6 +41,12 @@ class Rulesets:
 
 def render(views: Sequence[NodeView]) -> Rulesets:
     return Rulesets({view.family: iptables.render(view) for view in views})
+
+
+def renderer() -> Callable[[Sequence[NodeView]], Rulesets]:
+    """render, remembering each family's service-port rules between calls."""
+    memos = {4: iptables.Renderer(), 6: iptables.Renderer()}
+    return lambda views: Rulesets({view.family: memos[view.family](view) for view in views})
 
 
 def text(rulesets: Rulesets, node: str) -> str:
@@ -68,9 +80,11 @@ def trace_rules(text: str, packet: Packet, local: frozenset[IPAddress]) -> Trace
 class DataPlane:
     """One IptablesDataPlane per family; a family once written stays written."""
 
-    def __init__(self, runner: Runner, backend: Backend) -> None:
+    def __init__(self, runner: Runner, backend: Backend, watch: Watch | None = None
+                 ) -> None:
         self.runner = runner
         self.backend = backend
+        self.watch = watch  # the cheap change detector of intact()
         self.planes: dict[Family, IptablesDataPlane] = {}
 
     def sync(self, rulesets: Rulesets, changed: frozenset[NamespacedName] | None = None
@@ -79,8 +93,21 @@ class DataPlane:
             plane = self.planes.get(family)
             if plane is None:
                 plane = self.planes[family] = IptablesDataPlane(
-                    self.runner, family, self.backend)
+                    self.runner, family, self.backend, self.watch)
             plane.sync(ruleset, changed)
+
+    def intact(self) -> bool:
+        """Each family's canary chains, top-level chains and jumps, read only when the
+        watch's fingerprint moved (dataplane/iptables.py)."""
+        for _, plane in sorted(self.planes.items()):
+            try:
+                found = plane.damage()
+            except DataPlaneError as err:
+                found = f"iptables: cannot check the rules: {err}"
+            if found is not None:
+                log.warning("%s (changed from outside)", found)
+                return False
+        return True
 
     def cleanup(self) -> None:
         for family in (4, 6):
@@ -107,13 +134,14 @@ def choose_backend(runner: Runner, options: PlaneOptions) -> Backend:
 
 
 def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
-    return DataPlane(runner, choose_backend(runner, options))
+    return DataPlane(runner, choose_backend(runner, options), KernelWatch(runner))
 
 
 def fake() -> DataPlane:
     from kubeproxy.testing.iptables import FakeIptables
 
-    return DataPlane(FakeIptables(), "nft")
+    kernel = FakeIptables()
+    return DataPlane(kernel, "nft", kernel)
 
 
 def cleanup(runner: Runner, options: PlaneOptions) -> None:
@@ -127,6 +155,7 @@ def cleanup(runner: Runner, options: PlaneOptions) -> None:
 MODE: Mode[Rulesets] = Mode(
     name="iptables",
     render=render,
+    renderer=renderer,
     text=text,
     trace=trace,
     trace_rules=trace_rules,

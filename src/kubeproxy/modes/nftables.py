@@ -8,9 +8,10 @@ transaction per sync. ``nft`` is only used to read the tables back.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
-from kubeproxy.dataplane.base import Runner
+from kubeproxy.dataplane.base import DataPlaneError, Runner
 from kubeproxy.dataplane.nftables import NftablesDataPlane
 from kubeproxy.model import IPAddress, NamespacedName
 from kubeproxy.modes.base import Mode, PlaneOptions
@@ -22,6 +23,7 @@ from kubeproxy.trace.nftables import trace_nftables
 from kubeproxy.trace.result import Packet, TraceResult
 
 FAMILIES = ("ip", "ip6")
+log = logging.getLogger("kubeproxy.modes.nftables")
 
 
 def render(views: Sequence[NodeView]) -> NftRuleset:
@@ -66,6 +68,17 @@ class DataPlane:
     def rules(self) -> str:
         return self._show()
 
+    def intact(self) -> bool:
+        """The ruleset generation, and our fixed chains' rule counts only when it moved
+        (dataplane/nftables.py)."""
+        try:
+            found = self.plane.damage()
+        except DataPlaneError as err:
+            found = f"nftables: cannot check the tables: {err}"
+        if found is not None:
+            log.warning("%s (changed from outside)", found)
+        return found is None
+
 
 def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
     del options  # nothing to choose: one kernel interface
@@ -87,6 +100,7 @@ def cleanup(runner: Runner, options: PlaneOptions) -> None:
 MODE: Mode[NftRuleset] = Mode(
     name="nftables",
     render=render,
+    renderer=lambda: render,  # already lazy: the data plane renders changed services only
     text=text,
     trace=trace,
     trace_rules=trace_rules,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from kubeproxy.config import LBAlgorithm
@@ -160,9 +160,67 @@ def jump_rule(jump: tuple[str, str, str, str]) -> str:
 def render(view: NodeView) -> Ruleset:
     r = _Renderer(view)
     r.render()
-    jumps = JUMPS + (LOCALHOST_JUMPS if view.nodeports.localhost else ())
-    return Ruleset(family=view.family, tables={"filter": r.filter, "nat": r.nat}, jumps=jumps,
-                   owners=r.owners)
+    return r.ruleset()
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """What one service port adds: lines for the shared top-level chains (in order), its
+    own nat chains, and their owner."""
+
+    top: tuple[tuple[str, str, tuple[str, ...]], ...]  # (table, chain, lines)
+    chains: dict[str, list[str]]
+    owners: dict[str, NamespacedName]
+
+
+class Renderer:
+    """:func:`render` with memory, for a proxy that renders the same node again and again.
+
+    A service port's rules depend only on its ServicePortView and on the node-wide part
+    of the view, so they are kept per ServicePortView *object* (the node view cache hands
+    back the same object for an unchanged service) and re-rendered only for new ones;
+    everything is forgotten when the node-wide part changes. The per-service chains of
+    all ports are kept in one dict patched by what changed (merging 100,000 chains anew
+    each time cost more than the rest of a partial sync). The result equals
+    ``render(view)`` (tests/unit/test_incremental.py).
+    """
+
+    def __init__(self) -> None:
+        self._context: tuple[NodeView, bool] | None = None
+        self._parts: dict[int, tuple[ServicePortView, _Part]] = {}
+        self._chains: dict[str, list[str]] = {}  # every port's own nat chains
+        self._owners: dict[str, NamespacedName] = {}
+
+    def __call__(self, view: NodeView) -> Ruleset:
+        r = _Renderer(view)
+        context = (replace(view, services=()), r.comments)
+        if context != self._context:
+            self._context, self._parts, self._chains, self._owners = context, {}, {}, {}
+        known, parts, new = self._parts, {}, []
+        for spv in view.services:
+            hit = known.get(id(spv))
+            if hit is None or hit[0] is not spv:
+                hit = (spv, r.part(spv))
+                new.append(hit[1])
+            parts[id(spv)] = hit
+        for key, (_, part) in known.items():  # gone or re-rendered: drop its chains
+            if parts.get(key) is not known[key]:
+                for chain in part.chains:
+                    del self._chains[chain]
+                    del self._owners[chain]
+        for part in new:
+            self._chains.update(part.chains)
+            self._owners.update(part.owners)
+        self._parts = parts
+        r.fixed_chains()
+        tables = {"nat": r.nat, "filter": r.filter}
+        for _, part in parts.values():
+            for table, chain, lines in part.top:
+                tables[table][chain].extend(lines)
+        r.nodeports_tail()
+        r.nat = {**self._chains, **r.nat}
+        r.owners = dict(self._owners)
+        return r.ruleset()
 
 
 @lru_cache(maxsize=1024)
@@ -201,6 +259,27 @@ class _Renderer:
         for spv in self.view.services:
             self.service_port(spv)
         self.nodeports_tail()
+
+    def ruleset(self) -> Ruleset:
+        jumps = JUMPS + (LOCALHOST_JUMPS if self.view.nodeports.localhost else ())
+        return Ruleset(family=self.view.family, tables={"filter": self.filter, "nat": self.nat},
+                       jumps=jumps, owners=self.owners)
+
+    def part(self, spv: ServicePortView) -> _Part:
+        """What service_port(spv) writes, captured instead of written."""
+        saved = self.nat, self.filter, self.owners
+        self.nat = {c: [] for c in TOP_CHAINS["nat"]}
+        self.filter = {c: [] for c in TOP_CHAINS["filter"]}
+        self.owners = {}
+        try:
+            self.service_port(spv)
+            top = tuple((table, chain, tuple(chains.pop(chain)))
+                        for table, chains in (("nat", self.nat), ("filter", self.filter))
+                        for chain in TOP_CHAINS[table] if chains[chain])
+            return _Part(top, {c: r for c, r in self.nat.items() if c not in TOP_CHAINS["nat"]},
+                         self.owners)
+        finally:
+            self.nat, self.filter, self.owners = saved
 
     def fixed_chains(self) -> None:
         mark = self.mark

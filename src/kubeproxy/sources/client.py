@@ -10,11 +10,19 @@ timeoutSeconds=N`` whose chunked answer is one JSON event per line; :class:`Watc
 yields them as dicts and can be closed from another thread (which is how a stopping
 daemon wakes an informer blocked on a quiet stream).
 
+A watch can also *hang*: an API server that is stopped (not closed) keeps the connection
+open and sends nothing, and nothing in TCP notices (the kernel still ACKs). With
+``stall_timeout`` a watch must show life within that bound: the answer's headers, then
+an event or a BOOKMARK (the server sends those on a quiet watch), else the stream ends
+with :class:`WatchStalled`. It is a socket read timeout (no bytes within the bound)
+plus a check that what did arrive held an event (blank lines do not count).
+
 Every failure leaves this module as one of the exceptions below (translated at the
 boundary with ``raise ... from``), so callers decide by meaning, not by socket detail:
 
 * :class:`ClientError` -- base: talking to the API server failed.
 * :class:`TransportError` -- no connection, a timeout, or a stream that broke mid-way.
+* :class:`WatchStalled` -- a watch showed no event and no bookmark within its bound.
 * :class:`StatusError` -- the server answered with an error status (``code``, ``reason``).
 * :class:`GoneError` -- 410: the resourceVersion is too old; the caller must relist.
 * :class:`ProtocolError` -- the answer is not what the API promises (bad JSON, shape).
@@ -31,7 +39,8 @@ import socket
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -48,6 +57,10 @@ class ClientError(Exception):
 
 class TransportError(ClientError):
     """No connection, a timeout, or a stream that broke before its end."""
+
+
+class WatchStalled(TransportError):
+    """A watch went quiet for longer than its bound: the server may be stopped."""
 
 
 class ProtocolError(ClientError):
@@ -192,31 +205,57 @@ class Client:
                 return items, str(meta.get("resourceVersion") or "")
 
     def watch(self, path: str, *, resource_version: str, timeout_seconds: int,
-              label_selector: str = "", field_selector: str = "") -> WatchStream:
+              label_selector: str = "", field_selector: str = "",
+              stall_timeout: float | None = None) -> WatchStream:
+        """Start a watch. ``stall_timeout``: the longest the stream may stay without an
+        event or a bookmark (and the answer's headers may take) before it ends with
+        WatchStalled; None: only the read timeout below."""
         query = _selectors(label_selector, field_selector)
         query.update(watch="true", allowWatchBookmarks="true",
                      resourceVersion=resource_version, timeoutSeconds=str(timeout_seconds))
         # The server ends the stream after timeoutSeconds; a read timeout a little
         # later catches a server that silently went away.
-        conn, resp = self._get(path, query, timeout_seconds + 30.0)
-        return WatchStream(path, conn, resp)
+        bound = timeout_seconds + 30.0
+        if stall_timeout is not None:
+            if stall_timeout <= 0:
+                raise ValueError("stall_timeout must be > 0")
+            bound = min(bound, stall_timeout)
+        try:
+            conn, resp = self._get(path, query, bound)
+        except TransportError as err:
+            if isinstance(err.__cause__, TimeoutError):
+                raise WatchStalled(f"watch {path}: no answer within {bound:g}s") from err
+            raise
+        return WatchStream(path, conn, resp, bound)
 
 
 class WatchStream:
     """The events of one watch, as dicts; close() is safe from any thread."""
 
     def __init__(self, path: str, conn: http.client.HTTPConnection,
-                 resp: http.client.HTTPResponse) -> None:
+                 resp: http.client.HTTPResponse, stall_timeout: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
+        self.stall_timeout = stall_timeout
         self._conn = conn
         self._resp = resp
+        self._clock = clock
         self._lock = threading.Lock()
         self._closed = False
 
+    def _stalled(self) -> WatchStalled:
+        return WatchStalled(f"watch {self.path}: no event or bookmark for "
+                            f"{self.stall_timeout:g}s; the server may be stopped")
+
     def __iter__(self) -> Iterator[Obj]:
+        last_event = self._clock()
         while True:
             try:
                 line = self._resp.readline()
+            except TimeoutError as err:  # the socket's read timeout: nothing arrived
+                if self._closed:
+                    return
+                raise self._stalled() from err
             except (OSError, http.client.HTTPException, ValueError) as err:
                 if self._closed:
                     return
@@ -224,7 +263,11 @@ class WatchStream:
             if not line:
                 return  # the server ended the watch (timeoutSeconds), or we closed it
             if not line.strip():
+                if (self.stall_timeout is not None
+                        and self._clock() - last_event > self.stall_timeout):
+                    raise self._stalled()  # bytes, but no event: not a sign of life
                 continue
+            last_event = self._clock()
             event = _json_or_none(line)
             if (not isinstance(event, dict) or not isinstance(event.get("type"), str)
                     or not isinstance(event.get("object"), dict)):

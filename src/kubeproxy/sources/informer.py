@@ -13,9 +13,19 @@ One :class:`Informer` per resource, each on its own thread, like client-go's ref
    and every BOOKMARK moves the informer's resourceVersion forward.
 3. When the server ends the watch normally (``timeoutSeconds``), watch again from that
    resourceVersion: nothing is missed and nothing is listed twice.
-4. When the server says **410 Gone** (the resourceVersion fell out of its history), or
-   the stream breaks, or the server cannot be reached: wait a backoff delay (growing,
-   jittered, reset by a successful watch) and start again at 1, a fresh list.
+4. When the watch *hangs* -- no event and no bookmark within ``stall_timeout`` (an API
+   server that was stopped, not closed: the connection stays open, nothing arrives) --
+   or the stream breaks, or the server cannot be reached: close it, wait a backoff
+   delay (growing, jittered, reset by a successful watch) and watch again from the
+   last resourceVersion, as client-go's reflector does. Nothing is lost: the server
+   replays what happened since, or says 410.
+5. When the server says **410 Gone** (the resourceVersion fell out of its history) or
+   answers with an error status: back off and start again at 1, a fresh list.
+
+The stall bound defaults to 2 x upstream's bookmark interval (kube-apiserver sends a
+BOOKMARK on a quiet watch about once a minute), so a quiet but healthy watch is never
+taken for a hung one; a server with a faster heartbeat (the lab's: 0.2 s) can be given a
+tighter bound.
 
 Raw objects are decoded here, at the edge (:func:`to_update`): the consumer only ever
 sees model objects; an invalid one arrives as an update with ``error`` set and no object.
@@ -39,10 +49,19 @@ from kubeproxy.k8s.decode import (
     object_ref,
 )
 from kubeproxy.model import FieldError, InvalidObject, NamespacedName
-from kubeproxy.sources.client import ClientError, GoneError, Obj, StatusError, WatchStream
+from kubeproxy.sources.client import (
+    ClientError,
+    GoneError,
+    Obj,
+    StatusError,
+    TransportError,
+    WatchStalled,
+    WatchStream,
+)
 from kubeproxy.tracker import Kind, Model, Update
 
 log = logging.getLogger("kubeproxy.informer")
+STALL_TIMEOUT = 120.0  # seconds: 2 x kube-apiserver's bookmark interval (1 minute)
 
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 # What upstream kube-proxy's informers select.
@@ -80,7 +99,8 @@ class ApiClient(Protocol):
                  page_size: int = 500) -> tuple[list[Obj], str]: ...
 
     def watch(self, path: str, *, resource_version: str, timeout_seconds: int,
-              label_selector: str = "", field_selector: str = "") -> WatchStream: ...
+              label_selector: str = "", field_selector: str = "",
+              stall_timeout: float | None = None) -> WatchStream: ...
 
 
 # --- decoding at the edge ---------------------------------------------------------
@@ -150,12 +170,16 @@ class Informer:
     def __init__(self, client: ApiClient, resource: Resource,
                  emit: Callable[[Update | Replace], None], *, page_size: int = 500,
                  watch_timeout: tuple[int, int] = (300, 600),
+                 stall_timeout: float = STALL_TIMEOUT,
                  backoff: Backoff | None = None, rng: random.Random | None = None) -> None:
+        if stall_timeout <= 0:
+            raise ValueError("stall_timeout must be > 0")
         self.client = client
         self.resource = resource
         self._emit = emit
         self.page_size = page_size
         self.watch_timeout = watch_timeout
+        self.stall_timeout = stall_timeout
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
         self._stop = threading.Event()
@@ -164,6 +188,7 @@ class Informer:
         self._thread: threading.Thread | None = None
         self.resource_version = ""
         self.lists = 0  # completed lists (the first one and every relist)
+        self.stalls = 0  # watches given up for showing no life within stall_timeout
 
     def start(self) -> Informer:
         self._thread = threading.Thread(target=self.run, daemon=True,
@@ -181,20 +206,35 @@ class Informer:
             self._thread.join(timeout)
 
     def run(self) -> None:
-        """List, then watch until something goes wrong; back off; repeat until stopped."""
+        """List, then watch until something goes wrong; back off; watch again from the
+        last resourceVersion after a transport failure, relist after any other."""
         kind = self.resource.kind
+        listed = False
         while not self._stop.is_set():
             try:
-                self._list()
+                if not listed:
+                    self._list()
+                    listed = True
                 while not self._stop.is_set():
                     self._watch_once()
             except GoneError as err:
+                listed = False
                 log.info("%s watch: %s; relisting", kind, err)
-            except ClientError as err:
+            except TransportError as err:
                 if self._stop.is_set():
                     return
-                log.warning("%s informer: %s", kind, err)
+                if isinstance(err, WatchStalled):
+                    self.stalls += 1
+                log.warning("%s informer: %s; %s", kind, err,
+                            f"watching again from resourceVersion {self.resource_version}"
+                            if listed else "listing again")
+            except ClientError as err:
+                listed = False
+                if self._stop.is_set():
+                    return
+                log.warning("%s informer: %s; relisting", kind, err)
             except Exception:  # a bug: keep the proxy alive, and say where
+                listed = False
                 log.exception("%s informer failed; relisting", kind)
             self._stop.wait(self._backoff.next())
 
@@ -220,7 +260,8 @@ class Informer:
         stream = self.client.watch(res.path, resource_version=self.resource_version,
                                    timeout_seconds=self._rng.randint(*self.watch_timeout),
                                    label_selector=res.label_selector,
-                                   field_selector=res.field_selector)
+                                   field_selector=res.field_selector,
+                                   stall_timeout=self.stall_timeout)
         with self._lock:
             self._stream = stream
         if self._stop.is_set():

@@ -15,6 +15,11 @@ It refuses what the kernel refuses, with the kernel's errno in a
 * ``EEXIST``: re-adding a base chain with another hook, a set with another definition,
   or an element with other data.
 
+Like the kernel it counts committed transactions in ``generation`` (NFT_MSG_GETGEN),
+so flush detection can be tested: a test changes the tables "from outside" by
+committing to the fake itself (``kernel.commit([FlushChain("ip", "services")])``), as
+``nft`` would. ``rule_counts`` answers as the kernel's filtered rule dump does.
+
 ``text(family)`` renders a table the way ``nft list`` does (sorted), for assertions;
 ``fail(code, on=...)`` makes a later transaction fail as the kernel would, to test the
 callers' error paths. Every transaction is kept (``transactions``) with its elements
@@ -83,6 +88,7 @@ class FakeNftables:
         self.tables: dict[str, FakeTable] = {}
         self.transactions: list[list[Op]] = []
         self._faults: list[_Fault] = []
+        self._generation = 1
 
     def fail(self, code: int, on: type[Any] | None = None, what: str = "injected failure"
              ) -> None:
@@ -95,6 +101,16 @@ class FakeNftables:
         if table is None:
             return None
         return Listing(frozenset(table.chains), frozenset(table.sets))
+
+    def generation(self) -> int:
+        return self._generation
+
+    def rule_counts(self, family: str, chains: Iterable[str]) -> dict[str, int] | None:
+        table = self.tables.get(family)
+        if table is None:
+            return None
+        return {name: len(table.chains[name].rules) if name in table.chains else 0
+                for name in chains}
 
     def commit(self, ops: Iterable[Op]) -> None:
         done = [_read(op) for op in ops]
@@ -109,6 +125,7 @@ class FakeNftables:
         for family, table in tables.items():
             _check_references(family, table)
         self.tables = tables
+        self._generation += 1
 
     def text(self, family: str) -> str:
         """The table in ``nft list`` form (sets, then chains, sorted); "" if none."""

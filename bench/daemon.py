@@ -1,0 +1,337 @@
+"""Daemon benchmark: one Service change, from the API server accepting it to the kernel.
+
+An in-process API server holds N Services x 10 endpoints; a real ``kubeproxy run``
+daemon watches it from inside a network namespace this benchmark creates (and deletes).
+Then K single-object changes are made, one at a time, each timed from the moment the
+API server committed it until packets follow it: a connect from inside the namespace to
+the changed Service's ClusterIP reaches a real listener (``ok``), is refused (REJECT:
+no endpoints) or goes nowhere (the Service is gone). The cycle per Service:
+
+    service added   (its slice exists)   -> ok
+    endpoint removed                     -> refused
+    endpoint added                       -> ok
+    service deleted                      -> timeout (no rule: the connect goes nowhere)
+
+Changes are spaced by the daemon's minSyncPeriod (1 s, upstream's default), so each is
+one sync and not a batch. The daemon's full sync time comes from its log; its peak RSS
+from /proc. The iptables mode uses the legacy backend (iptables-nft-restore 1.8.9 does
+not load 10,000 services in reasonable time here).
+
+    make bench-daemon                                   # 1,000 and 10,000, both modes
+    python bench/daemon.py --services 1000 --changes 20 --mode nftables [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubeproxy import modes
+from kubeproxy.apiserver.resources import ENDPOINTSLICES, NODES, SERVICES
+from kubeproxy.apiserver.server import ApiServer, NetnsListener, ServerConfig
+from kubeproxy.apiserver.store import Store
+from kubeproxy.netns_thread import call_in_netns
+
+NODE_IP = "192.168.0.2"
+LISTENER = "10.200.0.1"  # a real endpoint: a TCP listener on an address in the netns
+API_PORT = 6443
+ENDPOINTS = 10
+PROBE_TIMEOUT = 0.025  # seconds; also the resolution of "service deleted"
+START_TIMEOUT = 900.0  # seconds for the daemon's first full sync
+Obj = dict[str, Any]
+
+
+def service(i: int) -> Obj:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": f"s{i}", "namespace": "default"},
+            "spec": {"clusterIP": str(ipaddress.IPv4Address("10.96.0.0") + 10 + i),
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}
+
+
+def endpoint_slice(i: int, addresses: list[str]) -> Obj:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"s{i}-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": f"s{i}"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [a], "conditions": {"ready": True},
+                           "nodeName": "node1"} for a in addresses]}
+
+
+def cluster_ip(i: int) -> str:
+    return str(service(i)["spec"]["clusterIP"])
+
+
+def fake_endpoints(i: int) -> list[str]:
+    return [str(ipaddress.IPv4Address("10.180.0.0") + i * ENDPOINTS + j)
+            for j in range(ENDPOINTS)]
+
+
+# --- the namespace, the listener, the probe ---------------------------------------------
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(list(argv), check=True, capture_output=True)
+
+
+@contextmanager
+def namespace() -> Iterator[str]:
+    name = "kpb-" + secrets.token_hex(4)
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        # A veth pair with both ends here (this kernel may have no dummy module).
+        sh("ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        sh("ip", "-n", name, "link", "set", "eth1", "up")
+        sh("ip", "-n", name, "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
+        sh("ip", "-n", name, "addr", "add", f"{LISTENER}/32", "dev", "eth0")
+        sh("ip", "-n", name, "link", "set", "eth0", "up")
+        # A node has a default route: the route lookup before DNAT needs one for a
+        # ClusterIP. It leads nowhere (the peer is in this namespace and answers no ARP).
+        sh("ip", "-n", name, "route", "add", "default", "dev", "eth0")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def serve(ns: str) -> socket.socket:
+    """A listener on LISTENER:8080 inside the namespace that accepts and closes."""
+    sock = call_in_netns(ns, lambda: socket.create_server((LISTENER, 8080), backlog=512))
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return sock
+
+
+def outcome(ns: str, ip: str) -> str:
+    """ok, refused or timeout: what a connect to ip:80 meets now. A connect that the
+    rules send to the listener completes in well under PROBE_TIMEOUT; one that no rule
+    catches goes out to nowhere and times out."""
+    def attempt() -> str:
+        with socket.socket() as s:
+            s.settimeout(PROBE_TIMEOUT)
+            try:
+                s.connect((ip, 80))
+            except ConnectionRefusedError:
+                return "refused"
+            except TimeoutError:
+                return "timeout"
+            except OSError as err:
+                if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM):
+                    return "unreachable"
+                raise
+            return "ok"
+    return call_in_netns(ns, attempt)
+
+
+def wait_for(ns: str, ip: str, want: str, deadline: float,
+             alive: Callable[[], bool] = lambda: True) -> float:
+    while True:
+        if outcome(ns, ip) == want:
+            return time.monotonic()
+        if time.monotonic() > deadline or not alive():
+            raise TimeoutError(f"{ip}: not {want} in time (last: {outcome(ns, ip)})")
+        time.sleep(0.0005)  # polling interval, bounded by the deadline
+
+
+# The cycle of single-object changes: (kind, the change to Service i, what a connect
+# to its ClusterIP then meets).
+STEPS: list[tuple[str, Callable[[Store, int], object], str]] = [
+    ("service added", lambda st, i: st.create(SERVICES, "default", service(i)), "ok"),
+    ("endpoint removed", lambda st, i: st.update(
+        ENDPOINTSLICES, "default", f"s{i}-1", endpoint_slice(i, [])), "refused"),
+    ("endpoint added", lambda st, i: st.update(
+        ENDPOINTSLICES, "default", f"s{i}-1", endpoint_slice(i, [LISTENER])), "ok"),
+    ("service deleted", lambda st, i: st.delete(SERVICES, "default", f"s{i}"), "timeout"),
+]
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    mode: str
+    services: int
+    latencies: dict[str, list[float]]  # change kind -> seconds
+    full_sync_s: float
+    rss_mib: float
+
+    def summary(self) -> dict[str, Any]:
+        every = sorted(t for ts in self.latencies.values() for t in ts)
+        return {"mode": self.mode, "services": self.services,
+                "p50_ms": round(1000 * statistics.median(every), 1),
+                "p99_ms": round(1000 * every[min(len(every) - 1, int(0.99 * len(every)))], 1),
+                "full_sync_s": round(self.full_sync_s, 2), "rss_mib": round(self.rss_mib, 1)}
+
+
+def preload(server: ApiServer, n: int, changes: int) -> None:
+    """n Services with their slices, and the slices of the Services the changes will
+    add (a slice without its Service writes no rule), so every change is one object."""
+    def load(store: Store) -> None:
+        store.create(NODES, None, {"apiVersion": "v1", "kind": "Node",
+                                   "metadata": {"name": "node1"},
+                                   "status": {"addresses": [{"type": "InternalIP",
+                                                             "address": NODE_IP}]}})
+        for i in range(n):  # the last one has the real endpoint: a full sync is visible
+            store.create(SERVICES, "default", service(i))
+            store.create(ENDPOINTSLICES, "default", endpoint_slice(
+                i, [LISTENER] if i == n - 1 else fake_endpoints(i)))
+        for i in range(n, n + (changes + len(STEPS) - 1) // len(STEPS)):
+            store.create(ENDPOINTSLICES, "default", endpoint_slice(i, [LISTENER]))
+    server.hub.call(load)
+
+
+def start_daemon(ns: str, mode: str, workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: k, cluster: {{server: 'http://127.0.0.1:{API_PORT}'}}}}]\n"
+        "users: [{name: u, user: {}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n")
+    log = workdir / "proxy.log"
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "kubeproxy", "run",
+            "--kubeconfig", str(kubeconfig), "--hostname-override", "node1",
+            "--proxy-mode", mode, "--cluster-cidr", "10.180.0.0/16",
+            "--iptables-backend", "legacy", "--healthz-bind-address", "",
+            "--metrics-bind-address", ""]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out)
+    return proc, log
+
+
+def full_sync_seconds(log: Path) -> float:
+    found = re.search(r"full sync: \d+ services, .*?([\d.]+)s$", log.read_text(), re.M)
+    return float(found.group(1)) if found else float("nan")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(mode: str, n: int, changes: int, settle: float = 1.1) -> Result:
+    latencies: dict[str, list[float]] = {}
+    with namespace() as ns, tempfile.TemporaryDirectory() as tmp:
+        server = ApiServer(ServerConfig(netns=(NetnsListener(ns, "127.0.0.1", API_PORT),),
+                                        service_cidr="10.96.0.0/16", history=100_000))
+        server.start()
+        listener = serve(ns)
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            preload(server, n, changes)
+            print(f"{mode}, {n:,} services: loaded; starting the daemon", file=sys.stderr)
+            proc, log = start_daemon(ns, mode, Path(tmp))
+            try:
+                wait_for(ns, cluster_ip(n - 1), "ok", time.monotonic() + START_TIMEOUT,
+                         alive=lambda: proc is not None and proc.poll() is None)
+            except TimeoutError as err:
+                raise TimeoutError(f"{err}; the daemon's log:\n{log.read_text()[-3000:]}"
+                                   ) from None
+            wait_for_log(log, "full sync", time.monotonic() + 60)
+            time.sleep(settle)
+            for k in range(changes):
+                i = n + k // len(STEPS)
+                kind, change, want = STEPS[k % len(STEPS)]
+                server.hub.call(lambda st, c=change, i=i: c(st, i))  # type: ignore[misc]
+                accepted = time.monotonic()
+                done = wait_for(ns, cluster_ip(i), want, accepted + 120)
+                latencies.setdefault(kind, []).append(done - accepted)
+                time.sleep(settle)
+            return Result(mode, n, latencies, full_sync_seconds(log), peak_rss_mib(proc.pid))
+        finally:
+            if proc is not None:
+                stop(proc)
+            listener.close()
+            server.stop()
+
+
+def wait_for_log(log: Path, text: str, deadline: float) -> None:
+    while text not in log.read_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {text!r} in the daemon's log:\n{log.read_text()[-2000:]}")
+        time.sleep(0.05)  # polling interval, bounded by the deadline
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the daemon we started (by PID), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def table(results: list[Result]) -> str:
+    kinds = sorted({k for r in results for k in r.latencies})
+    head = ["mode", "services", "p50 ms", "p99 ms", *[f"{k} p50" for k in kinds],
+            "full sync s", "RSS MiB"]
+    rows = [head]
+    for r in results:
+        s = r.summary()
+        rows.append([r.mode, f"{r.services:,}", f"{s['p50_ms']}", f"{s['p99_ms']}",
+                     *[f"{1000 * statistics.median(r.latencies[k]):.1f}" for k in kinds],
+                     f"{s['full_sync_s']}", f"{s['rss_mib']}"])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+                     for row in rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--services", type=int, action="append",
+                   help="services already in the cluster (repeatable; default 1000, 10000)")
+    p.add_argument("--changes", type=int, default=20, help="single-object changes per run")
+    p.add_argument("--mode", action="append", choices=modes.NAMES,
+                   help="repeatable; default every mode")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/daemon.py needs root: it creates a network namespace", file=sys.stderr)
+        return 1
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the namespace and the daemon
+    # are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results = []
+    for n in args.services or [1000, 10_000]:
+        for mode in args.mode or list(modes.NAMES):
+            result = run(mode, n, args.changes)
+            results.append(result)
+            if args.json:
+                print(json.dumps(result.summary()), flush=True)
+    if not args.json:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
