@@ -7,8 +7,11 @@ APT_PKGS := iptables nftables conntrack iproute2 ipset clang llvm libbpf-dev bpf
 # ebpf mode: the socket load-balancing programs, compiled for the kernel's BPF target.
 BPF_OBJ := src/kubeproxy/bpf/sock_lb.o
 BPF_CFLAGS := -target bpf -mcpu=v3 -O2 -g -Wall -I/usr/include/$(shell uname -m)-linux-gnu
+# tools/vmrun: tests that need a kernel feature this machine lacks (IPVS) run in a QEMU
+# guest booting Debian's 6.1 kernel; the guest image is cached on first use (docs/vm.md).
+VM_APT_PKGS := qemu-system-x86 kmod
 
-.PHONY: demo test lint deps apt venv bpf bench-render bench-nft bench-daemon clean
+.PHONY: demo test test-ipvs lint deps apt venv bpf vm bench-render bench-nft bench-daemon clean
 
 deps: apt venv bpf
 
@@ -39,12 +42,27 @@ $(BPF_OBJ): src/kubeproxy/bpf/sock_lb.c
 	  clang $(BPF_CFLAGS) -c $< -o $@; \
 	else echo "note: clang/libbpf-dev missing: $@ not built (ebpf mode unavailable)"; fi
 
+vm:
+	@if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || \
+	    ! PATH="$$PATH:/usr/sbin:/sbin" command -v depmod >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages for the test guest: $(VM_APT_PKGS)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -q --no-install-recommends $(VM_APT_PKGS); \
+	  else echo "note: qemu-system-x86_64 or depmod missing (run as root; guest tests will skip)"; fi; \
+	fi
+	@if command -v qemu-system-x86_64 >/dev/null 2>&1; then python3 tools/vmrun --build; fi
+
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
-test: deps lint
+test: deps vm lint
 	$(VENV)/bin/pytest -q
+
+# The IPVS kernel tests in one guest boot (make test runs them too, via tests/vm).
+test-ipvs: deps vm
+	$(VENV)/bin/pytest -q tests/vm/test_ipvs_in_guest.py
 
 demo: deps
 	$(VENV)/bin/python -m kubeproxy.lab.demo

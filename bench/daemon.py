@@ -269,6 +269,9 @@ def run(mode: str, n: int, changes: int, settle: float = 1.1) -> Result:
         finally:
             if proc is not None:
                 stop(proc)
+                if os.environ.get("BENCH_LOG_DIR"):  # keep the daemon's log for a look
+                    (Path(os.environ["BENCH_LOG_DIR"]) / f"proxy-{mode}-{n}.log").write_bytes(
+                        log.read_bytes())
             listener.close()
             server.stop()
 

@@ -9,76 +9,69 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kubeproxy import modes
+import yaml
+
+from kubeproxy import flags, modes
 from kubeproxy.config import (
     ConfigError,
     ProxyConfig,
-    load_config_file,
-    parse_cidr_list,
-    parse_detect_local_mode,
     parse_lb_algorithm,
 )
 from kubeproxy.k8s import ManifestError, decode_objects, load_manifests
 from kubeproxy.model import Cluster
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.pipeline import node_views
+from kubeproxy.sources.client import ClientOptions
 
 
 def _add_proxy_flags(p: argparse.ArgumentParser, *, files: bool = True) -> None:
-    """Flags shared by every command that computes a node's rules."""
+    """kube-proxy's command line (flags.py's table), plus -f for the offline commands."""
     if files:
         p.add_argument("-f", "--filename", dest="files", action="append", required=True,
                        type=Path, metavar="FILE",
                        help="Services, EndpointSlices and Nodes (YAML or JSON); repeatable")
-    p.add_argument("--config", type=Path, help="a KubeProxyConfiguration file")
-    p.add_argument("--hostname-override", help="the node whose rules to compute")
-    p.add_argument("--mode", "--proxy-mode", dest="mode", choices=modes.NAMES)
-    p.add_argument("--cluster-cidr", help="pod CIDR(s) of the cluster, comma-separated")
-    p.add_argument("--masquerade-all", action="store_const", const=True,
-                   help="masquerade all traffic sent to cluster IPs")
-    p.add_argument("--nodeport-addresses",
-                   help="CIDRs (comma-separated) or 'primary' where NodePorts are open")
-    p.add_argument("--detect-local-mode",
-                   help="ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix")
-    p.add_argument("--pod-bridge-interface", help="bridge for detect-local-mode BridgeInterface")
-    p.add_argument("--pod-interface-name-prefix",
-                   help="interface prefix for detect-local-mode InterfaceNamePrefix")
-    p.add_argument("--lb-algorithm", help="random (upstream) or round-robin")
-    p.add_argument("--iptables-backend", choices=["auto", "legacy", "nft"], default="auto",
-                   help="which iptables binaries to use (auto: as iptables-wrapper decides)")
+    flags.add_flags(p)
+
+
+def _add_bpf_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bpf-dir", metavar="DIR", default="",
+                   help="ebpf mode: the private bpffs for its pins (default "
+                        "/run/kubeproxy/bpf)")
 
 
 def build_config(args: argparse.Namespace) -> ProxyConfig:
-    """The config file first, then flags given on the command line on top (upstream order)."""
-    kw: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    if args.hostname_override:
-        kw["hostname"] = args.hostname_override
-    if args.mode:
-        kw["mode"] = args.mode
-    if args.cluster_cidr is not None:
-        kw["cluster_cidrs"] = parse_cidr_list(args.cluster_cidr, "--cluster-cidr")
-    if args.masquerade_all:
-        kw["masquerade_all"] = True
-    if args.nodeport_addresses is not None:
-        kw["nodeport_addresses"] = tuple(
-            a.strip() for a in args.nodeport_addresses.split(",") if a.strip())
-    if args.detect_local_mode:
-        kw["detect_local_mode"] = parse_detect_local_mode(args.detect_local_mode)
-    if args.pod_bridge_interface:
-        kw["bridge_interface"] = args.pod_bridge_interface
-    if args.pod_interface_name_prefix:
-        kw["interface_name_prefix"] = args.pod_interface_name_prefix
-    if args.lb_algorithm:
-        kw["lb_algorithm"] = parse_lb_algorithm(args.lb_algorithm)
-    if not kw.get("hostname"):
-        kw["hostname"] = os.uname().nodename.lower()
-    return ProxyConfig(**kw)
+    """The effective configuration (flags.effective: upstream's precedence) as ProxyConfig,
+    with this project's own flags on top."""
+    return _proxy_config(args, flags.effective(args))
+
+
+def _proxy_config(args: argparse.Namespace, eff: flags.Effective) -> ProxyConfig:
+    from kubeproxy.kpconfig import proxy_settings
+
+    try:
+        kw: dict[str, Any] = proxy_settings(eff.fields)
+        if args.lb_algorithm:
+            kw["lb_algorithm"] = parse_lb_algorithm(args.lb_algorithm)
+        if args.cgroup_path:
+            kw["cgroup_path"] = args.cgroup_path
+        if not kw.get("hostname"):
+            kw["hostname"] = os.uname().nodename.lower()
+        return ProxyConfig(**kw)
+    except ConfigError as err:  # name the flag when a flag gave the bad value
+        culprits = [f.names[0] for d, f in flags.BY_DEST.items()
+                    if getattr(args, d, None) is not None
+                    and any(str(err).startswith(n) for n in f.fields)]
+        if culprits:
+            raise ConfigError(f"{err} (from {', '.join(culprits)})") from None
+        raise
 
 
 def load_cluster(files: Sequence[Path]) -> Cluster:
@@ -127,8 +120,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plane_options(args: argparse.Namespace) -> PlaneOptions:
-    return PlaneOptions(iptables_backend=args.iptables_backend)
+def _plane_options(args: argparse.Namespace, config: ProxyConfig | None = None
+                   ) -> PlaneOptions:
+    return PlaneOptions(iptables_backend=args.iptables_backend,
+                        cgroup_path=config.cgroup_path if config else "",
+                        bpf_dir=args.bpf_dir,
+                        allow_root_cgroup=getattr(args, "allow_root_cgroup", False))
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -138,7 +135,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     config = build_config(args)
     cluster = load_cluster(args.files)
     mode = modes.get(config.mode)
-    plane = mode.data_plane(SubprocessRunner(), _plane_options(args))
+    plane = mode.data_plane(SubprocessRunner(), _plane_options(args, config))
     plane.sync(mode.render(node_views(cluster, config)))
     return 0
 
@@ -154,34 +151,94 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run as this node's proxy until SIGTERM (upstream's kube-proxy); or clean up and exit."""
-    from dataclasses import replace
+    """Run as this node's proxy until SIGTERM (upstream's kube-proxy); or clean up, write
+    the configuration, or tune the node, and exit."""
+    from kubeproxy import daemon, kpconfig, tuning
 
-    from kubeproxy import daemon
-    from kubeproxy.config import parse_duration, with_overrides
-
+    if args.version is not None:
+        return _print_version(args.version)
+    eff = flags.effective(args)
+    _setup_logs(eff.fields, args)
+    log = logging.getLogger("kubeproxy.cli")
+    for note in eff.notes:
+        log.warning("%s", note)
+    if args.write_config_to:
+        Path(args.write_config_to).write_text(
+            yaml.safe_dump(kpconfig.nested(eff.fields), sort_keys=True))
+        log.info("wrote configuration to %s", args.write_config_to)
+        return 0
+    config = _proxy_config(args, eff)
+    problem = tuning.privilege_problem()
+    if problem is not None:
+        raise PrivilegeError(problem)
     if args.cleanup:
         return cmd_cleanup(args)
-    kw: dict[str, Any] = {}
-    if args.healthz_bind_address is not None:
-        kw["healthz_bind_address"] = args.healthz_bind_address
-    if args.metrics_bind_address is not None:
-        kw["metrics_bind_address"] = args.metrics_bind_address
-    if args.iptables_sync_period:
-        kw["sync_period"] = parse_duration(args.iptables_sync_period, "--iptables-sync-period")
-    if args.iptables_min_sync_period:
-        kw["min_sync_period"] = parse_duration(args.iptables_min_sync_period,
-                                               "--iptables-min-sync-period")
-    config = with_overrides(build_config(args), **kw)
-    kubeconfig = args.kubeconfig or (Path(config.kubeconfig) if config.kubeconfig else None)
-    options = daemon.DaemonOptions(kubeconfig=kubeconfig, master=args.master,
-                                   iptables_backend=args.iptables_backend)
-    if args.watch_stall_timeout:
-        stall = parse_duration(args.watch_stall_timeout, "--watch-stall-timeout")
-        if stall <= 0:
+    for problem in tuning.tune(_tuning_settings(eff.fields)):
+        log.warning("node tuning: %s", problem)  # as upstream: logged, not fatal
+    if args.init_only:
+        return 0
+    kubeconfig = eff.fields["clientConnection.kubeconfig"]
+    options = daemon.DaemonOptions(
+        kubeconfig=Path(str(kubeconfig)) if kubeconfig else None, master=args.master,
+        iptables_backend=args.iptables_backend, bpf_dir=args.bpf_dir,
+        allow_root_cgroup=bool(args.allow_root_cgroup),
+        configz=json.dumps({"kubeproxy.config.k8s.io": kpconfig.nested(eff.fields)}).encode(),
+        client=_client_options(eff.fields))
+    if args.watch_stall_timeout is not None:
+        if args.watch_stall_timeout <= 0:
             raise ConfigError("--watch-stall-timeout must be > 0")
-        options = replace(options, watch_stall_timeout=stall)
+        options = replace(options, watch_stall_timeout=args.watch_stall_timeout)
     return daemon.run(config, options)
+
+
+class PrivilegeError(ConfigError):
+    """Not allowed to program the kernel (exit 1, not a usage error)."""
+
+
+def _setup_logs(fields: Mapping[str, object], args: argparse.Namespace) -> None:
+    from kubeproxy import logs
+
+    vmodule = fields["logging.vmodule"]
+    try:
+        logs.setup(logs.LogConfig(
+            format=str(fields["logging.format"]), verbosity=int(str(fields["logging.verbosity"])),
+            vmodule=logs.parse_vmodule(vmodule) if isinstance(vmodule, str) else tuple(
+                (str(m["filePattern"]), int(m["verbosity"]))
+                for m in (vmodule if isinstance(vmodule, list) else ())),
+            split_stream=bool(args.log_text_split_stream or args.log_json_split_stream)))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"logging: {err}") from err
+
+
+def _tuning_settings(fields: Mapping[str, object]) -> Any:
+    from kubeproxy import tuning
+    from kubeproxy.config import parse_duration
+
+    def seconds(name: str) -> float:
+        return parse_duration(str(fields[name]), name)
+
+    return tuning.Settings(
+        max_per_core=int(str(fields["conntrack.maxPerCore"])),
+        min=int(str(fields["conntrack.min"])),
+        tcp_established_timeout=seconds("conntrack.tcpEstablishedTimeout"),
+        tcp_close_wait_timeout=seconds("conntrack.tcpCloseWaitTimeout"),
+        tcp_be_liberal=bool(fields["conntrack.tcpBeLiberal"]),
+        udp_timeout=seconds("conntrack.udpTimeout"),
+        udp_stream_timeout=seconds("conntrack.udpStreamTimeout"),
+        oom_score_adj=int(str(fields["oomScoreAdj"])))
+
+
+def _print_version(how: str) -> int:
+    from kubeproxy import __version__
+
+    if how == "raw":
+        print(json.dumps({"gitVersion": f"v{__version__}", "platform": sys.platform,
+                          "pythonVersion": sys.version.split()[0]}))
+    elif flags.parse_bool(how):
+        print(f"kubeproxy v{__version__} (kube-proxy's command line)")
+    else:
+        return -1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,26 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="remove every rule kubeproxy wrote (needs root)")
     p.add_argument("--iptables-backend", choices=["auto", "legacy", "nft"], default="auto")
     p.add_argument("--mode", "--proxy-mode", dest="mode", choices=modes.NAMES)
+    _add_bpf_flags(p)
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("run", help="run as this node's proxy daemon, like kube-proxy "
-                                   "(needs root)")
+                                   "(needs root); the same command line as `kube-proxy`")
     _add_proxy_flags(p, files=False)
-    p.add_argument("--kubeconfig", type=Path, help="kubeconfig: API server and credentials")
-    p.add_argument("--master", help="API server URL (overrides the kubeconfig's server)")
-    p.add_argument("--healthz-bind-address", metavar="IP:PORT",
-                   help="/healthz and /livez (default 0.0.0.0:10256; empty: off)")
-    p.add_argument("--metrics-bind-address", metavar="IP:PORT",
-                   help="/metrics and /proxyMode (default 127.0.0.1:10249; empty: off)")
-    p.add_argument("--iptables-sync-period", metavar="DURATION",
-                   help="how often rules are fully resynced (default 30s)")
-    p.add_argument("--iptables-min-sync-period", metavar="DURATION",
-                   help="minimum time between syncs (default 1s)")
-    p.add_argument("--watch-stall-timeout", metavar="DURATION",
-                   help="re-open a watch that brings no event and no bookmark for this long "
-                        "(default 2m; not an upstream flag)")
-    p.add_argument("--cleanup", action="store_true",
-                   help="remove every rule kubeproxy wrote, then exit")
     p.set_defaults(func=cmd_run)
 
     try:
@@ -242,12 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _client_options(fields: Mapping[str, object]) -> ClientOptions:
+    """clientConnection's qps, burst and contentType for the API client."""
+    try:
+        return ClientOptions(qps=float(str(fields["clientConnection.qps"])),
+                             burst=int(str(fields["clientConnection.burst"])),
+                             content_type=str(fields["clientConnection.contentType"]))
+    except ValueError as err:
+        raise ConfigError(f"clientConnection: {err}") from err
+
+
+def kube_proxy_main(argv: Sequence[str] | None = None) -> int:
+    """The `kube-proxy` command: upstream's command line, `kubeproxy run` by another name."""
+    parser = argparse.ArgumentParser(
+        prog="kube-proxy", description="The Kubernetes network proxy runs on each node "
+        "(kubeproxy: kube-proxy rebuilt in Python; the same as `kubeproxy run`).")
+    flags.add_flags(parser)
+    parser.set_defaults(func=cmd_run)
+    return main(argv, parser)
+
+
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+         ) -> int:
     from kubeproxy.dataplane.base import DataPlaneError
 
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     try:
         code: int = args.func(args)
+    except PrivilegeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

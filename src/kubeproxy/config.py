@@ -57,6 +57,9 @@ class ProxyConfig:
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     kubeconfig: str = ""  # clientConnection.kubeconfig (`kubeproxy run`); --kubeconfig wins
+    # The cgroup whose processes the ebpf mode load balances (--cgroup-path; the file's
+    # `cgroupPath`, ours: upstream has no such setting). "" = the cgroup2 root.
+    cgroup_path: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in modes.NAMES:
@@ -144,6 +147,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         out["metrics_bind_address"] = v
     if (v := _get.get_str("clientConnection", "kubeconfig")) is not None and v:
         out["kubeconfig"] = v
+    if (v := _get.get_str("cgroupPath")) is not None and v:  # ours, for the ebpf mode
+        out["cgroup_path"] = v
     return out
 
 

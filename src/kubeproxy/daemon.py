@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -60,7 +60,7 @@ from kubeproxy.server import (
     metrics_endpoint,
     parse_bind_address,
 )
-from kubeproxy.sources.client import Client, ClientError
+from kubeproxy.sources.client import Client, ClientError, ClientOptions
 from kubeproxy.sources.informer import STALL_TIMEOUT, Informer, Replace, resources
 from kubeproxy.sources.kubeconfig import resolve
 from kubeproxy.sync import Syncer, SyncLoop, SyncResult
@@ -76,9 +76,15 @@ class DaemonOptions:
     kubeconfig: Path | None = None
     master: str | None = None
     iptables_backend: str = "auto"  # auto, legacy, nft
+    bpf_dir: str = ""  # the ebpf mode's private bpffs ("" = its default)
+    allow_root_cgroup: bool = False  # let the ebpf mode attach to the cgroup2 root
     watch_timeout: tuple[int, int] = (300, 600)  # seconds, randomized per watch
     # A watch with no event and no bookmark for this long is given up and re-opened.
     watch_stall_timeout: float = STALL_TIMEOUT
+    # The effective KubeProxyConfiguration as JSON, served at /configz (cli.py).
+    configz: bytes = b"{}"
+    # clientConnection: QPS/burst limits and content type for the API client.
+    client: ClientOptions = field(default_factory=ClientOptions)
 
 
 # --- the main loop ----------------------------------------------------------------
@@ -196,6 +202,7 @@ class Daemon:
             changed = self.tracker.update(item)
         if changed:
             self.loop.trigger()
+            self.metrics.set_queued(self._wall())
 
     def _record(self, result: SyncResult) -> None:
         wall = self._wall()
@@ -235,7 +242,7 @@ def _endpoints(config: ProxyConfig, health: Health, metrics: Metrics) -> list[Ht
     try:
         if config.healthz_bind_address:
             address = parse_bind_address(config.healthz_bind_address, HEALTHZ_PORT)
-            out.append(health_endpoint(address, health).start())
+            out.append(health_endpoint(address, health, metrics).start())
             log.info("healthz on %s:%d", address[0], out[-1].port)
         if config.metrics_bind_address:
             address = parse_bind_address(config.metrics_bind_address, METRICS_PORT)
@@ -256,17 +263,20 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
         raise ConfigError("syncPeriod must be > 0 and minSyncPeriod >= 0")
     access = resolve(options.kubeconfig, options.master)
     try:
-        client = Client(access)
+        client = Client(access, options=options.client)
     except ClientError as err:
         raise ConfigError(str(err)) from err
     runner = runner or SubprocessRunner()
     mode = modes.get(config.mode)
     try:
-        plane = mode.data_plane(runner, PlaneOptions(iptables_backend=options.iptables_backend))
+        plane = mode.data_plane(runner, PlaneOptions(
+            iptables_backend=options.iptables_backend, cgroup_path=config.cgroup_path,
+            bpf_dir=options.bpf_dir, allow_root_cgroup=options.allow_root_cgroup))
     except ValueError as err:
         raise ConfigError(str(err)) from err
     proxier = Proxier(mode, config, plane)
     health, metrics = Health(2 * config.sync_period), Metrics(config.mode)
+    metrics.configz = options.configz
     daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner,
                     intact=plane.intact)
     endpoints = _endpoints(config, health, metrics)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kubeproxy import modes
+from kubeproxy import __version__, modes
 from kubeproxy.sync import SyncResult
 
 Clock = Callable[[], float]
@@ -152,7 +154,13 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     # one triggers a full sync.
     ("sync_proxy_rules_flush_detected_total", "counter",
      "Cumulative times the proxy's rules were found changed or removed from outside"),
+    ("sync_proxy_rules_last_queued_timestamp_seconds", "gauge",
+     "The last time a sync of proxy rules was queued"),
+    ("proxy_healthz_total", "counter", "Cumulative proxy healthz HTTP status"),
+    ("proxy_livez_total", "counter", "Cumulative proxy livez HTTP status"),
 )
+# Labelled counters: family name -> label name (one sample per label value seen).
+LABELLED = {"proxy_healthz_total": "code", "proxy_livez_total": "code"}
 
 
 class Metrics:
@@ -168,6 +176,19 @@ class Metrics:
         self._values: dict[str, float] = {name: 0.0 for name, kind, _ in FAMILIES
                                           if kind != "histogram"}
         self._no_local = {"internal": 0, "external": 0}
+        self._labelled: dict[str, dict[str, float]] = {name: {} for name in LABELLED}
+        self.configz = b"{}"  # the effective KubeProxyConfiguration, as JSON (/configz)
+
+    def record_probe(self, name: str, code: int) -> None:
+        """An answer of /healthz (``proxy_healthz_total``) or /livez."""
+        with self._lock:
+            counts = self._labelled[name]
+            counts[str(code)] = counts.get(str(code), 0) + 1
+
+    def set_queued(self, wall: float) -> None:
+        """The wall time the oldest unsynced change was queued (0: none pending)."""
+        with self._lock:
+            self._values["sync_proxy_rules_last_queued_timestamp_seconds"] = wall
 
     def record_sync(self, result: SyncResult, wall_now: float) -> None:
         with self._lock:
@@ -208,11 +229,19 @@ class Metrics:
                 out += [f"# HELP {full} [ALPHA] {help_text}", f"# TYPE {full} {kind}"]
                 if kind == "histogram":
                     out += self._hist[name].lines(full)
+                elif name in LABELLED:
+                    out += [f'{full}{{{LABELLED[name]}="{k}"}} {_num(n)}'
+                            for k, n in sorted(self._labelled[name].items())]
                 elif name == "sync_proxy_rules_no_local_endpoints_total":
                     out += [f'{full}{{traffic_policy="{p}"}} {n}'
                             for p, n in sorted(self._no_local.items())]
                 else:
                     out.append(f"{full} {_num(self._values[name])}")
+        out += ["# HELP kubernetes_build_info [ALPHA] A metric with a constant '1' value "
+                "labeled by the build's version",
+                "# TYPE kubernetes_build_info gauge",
+                f'kubernetes_build_info{{gitVersion="v{__version__}",'
+                f'platform="{sys.platform}",pythonVersion="{platform.python_version()}"}} 1']
         return "\n".join(out) + "\n"
 
     def answer(self) -> Answer:
@@ -307,9 +336,18 @@ class HttpEndpoint:
         self._thread.join(5)
 
 
-def health_endpoint(address: tuple[str, int], health: Health) -> HttpEndpoint:
-    return HttpEndpoint(address, {"/healthz": lambda: health.answer(node=True),
-                                  "/livez": lambda: health.answer(node=False)})
+def health_endpoint(address: tuple[str, int], health: Health,
+                    metrics: Metrics | None = None) -> HttpEndpoint:
+    def probe(name: str, node: bool) -> Callable[[], Answer]:
+        def answer() -> Answer:
+            got = health.answer(node=node)
+            if metrics is not None:
+                metrics.record_probe(name, got[0])
+            return got
+        return answer
+
+    return HttpEndpoint(address, {"/healthz": probe("proxy_healthz_total", True),
+                                  "/livez": probe("proxy_livez_total", False)})
 
 
 def metrics_endpoint(address: tuple[str, int], metrics: Metrics, health: Health
@@ -321,4 +359,5 @@ def metrics_endpoint(address: tuple[str, int], metrics: Metrics, health: Health
         "/metrics": metrics.answer,
         "/proxyMode": lambda: (200, "text/plain; charset=utf-8", metrics.mode.encode()),
         "/healthz": healthz,
+        "/configz": lambda: (200, "application/json", metrics.configz),
     })

@@ -242,3 +242,32 @@ def test_the_server_survives_a_broken_request_line(api: Running) -> None:
     assert reply.startswith(b"HTTP/1.1 400") and b'"kind":"Status"' in reply
     status, doc = _raw(api.url, "GET", "/version")
     assert status == 200 and doc["major"] == "1"
+
+
+# --- the proxy's own client (sources.client) against the server --------------------
+
+
+def test_own_client_lists_from_the_watch_cache_then_watches(api: Running,
+                                                            api_client: Any,
+                                                            namespace: str) -> None:
+    """What an informer does at start, end to end: a list at resourceVersion 0 (many
+    pages' worth, over one kept-alive connection), then a watch from its version."""
+    from kubeproxy.sources.client import Client, ClientOptions
+    from kubeproxy.sources.kubeconfig import load_kubeconfig
+
+    core: Any = client.CoreV1Api(api_client)
+    for i in range(5):
+        core.create_namespaced_service(namespace, service(f"s{i}"))
+    own = Client(load_kubeconfig(api.kubeconfig), options=ClientOptions(qps=-1))
+    path = f"/api/v1/namespaces/{namespace}/services"
+    items, rv = own.list_all(path, page_size=2, resource_version="0")
+    assert [i["metadata"]["name"] for i in items] == [f"s{i}" for i in range(5)]
+    for _ in range(5):
+        own.list_page(path, limit=1)
+    assert own.transport.connections == 1, "lists share one kept-alive connection"
+    core.delete_namespaced_service("s0", namespace)
+    with own.watch(path, resource_version=rv, timeout_seconds=5) as stream:
+        event = next(e for e in stream if e["type"] != "BOOKMARK")
+    assert (event["type"], event["object"]["metadata"]["name"]) == ("DELETED", "s0")
+    assert own.transport.connections == 2, "the watch had a connection of its own"
+    own.close()

@@ -39,7 +39,9 @@ from kubeproxy import modes
 from kubeproxy.apiserver import ApiServer, ServerConfig
 from kubeproxy.config import ProxyConfig
 from kubeproxy.daemon import Daemon
+from kubeproxy.dataplane import bpf_sys
 from kubeproxy.dataplane.base import NetnsRunner
+from kubeproxy.lab import cgroups
 from kubeproxy.model import NamespacedName
 from kubeproxy.modes.base import DataPlane, PlaneOptions
 from kubeproxy.proxier import Proxier
@@ -187,6 +189,35 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+@pytest.fixture
+def plane_options(mode: str, tmp_path: Path) -> Iterator[PlaneOptions]:
+    """The data-plane options of the daemon under test. A mode that attaches to a cgroup
+    gets a child cgroup of its own (kpt-...), bind-mounted where the daemon sees it
+    (``ip netns exec`` remounts /sys), and a private bpffs, both made here in the root
+    mount namespace (so this test reads the same pins) and removed even on failure."""
+    if not modes.get(mode).needs_cgroup:
+        yield PlaneOptions()
+        return
+    cgroup = bpf_sys.cgroup2_root() / f"kpt-{uuid.uuid4().hex[:8]}"
+    seen, bpf = tmp_path / "cgroup", tmp_path / "bpf"
+    cgroup.mkdir()
+    try:
+        seen.mkdir()
+        cgroups.bind_mount(cgroup, seen)
+        bpf_sys.ensure_bpffs(bpf)
+        yield PlaneOptions(cgroup_path=str(seen), bpf_dir=str(bpf))
+    finally:
+        bpf_sys.remove_bpffs(bpf)
+        if bpf_sys.fs_type(seen) == "cgroup2":
+            cgroups.unmount(seen)
+        cgroup.rmdir()
+
+
+def plane_flags(options: PlaneOptions) -> list[str]:
+    return ["--cgroup-path", options.cgroup_path, "--bpf-dir", options.bpf_dir] \
+        if options.cgroup_path else []
+
+
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
     """SIGTERM this one process (by PID), then SIGKILL if it does not go."""
     if proc.poll() is None:
@@ -223,8 +254,8 @@ def apiserver(netns: str, tmp_path: Path) -> Iterator[str]:
 # --- the root test -----------------------------------------------------------------
 
 
-def start_proxy(ns: str, tmp_path: Path, mode: str, log: IO[bytes]
-                ) -> subprocess.Popen[bytes]:
+def start_proxy(ns: str, tmp_path: Path, mode: str, log: IO[bytes],
+                options: PlaneOptions) -> subprocess.Popen[bytes]:
     """`kubeproxy run` inside the namespace; its kubeconfig's server is overridden."""
     (tmp_path / "kubeconfig").write_text(
         "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
@@ -238,7 +269,8 @@ def start_proxy(ns: str, tmp_path: Path, mode: str, log: IO[bytes]
          "--proxy-mode", mode, "--cluster-cidr", "10.180.0.0/16",
          "--healthz-bind-address", f"127.0.0.1:{HEALTHZ_PORT}",
          "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
-         "--iptables-min-sync-period", "100ms", "--iptables-sync-period", "10s"],
+         "--iptables-min-sync-period", "100ms", "--iptables-sync-period", "10s",
+         *plane_flags(options)],
         stdout=log, stderr=log, env=env())
 
 
@@ -246,18 +278,18 @@ def start_proxy(ns: str, tmp_path: Path, mode: str, log: IO[bytes]
 @pytest.mark.kernel
 @pytest.mark.parametrize("mode", modes.NAMES)
 def test_run_converges_relists_and_cleans_up(netns: str, apiserver: str, tmp_path: Path,
-                                             mode: str) -> None:
+                                             mode: str, plane_options: PlaneOptions) -> None:
     url = apiserver
     call(url, "POST", "/api/v1/nodes", node("node1", ips=[NODE_IP]))
     log_path = tmp_path / "proxy.log"
     log = log_path.open("wb")
-    proc = start_proxy(netns, tmp_path, mode, log)
+    proc = start_proxy(netns, tmp_path, mode, log, plane_options)
 
     def proxy_log() -> str:
         return log_path.read_text()
 
     try:
-        check = Checks(netns, mode, proxy_log)
+        check = Checks(netns, mode, proxy_log, plane_options)
         eventually(lambda: "full sync" in proxy_log(), 30, message="the first sync")
         svc = call(url, "POST", SERVICES, web_service("web"))
         ip = svc["spec"]["clusterIP"]
@@ -289,11 +321,15 @@ def test_run_converges_relists_and_cleans_up(netns: str, apiserver: str, tmp_pat
             "rules stay when the proxy stops"
 
         cleanup = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m",
-                                  "kubeproxy", "run", "--cleanup"], env=env(),
+                                  "kubeproxy", "run", "--cleanup",
+                                  *plane_flags(plane_options)[2:]], env=env(),
                                  capture_output=True, text=True, timeout=60, check=False)
         assert cleanup.returncode == 0, cleanup.stderr
         leftover = leftovers(netns)
         assert "KUBE-" not in leftover and "kube-proxy" not in leftover, leftover
+        if plane_options.bpf_dir:  # no program on the cgroup, no pin
+            assert "attached: (none)" in check.plane.rules()
+            assert not any(Path(plane_options.bpf_dir).rglob("*"))
     finally:
         stop(proc)
         log.close()
@@ -303,10 +339,11 @@ class Checks:
     """What the kernel does with a pod's packet to a ClusterIP, read from the live rules
     with the mode's own tracer (so the checks hold for every mode)."""
 
-    def __init__(self, ns: str, mode: str, proxy_log: Callable[[], str]) -> None:
+    def __init__(self, ns: str, mode: str, proxy_log: Callable[[], str],
+                 options: PlaneOptions) -> None:
         self.ns, self.proxy_log = ns, proxy_log
         self.mode = modes.get(mode)
-        self.plane = self.mode.data_plane(NetnsRunner(ns), PlaneOptions())
+        self.plane = self.mode.data_plane(NetnsRunner(ns), options)
 
     def outcome(self, ip: str) -> tuple[str, tuple[str, ...]]:
         packet = Packet(src=ipaddress.ip_address(POD_IP), dst=ipaddress.ip_address(ip),

@@ -68,6 +68,16 @@ BOTH = eps("10.180.0.1", "10.180.1.1")
 LOCAL_ONLY = eps("10.180.0.1")
 # ebpf: in-node sockets are connected to the backend itself (no NAT, so no masquerade).
 SOCKET_LB: Expect = ("DNAT", BOTH, False)
+# ipvs: KUBE-IPVS-FILTER rejects new connections to a port of a kube-ipvs0 address that
+# is no virtual server (upstream issue 72236).
+IPVS_UNKNOWN_PORT: Expect = ("REJECT", (), False)
+# ipvs: one virtual server per external frontend serves every client, so under eTP=Local
+# it holds only the local endpoints (no short-circuit of pod / node traffic) and its
+# traffic is not marked for masquerade (KUBE-NODE-PORT-LOCAL-TCP returns).
+IPVS_LOCAL_VS: Expect = ("DNAT", LOCAL_ONLY, False)
+# ipvs: a Local policy without local endpoints falls back to the cluster endpoints
+# (upstream syncEndpoint, PR 97081: local pods keep access); there is no DROP.
+IPVS_LOCAL_FALLBACK: Expect = ("DNAT", ("10.180.1.1:80",), False)
 REMOTE_ONLY = [node(), service("svc1", **LOCAL_NP),
                endpoint_slice("svc1", [endpoint("10.180.1.1", node="node2")])]
 LB: dict[str, Any] = {"type": "LoadBalancer", "ports": [("p80", 80, "TCP", 3001)],
@@ -89,13 +99,15 @@ CASES = [
     Case("clusterip-from-node-is-masqueraded", basic(), NODE_IP, "172.30.0.41", 80,
          "DNAT", BOTH, True, only={"ebpf": SOCKET_LB}),
     Case("clusterip-wrong-port", basic(), POD, "172.30.0.41", 81, "ACCEPT",
-         only={"nftables": ("REJECT", (), False), "ebpf": ("REJECT", (), False)}),
+         only={"nftables": ("REJECT", (), False), "ebpf": ("REJECT", (), False),
+               "ipvs": IPVS_UNKNOWN_PORT}),
     Case("hairpin-is-masqueraded", basic(), "10.180.0.1", "172.30.0.41", 80, "DNAT", BOTH,
          True, only={"ebpf": SOCKET_LB}),
     Case("udp", one_port("dns", 53, "UDP"), POD, "172.30.0.41", 53, "DNAT",
          eps("10.180.0.1", port=53), proto="udp"),
     Case("udp-port-not-tcp", one_port("dns", 53, "UDP"), POD, "172.30.0.41", 53, "ACCEPT",
-         only={"nftables": ("REJECT", (), False), "ebpf": ("REJECT", (), False)}),
+         only={"nftables": ("REJECT", (), False), "ebpf": ("REJECT", (), False),
+               "ipvs": IPVS_UNKNOWN_PORT}),
     Case("sctp", one_port("s", 9000, "SCTP"), POD, "172.30.0.41", 9000, "DNAT",
          eps("10.180.0.1", port=9000), proto="sctp"),
     Case("masquerade-all", basic(), POD, "172.30.0.41", 80, "DNAT", BOTH, True,
@@ -154,21 +166,25 @@ CASES = [
          80, "DNAT", LOCAL_ONLY),
     Case("itp-local-without-local-drops", [node(), service(
         "svc1", internalTrafficPolicy="Local"), endpoint_slice("svc1", [
-            endpoint("10.180.1.1", node="node2")])], POD, "172.30.0.41", 80, "DROP"),
+            endpoint("10.180.1.1", node="node2")])], POD, "172.30.0.41", 80, "DROP",
+         # ipvs: the ClusterIP virtual server has no real servers: ICMP port unreachable.
+         only={"ipvs": ("REJECT", (), False)}),
     # --- NodePort ---------------------------------------------------------------------
     Case("nodeport-from-outside", basic(**NODEPORT), EXTERNAL, NODE_IP, 3001, "DNAT", BOTH,
          True),
     Case("nodeport-wrong-port", basic(**NODEPORT), EXTERNAL, NODE_IP, 3002, "ACCEPT"),
     Case("nodeport-from-localhost", basic(**NODEPORT), "127.0.0.1", "127.0.0.1", 3001,
-         "DNAT", BOTH, True, only={"nftables": ("ACCEPT", (), False), "ebpf": SOCKET_LB}),
+         "DNAT", BOTH, True, only={"nftables": ("ACCEPT", (), False), "ebpf": SOCKET_LB,
+                                   # ipvs: no virtual servers on loopback (as upstream)
+                                   "ipvs": ("ACCEPT", (), False)}),
     Case("nodeport-etp-local-from-outside", basic(**LOCAL_NP), EXTERNAL, NODE_IP, 3001,
          "DNAT", LOCAL_ONLY, False),
     Case("nodeport-etp-local-from-pod-short-circuits", basic(**LOCAL_NP), POD, NODE_IP, 3001,
-         "DNAT", BOTH, False),
+         "DNAT", BOTH, False, only={"ipvs": IPVS_LOCAL_VS}),
     Case("nodeport-etp-local-from-node-is-masqueraded", basic(**LOCAL_NP), NODE_IP, NODE_IP,
-         3001, "DNAT", BOTH, True, only={"ebpf": SOCKET_LB}),
+         3001, "DNAT", BOTH, True, only={"ebpf": SOCKET_LB, "ipvs": IPVS_LOCAL_VS}),
     Case("nodeport-etp-local-no-local-endpoints-drops", REMOTE_ONLY, EXTERNAL, NODE_IP,
-         3001, "DROP"),
+         3001, "DROP", only={"ipvs": IPVS_LOCAL_FALLBACK}),
     Case("nodeport-etp-local-no-local-from-pod-short-circuits", REMOTE_ONLY, POD, NODE_IP,
          3001, "DNAT", eps("10.180.1.1")),
     Case("nodeport-no-endpoints-rejects", EMPTY, EXTERNAL, NODE_IP, 3001, "REJECT"),
@@ -186,7 +202,8 @@ CASES = [
          EXTERNAL, "192.168.99.11", 80, "DNAT", LOCAL_ONLY, False),
     Case("external-ip-etp-local-no-local-drops", [node(), service(
         "svc1", externalIPs=["192.168.99.11"], **LOCAL_NP), endpoint_slice("svc1", [
-            endpoint("10.180.1.1", node="node2")])], EXTERNAL, "192.168.99.11", 80, "DROP"),
+            endpoint("10.180.1.1", node="node2")])], EXTERNAL, "192.168.99.11", 80, "DROP",
+         only={"ipvs": IPVS_LOCAL_FALLBACK}),
     Case("external-ip-no-endpoints-rejects", EMPTY, EXTERNAL, "192.168.99.11", 80,
          "REJECT"),
     # --- load balancers ---------------------------------------------------------------

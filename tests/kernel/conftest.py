@@ -4,8 +4,9 @@ They need root, iproute2, iptables/nft and the core's ``kubeproxy run``; otherwi
 skip with the reason. Every lab a test brings up is taken down by its fixture, also on
 failure; test labs are named ``kt...<session>`` so that a user's own lab (default ``lab``)
 and another test session's labs are never touched. The session ends by failing if a
-``kpl-`` namespace, a lab process (pod server, agent, a lab's API server or proxy) or a
-lab file of this session's labs is still there after it (they are removed, then reported).
+``kpl-`` namespace, a lab process (pod server, agent, a lab's API server or proxy), a
+lab cgroup (``kpl-<lab>``, socket-LB modes) or a lab file of this session's labs is still
+there after it (they are removed, then reported).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import pytest
 
 from kubeproxy import modes
+from kubeproxy.dataplane.base import SubprocessRunner
+from kubeproxy.lab import cgroups
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import python_env
@@ -63,6 +66,9 @@ def mode(request: pytest.FixtureRequest) -> str:
     if reason:
         pytest.skip(reason)
     value: str = request.param
+    reason = modes.get(value).kernel_support(SubprocessRunner())
+    if reason:
+        pytest.skip(f"{value} mode: {reason}")
     return value
 
 
@@ -100,6 +106,15 @@ def make_lab() -> Iterator[MakeLab]:
 
 def _mine(lab: str) -> bool:
     return lab.startswith("kt") and lab.endswith(SESSION)
+
+
+def _lab_cgroups() -> set[str]:
+    """This session's labs that have a cgroup (named kpl-<lab>)."""
+    root = cgroups.lab_cgroup("x")
+    if root is None:
+        return set()
+    found = (p.name.removeprefix("kpl-") for p in root.parent.glob("kpl-*") if p.is_dir())
+    return {lab for lab in found if _mine(lab)}
 
 
 def _lab_namespaces() -> set[str]:
@@ -141,16 +156,18 @@ def nothing_left_behind() -> Iterator[None]:
         yield
         return
     namespaces, processes, files = _lab_namespaces(), _lab_processes(), _test_lab_files()
+    labs_with_cgroups = _lab_cgroups()
     yield
     left_ns = sorted(_lab_namespaces() - namespaces)
     left_procs = sorted(_lab_processes() - processes)
     left_files = sorted(str(p) for p in set(_test_lab_files()) - set(files))
-    for name in sorted({ns.split("-")[1] for ns in left_ns}):
+    left_cgroups = sorted(_lab_cgroups() - labs_with_cgroups)
+    for name in sorted({ns.split("-")[1] for ns in left_ns} | set(left_cgroups)):
         Lab(name).down()
-    if left_ns or left_procs or left_files:
+    if left_ns or left_procs or left_files or left_cgroups:
         pytest.fail(
             f"lab tests left behind namespaces {left_ns}, processes {left_procs}, "
-            f"files {left_files}"
+            f"files {left_files}, cgroups of labs {left_cgroups}"
         )
 
 

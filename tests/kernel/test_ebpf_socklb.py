@@ -91,7 +91,12 @@ class Node:
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         for argv in (["link", "set", "lo", "up"], ["addr", "add", "192.168.0.2/32", "dev", "lo"],
                      ["addr", "add", "10.180.0.1/32", "dev", "lo"],
-                     ["addr", "add", "10.180.0.2/32", "dev", "lo"]):
+                     ["addr", "add", "10.180.0.2/32", "dev", "lo"],
+                     # A default route, so that a ClusterIP is routable when no socket
+                     # program rewrote it (the nftables part then answers).
+                     ["link", "add", "kp0", "type", "veth", "peer", "name", "kp1"],
+                     ["link", "set", "kp0", "up"], ["link", "set", "kp1", "up"],
+                     ["route", "add", "default", "dev", "kp0"]):
             subprocess.run([*ip, *argv], check=True)
         self.cgroup.mkdir()
         self.server = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-c",
@@ -184,8 +189,12 @@ def test_round_robin_and_affinity(bpf_node: Node) -> None:
 
 def test_outside_the_cgroup_sockets_are_untouched(bpf_node: Node) -> None:
     bpf_node.plane().sync(render())
-    # Not in the cgroup: the UDP send succeeds and only nftables' REJECT answers.
-    assert bpf_node.client("172.30.0.60", 53, 1, "udp", in_cgroup=False) != [["error", 111]]
+    # Not in the cgroup: the UDP send succeeds and only nftables' REJECT answers, with
+    # an ICMP error an unconnected socket never sees: the wait for an answer times out.
+    assert bpf_node.client("172.30.0.60", 53, 1, "udp", in_cgroup=False) == [["error", None]]
+    # TCP: nftables DNATs it (conntrack shows the peer as the service address).
+    tcp = bpf_node.client("172.30.0.41", 80, 4, in_cgroup=False)
+    assert set(answers(tcp)) <= {"10.180.0.1", "10.180.0.2"}, tcp
 
 
 def test_restart_takes_over_and_cleanup_leaves_nothing(bpf_node: Node) -> None:
@@ -204,3 +213,37 @@ def test_restart_takes_over_and_cleanup_leaves_nothing(bpf_node: Node) -> None:
     assert "kp_" not in shown, shown
     assert not bpf_sys.is_bpffs(bpf_node.bpffs) and not bpf_node.bpffs.exists()
     assert bpf_node.client("172.30.0.60", 53, 1, "udp") != [["error", 111]]
+
+
+def _cgroup_links(cgroup: Path) -> str:
+    return subprocess.run(["bpftool", "cgroup", "show", str(cgroup)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+# (id, what is done from outside to the programs of a synced node)
+DAMAGE = [
+    ("links-detached-and-unpinned", lambda n: bpf_sys.detach_links(
+        n.bpffs / bpf_sys.LINKS_DIR)),
+    ("link-detached-pin-kept", lambda n: bpf_sys.detach_link(
+        n.bpffs / bpf_sys.LINKS_DIR / "kp_connect4")),
+    ("map-unpinned", lambda n: (n.bpffs / bpf_sys.MAPS_DIR / "kp_svc4").unlink()),
+]
+
+
+@pytest.mark.parametrize("damage", [d[1] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
+def test_damage_is_seen_and_the_next_sync_repairs_it(bpf_node: Node, damage: Any) -> None:
+    plane = bpf_node.plane()
+    assert plane.intact()  # before any sync
+    plane.sync(render())
+    assert plane.intact()
+    damage(bpf_node)
+    assert not plane.intact()
+    assert f"attached: {' '.join(sorted(r.PROGRAMS))}" not in plane.rules() or \
+        not (bpf_node.bpffs / bpf_sys.MAPS_DIR / "kp_svc4").exists()
+    plane.sync(render())  # the daemon's full sync after a False
+    assert plane.intact()
+    assert f"attached: {' '.join(sorted(r.PROGRAMS))}" in plane.rules()
+    assert _cgroup_links(bpf_node.cgroup).count("kp_") == 8
+    assert set(answers(bpf_node.client("172.30.0.41", 80, 10))) <= {"10.180.0.1",
+                                                                      "10.180.0.2"}
+    assert bpf_node.client("172.30.0.60", 53, 1, "udp") == [["error", 111]]

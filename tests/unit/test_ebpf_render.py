@@ -205,7 +205,7 @@ def test_the_root_cgroup_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataPlaneError, match="root cgroup"):
         bpf_sys.check_cgroup(root, allow_root=False)
     assert bpf_sys.check_cgroup(root, allow_root=True) == root.resolve()
-    with pytest.raises(DataPlaneError, match="not under the cgroup2 mount"):
+    with pytest.raises(DataPlaneError, match="not a cgroup2 directory"):
         bpf_sys.check_cgroup(tmp_path, allow_root=False)
     with pytest.raises(DataPlaneError, match="root cgroup"):
         mode_ebpf.data_plane(NoRunner(), PlaneOptions())

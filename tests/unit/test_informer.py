@@ -9,26 +9,21 @@ the project's own API server, in this process.
 
 from __future__ import annotations
 
-import base64
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
 from kubeproxy.apiserver import ApiServer, ServerConfig
-from kubeproxy.config import ConfigError
 from kubeproxy.model import NamespacedName
 from kubeproxy.sources.client import (
     Client,
@@ -50,10 +45,6 @@ from kubeproxy.sources.informer import (
 )
 from kubeproxy.sources.kubeconfig import (
     ClusterAccess,
-    KubeconfigError,
-    in_cluster,
-    load_kubeconfig,
-    resolve,
 )
 from kubeproxy.tracker import Tracker, Update
 from tests.builders import Obj, endpoint, endpoint_slice, service
@@ -61,6 +52,12 @@ from tests.builders import Obj, endpoint, endpoint_slice, service
 ANY = object()  # a query value the fake does not check (randomized watch timeouts)
 SVC = Resource("Service", "/api/v1/services", SERVICE_SELECTOR)
 SVC_Q: dict[str, object] = {"labelSelector": SERVICE_SELECTOR, "limit": "500"}
+LIST0 = {**SVC_Q, "resourceVersion": "0"}  # an informer's first list: the watch cache
+
+
+def relist_q(rv: str) -> dict[str, object]:
+    """A relist after a watch's 410: not older than ``rv``, unpaged."""
+    return {"labelSelector": SERVICE_SELECTOR, "resourceVersion": rv}
 
 
 def watch_q(rv: str) -> dict[str, object]:
@@ -223,120 +220,7 @@ def bookmark(rv: str) -> Obj:
                            "metadata": {"resourceVersion": rv}})
 
 
-# --- kubeconfig -------------------------------------------------------------------
-
-PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-
-
-def kubeconfig(tmp: Path, cluster: Obj, user: Obj | None = None, current: str = "c") -> Path:
-    doc = {"apiVersion": "v1", "kind": "Config", "current-context": current,
-           "clusters": [{"name": "k", "cluster": cluster}],
-           "users": [{"name": "u", "user": user or {}}],
-           "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}},
-                        {"name": "other", "context": {"cluster": "missing", "user": "u"}}]}
-    path = tmp / "kubeconfig"
-    path.write_text(json.dumps(doc))
-    return path
-
-
-B64 = base64.b64encode(PEM.encode()).decode()
-
-
-@pytest.mark.parametrize(("cluster", "user", "want"), [
-    ({"server": "http://127.0.0.1:8080"}, None,
-     lambda d: ClusterAccess("http://127.0.0.1:8080")),
-    ({"server": "https://k:6443", "certificate-authority-data": B64}, {"token": "abc"},
-     lambda d: ClusterAccess("https://k:6443", ca_data=PEM, token="abc")),
-    ({"server": "https://k:6443", "certificate-authority": "ca.crt"}, {"tokenFile": "/t"},
-     lambda d: ClusterAccess("https://k:6443", ca_file=f"{d}/ca.crt", token_file="/t")),
-    ({"server": "https://k", "insecure-skip-tls-verify": True},
-     {"client-certificate": "c.pem", "client-key": "/abs/k.pem"},
-     lambda d: ClusterAccess("https://k", insecure=True, client_cert_file=f"{d}/c.pem",
-                             client_key_file="/abs/k.pem")),
-    ({"server": "https://k"}, {"client-certificate-data": B64, "client-key-data": B64},
-     lambda d: ClusterAccess("https://k", client_cert_data=PEM, client_key_data=PEM)),
-], ids=["plain-http", "ca-data-token", "relative-ca-file", "insecure-client-cert", "cert-data"])
-def test_kubeconfig(tmp_path: Path, cluster: Obj, user: Obj | None,
-                    want: Callable[[Path], ClusterAccess]) -> None:
-    assert load_kubeconfig(kubeconfig(tmp_path, cluster, user)) == want(tmp_path)
-
-
-@pytest.mark.parametrize(("cluster", "user", "current", "message"), [
-    ({"server": "ftp://x"}, None, "c", "not an http"),
-    ({}, None, "c", r"clusters\[k\].cluster.server: is required"),
-    ({"server": "https://k"}, None, "nope", "contexts: no entry named 'nope'"),
-    ({"server": "https://k"}, None, "other", "clusters: no entry named 'missing'"),
-    ({"server": "https://k", "certificate-authority-data": "%%%"}, None, "c",
-     "certificate-authority-data: is not base64"),
-    ({"server": "https://k", "insecure-skip-tls-verify": "yes"}, None, "c",
-     "insecure-skip-tls-verify: must be true or false"),
-    ({"server": "https://k"}, {"client-certificate": "c.pem"}, "c", "needs a client key"),
-])
-def test_kubeconfig_errors_name_the_key(tmp_path: Path, cluster: Obj, user: Obj | None,
-                                        current: str, message: str) -> None:
-    with pytest.raises(KubeconfigError, match=message) as info:
-        load_kubeconfig(kubeconfig(tmp_path, cluster, user, current))
-    assert isinstance(info.value, ConfigError), "the CLI turns it into exit code 2"
-    assert str(tmp_path) in str(info.value)
-
-
-def test_master_overrides_and_in_cluster(tmp_path: Path) -> None:
-    path = kubeconfig(tmp_path, {"server": "https://k"}, {"token": "t"})
-    assert resolve(path, "http://127.0.0.1:1") == ClusterAccess("http://127.0.0.1:1", token="t")
-    assert resolve(None, "http://m:1") == ClusterAccess("http://m:1")
-    (tmp_path / "token").write_text("x")
-    env = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
-    assert in_cluster(env, tmp_path) == ClusterAccess(
-        "https://[fd00::1]:443", ca_file=f"{tmp_path}/ca.crt", token_file=f"{tmp_path}/token")
-    with pytest.raises(KubeconfigError, match="not running in a cluster"):
-        in_cluster({}, tmp_path)
-
-
 # --- the client -------------------------------------------------------------------
-
-
-def make_pki(tmp: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
-    def run(*argv: str) -> None:
-        subprocess.run(["openssl", *argv], cwd=tmp, check=True, capture_output=True,
-                       timeout=60)
-
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for ca in ("ca", "other-ca"):
-        run("req", "-x509", *key, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "1",
-            "-subj", f"/CN={ca}")
-    (tmp / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, cn in (("server", "127.0.0.1"), ("client", "system:kube-proxy")):
-        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile", "san.ext")
-    return {p.stem + p.suffix: p for p in tmp.iterdir()}
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-def test_https_with_a_ca_and_a_client_certificate(fake: MakeFake, tmp_path: Path) -> None:
-    pki = make_pki(tmp_path)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(pki["server.crt"], pki["server.key"])
-    tls.load_verify_locations(pki["ca.crt"])
-    tls.verify_mode = ssl.CERT_REQUIRED
-    nodes = Reply(body=items_list("1"))
-    api = fake([Expect("/api/v1/nodes", {}, nodes) for _ in range(3)], tls)
-    access = ClusterAccess(api.url, ca_data=pki["ca.crt"].read_text(),
-                           client_cert_data=pki["client.crt"].read_text(),
-                           client_key_file=str(pki["client.key"]))
-    assert Client(access).list_page("/api/v1/nodes")["items"] == []
-    subject = dict(x[0] for x in api.peer_certs[0]["subject"])
-    assert subject["commonName"] == "system:kube-proxy"
-    insecure = ClusterAccess(api.url, insecure=True, client_cert_file=str(pki["client.crt"]),
-                             client_key_file=str(pki["client.key"]))
-    assert Client(insecure).list_page("/api/v1/nodes")["items"] == []
-    wrong_ca = ClusterAccess(api.url, ca_file=str(pki["other-ca.crt"]),
-                             client_cert_file=str(pki["client.crt"]),
-                             client_key_file=str(pki["client.key"]))
-    with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
-        Client(wrong_ca).list_page("/api/v1/nodes")
-    api.script.clear()  # the refused client never got as far as a request
 
 
 def test_list_all_follows_continue_and_sends_the_token(
@@ -487,15 +371,15 @@ def informer(client: Client, sink: Sink, resource: Resource = SVC) -> Informer:
 def test_informer_lists_watches_resumes_and_relists(
         fake: MakeFake) -> None:
     api = fake([
-        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("5", svc_obj("a", "4")))),
+        Expect("/api/v1/services", LIST0, Reply(body=items_list("5", svc_obj("a", "4")))),
         # A normal end (timeoutSeconds): watch again from the bookmark's version.
         Expect("/api/v1/services", watch_q("5"),
                Reply(events=[ev("ADDED", svc_obj("b", "6")), bookmark("8")])),
         Expect("/api/v1/services", watch_q("8"),
                Reply(events=[ev("MODIFIED", svc_obj("b", "9", port=81)),
                              ev("ERROR", status(410, "Expired", "too old"))])),
-        # 410: relist; the list no longer holds "a".
-        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("12", svc_obj("b", "9", 81),
+        # 410: relist, not older than the last version seen; it no longer holds "a".
+        Expect("/api/v1/services", relist_q("9"), Reply(body=items_list("12", svc_obj("b", "9", 81),
                                                                 svc_obj("c", "11")))),
         Expect("/api/v1/services", watch_q("12"),
                Reply(events=[ev("DELETED", svc_obj("c", "13"))], broken=True)),
@@ -514,6 +398,27 @@ def test_informer_lists_watches_resumes_and_relists(
     assert sink.names() == ["b"] and inf.resource_version == "13"
     (b,) = sink.tracker.cluster().services
     assert b.ports[0].port == 81
+
+
+def test_a_relist_refused_with_410_becomes_a_consistent_read(fake: MakeFake) -> None:
+    """client-go's relistResourceVersion: "0", then the last seen, then "" after the
+    list at that version was itself too old."""
+    api = fake([
+        Expect("/api/v1/services", LIST0, Reply(body=items_list("5", svc_obj("a", "4")))),
+        Expect("/api/v1/services", watch_q("5"),
+               Reply(events=[ev("ERROR", status(410, "Expired", "too old"))])),
+        Expect("/api/v1/services", relist_q("5"),
+               Reply(410, status(410, "Expired", "too old resource version: 5 (20)"))),
+        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("21", svc_obj("z", "21")))),
+        Expect("/api/v1/services", watch_q("21"), Reply(events=[], hold=True)),
+    ])
+    sink = Sink()
+    inf = informer(Client(ClusterAccess(api.url)), sink).start()
+    try:
+        sink.wait(lambda: sink.names() == ["z"] and api.served == 5)
+    finally:
+        inf.stop()
+    assert inf.lists == 2 and inf.relist_resource_version() == "21"
 
 
 STALL = 0.3  # seconds: the tests' stall bound (the fake sends no bookmarks)
@@ -541,7 +446,7 @@ def test_informer_rewatches_a_hung_watch_from_its_resource_version(fake: MakeFak
     the last resourceVersion it saw, without relisting; the server resumes and the
     change made meanwhile arrives. The script is strict: a relist would be an error."""
     api = fake([
-        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("5", svc_obj("a", "4")))),
+        Expect("/api/v1/services", LIST0, Reply(body=items_list("5", svc_obj("a", "4")))),
         Expect("/api/v1/services", watch_q("5"),
                Reply(events=[ev("ADDED", svc_obj("b", "6"))], hold=True)),  # goes quiet
         Expect("/api/v1/services", watch_q("6"), Reply(silent=True)),  # still stopped
@@ -570,9 +475,9 @@ def test_informer_stall_bound_must_be_positive() -> None:
 def test_informer_backs_off_while_the_server_fails(
         fake: MakeFake) -> None:
     api = fake([
-        Expect("/api/v1/services", SVC_Q, Reply(500, status(500, "InternalError"))),
-        Expect("/api/v1/services", SVC_Q, Reply(503, status(503, "ServiceUnavailable"))),
-        Expect("/api/v1/services", SVC_Q, Reply(body=items_list("3", svc_obj("a", "3")))),
+        Expect("/api/v1/services", LIST0, Reply(500, status(500, "InternalError"))),
+        Expect("/api/v1/services", LIST0, Reply(503, status(503, "ServiceUnavailable"))),
+        Expect("/api/v1/services", LIST0, Reply(body=items_list("3", svc_obj("a", "3")))),
         Expect("/api/v1/services", watch_q("3"), Reply(events=[], hold=True)),
     ])
     sink = Sink()

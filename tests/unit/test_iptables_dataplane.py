@@ -10,6 +10,7 @@ and make the next sync full, does cleanup leave nothing of ours and everything e
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +21,13 @@ from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_back
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Family, NamespacedName, parse_cidr
 from kubeproxy.nodeview import build_node_view
-from kubeproxy.render.iptables import KUBE_FIREWALL, SERVICE_CHAIN_PREFIXES, Ruleset, render
+from kubeproxy.render.iptables import (
+    KUBE_FIREWALL,
+    SERVICE_CHAIN_PREFIXES,
+    Ruleset,
+    jump_rule,
+    render,
+)
 from kubeproxy.testing.iptables import FakeIptables
 from tests.builders import NODE, Obj, feature_cluster
 
@@ -174,6 +181,32 @@ def test_partial_sync_rewrites_only_the_changed_services(backend: Backend) -> No
     # What the kernel holds is the new render, svc1's chains untouched.
     assert tables(plane.save()) == tables(after.save_text(tables=("filter", "nat")))
     assert {c: fake.chains("nat", backend=backend)[c] for c in owned(after, SVC1)} == svc1_rules
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_sync_is_one_restore_and_nothing_else(backend: Backend) -> None:
+    """No `-C` per jump (each reads the whole table: 1 s for nat at 10,000 services)."""
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 4, backend)
+    plane.sync(rules_for(feature_cluster()))
+    n = len(fake.calls)
+    plane.sync(rules_for(feature_cluster(endpoints_svc2=1)), {SVC2})
+    assert [argv[0] for argv, _ in fake.calls[n:]] == [f"iptables-{backend}-restore"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_sync_restores_a_missing_jump_in_its_restore(backend: Backend) -> None:
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 4, backend)
+    ruleset = rules_for(feature_cluster())
+    plane.sync(ruleset)
+    jump = next(j for j in ruleset.jumps if j[:3] == ("nat", "PREROUTING", "KUBE-SERVICES"))
+    assert fake.run([f"iptables-{backend}", "-w", "-t", "nat", "-D",
+                     *shlex.split(jump_rule(jump))[1:]]).returncode == 0
+    n = len(fake.calls)
+    plane.sync(ruleset)
+    assert [argv[0] for argv, _ in fake.calls[n:]].count(f"iptables-{backend}") == 0
+    assert tables(plane.save()) == tables(ruleset.save_text(tables=("filter", "nat")))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -170,3 +170,29 @@ def test_http(endpoints: tuple[HttpEndpoint, HttpEndpoint, Health]) -> None:
     code, ctype, body = get(mx.port, "/metrics")
     assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
     assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds 0" in body
+
+
+def test_probes_configz_and_build_info() -> None:
+    health, metrics = Health(TIMEOUT), Metrics("iptables")
+    metrics.configz = b'{"kubeproxy.config.k8s.io": {"mode": "iptables"}}'
+    hz = health_endpoint(("127.0.0.1", 0), health, metrics).start()
+    mx = metrics_endpoint(("127.0.0.1", 0), metrics, health).start()
+    try:
+        get(hz.port, "/healthz")
+        get(hz.port, "/healthz")
+        health.publish(HealthState(node_eligible=False))
+        get(hz.port, "/healthz")
+        get(hz.port, "/livez")
+        code, ctype, body = get(mx.port, "/configz")
+        assert (code, ctype) == (200, "application/json")
+        assert json.loads(body) == {"kubeproxy.config.k8s.io": {"mode": "iptables"}}
+    finally:
+        hz.stop()
+        mx.stop()
+    metrics.set_queued(123.5)
+    s = samples(metrics.render())
+    assert s['kubeproxy_proxy_healthz_total{code="200"}'] == "2"
+    assert s['kubeproxy_proxy_healthz_total{code="503"}'] == "1"
+    assert s['kubeproxy_proxy_livez_total{code="200"}'] == "1"
+    assert s["kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"] == "123.5"
+    assert any(k.startswith("kubernetes_build_info{gitVersion=") for k in s)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,8 @@ _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 class Allocations:
     """What other Services already hold; computed by the store per request."""
 
-    cluster_ips: frozenset[str]
-    node_ports: frozenset[int]
+    cluster_ips: AbstractSet[str]
+    node_ports: AbstractSet[int]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def _needs_health_check(spec: dict[str, Any]) -> bool:
     return spec.get("type") == "LoadBalancer" and spec.get("externalTrafficPolicy") == "Local"
 
 
-def _free_ips(net: ServiceNetwork, used: frozenset[str]) -> Iterator[str]:
+def _free_ips(net: ServiceNetwork, used: AbstractSet[str]) -> Iterator[str]:
     reserved = net.cidr.network_address + 1  # the `kubernetes` Service's address
     for ip in net.cidr.hosts():
         if ip != reserved and str(ip) not in used:

@@ -15,8 +15,8 @@ kernel headers, no helper binaries):
 * **bpffs**: :func:`ensure_bpffs` mounts a private bpf filesystem on the proxy's own
   directory (never /sys/fs/bpf), :func:`remove_bpffs` unmounts and removes it;
 * **cgroups**: :func:`cgroup2_root` reads the cgroup2 mount from the mount table (this
-  machine has it at a hybrid ``/sys/fs/cgroup/unified``), :func:`check_cgroup` refuses the
-  root cgroup unless the operator allowed it;
+  machine has it at a hybrid ``/sys/fs/cgroup/unified``), :func:`check_cgroup` refuses
+  anything but a cgroup2 directory, and the root cgroup unless the operator allowed it;
 * errors are :class:`~kubeproxy.dataplane.base.DataPlaneError` naming the call and errno.
 """
 
@@ -33,7 +33,7 @@ from kubeproxy.dataplane.base import DataPlaneError
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 1, 2, 3
-BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET, BPF_LINK_DETACH = 4, 7, 34
+BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_LINK_DETACH = 4, 7, 15, 34
 BPF_FS_MAGIC = 0xCAFE4A11
 MAPS_DIR, LINKS_DIR = "maps", "links"
 
@@ -52,6 +52,20 @@ class _ObjAttr(ctypes.Structure):
                 ("file_flags", ctypes.c_uint32), ("path_fd", ctypes.c_int32)]
 
 
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+class _CgroupLinkInfo(ctypes.Structure):
+    """struct bpf_link_info, as far as a cgroup link fills it."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("cgroup_id", ctypes.c_uint64), ("attach_type", ctypes.c_uint32),
+                ("rest", ctypes.c_uint8 * 44)]
+
+
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:
     ret = int(_libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
     if ret < 0:
@@ -66,6 +80,24 @@ def obj_get(path: Path) -> int:
         return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(name)))
     except OSError as err:
         raise DataPlaneError(f"bpf(BPF_OBJ_GET, {path}): {err.strerror}") from err
+
+
+def link_attached(pin: Path) -> bool:
+    """Whether the cgroup link pinned at ``pin`` is there and still attached to a cgroup
+    (a detached link, or one whose cgroup was removed, reports cgroup id 0)."""
+    try:
+        fd = obj_get(pin)
+    except DataPlaneError:
+        return False
+    try:
+        info = _CgroupLinkInfo()
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info),
+                                               info=ctypes.addressof(info)))
+    except OSError as err:
+        raise DataPlaneError(f"bpf(BPF_OBJ_GET_INFO_BY_FD, {pin}): {err.strerror}") from err
+    finally:
+        os.close(fd)
+    return int(info.cgroup_id) != 0
 
 
 class PinnedMaps:
@@ -209,6 +241,8 @@ def load_and_attach(obj_path: Path, bpffs: Path, cgroup: Path) -> list[str]:
 def _attach(lib: ctypes.CDLL, prog: int, cg_fd: int, links: Path) -> str:
     name = str(lib.bpf_program__name(prog).decode())
     pin = links / name
+    if pin.exists() and not link_attached(pin):  # detached from outside: attach anew
+        pin.unlink()
     if pin.exists():  # a running proxy's link: swap its program in place
         link_fd = obj_get(pin)
         try:
@@ -266,16 +300,21 @@ def detach_links(links: Path) -> list[str]:
     it; the pin alone would keep the programs attached. Returns the links' names."""
     done = []
     for pin in sorted(links.iterdir()) if links.is_dir() else []:
-        fd = obj_get(pin)
-        try:
-            _bpf(BPF_LINK_DETACH, _LinkAttr(link_fd=fd))
-        except OSError as err:
-            raise DataPlaneError(f"bpf(BPF_LINK_DETACH, {pin}): {err.strerror}") from err
-        finally:
-            os.close(fd)
+        detach_link(pin)
         pin.unlink()
         done.append(pin.name)
     return done
+
+
+def detach_link(pin: Path) -> None:
+    """Detach the link pinned at ``pin`` from its cgroup (the pin stays, defunct)."""
+    fd = obj_get(pin)
+    try:
+        _bpf(BPF_LINK_DETACH, _LinkAttr(link_fd=fd))
+    except OSError as err:
+        raise DataPlaneError(f"bpf(BPF_LINK_DETACH, {pin}): {err.strerror}") from err
+    finally:
+        os.close(fd)
 
 
 def remove_bpffs(path: Path) -> None:
@@ -305,15 +344,32 @@ def cgroup2_root() -> Path:
     raise DataPlaneError("no cgroup2 mount in /proc/self/mounts")
 
 
+def fs_type(path: Path) -> str | None:
+    """The type of the filesystem ``path`` is on (its longest mount point's), if any."""
+    best: tuple[int, str] | None = None
+    for point, fstype in _mounts():
+        mount = Path(point)
+        if (mount == path or mount in path.parents) and (
+                best is None or len(mount.parts) >= best[0]):
+            best = (len(mount.parts), fstype)
+    return best[1] if best else None
+
+
+def is_root_cgroup(path: Path) -> bool:
+    """Whether the cgroup2 directory ``path`` is a hierarchy's root: the kernel gives
+    every cgroup but the root a ``cgroup.events`` file (whatever mount shows it, so a
+    bind mount of the root is recognised too)."""
+    return not (path / "cgroup.events").exists()
+
+
 def check_cgroup(path: Path, allow_root: bool) -> Path:
-    """``path`` resolved, if it is a cgroup2 directory we may attach to."""
-    root = cgroup2_root().resolve()
+    """``path`` resolved, if it is a cgroup2 directory we may attach to. It may be seen
+    through any cgroup2 mount (``ip netns exec`` remounts /sys, hiding the system's: the
+    lab bind-mounts each node's cgroup where the node's proxy can see it)."""
     resolved = path.resolve()
-    if resolved != root and root not in resolved.parents:
-        raise DataPlaneError(f"--cgroup-path {path}: not under the cgroup2 mount {root}")
-    if not (resolved / "cgroup.procs").is_file():
+    if fs_type(resolved) != "cgroup2" or not (resolved / "cgroup.procs").is_file():
         raise DataPlaneError(f"--cgroup-path {path}: not a cgroup2 directory")
-    if resolved == root and not allow_root:
+    if is_root_cgroup(resolved) and not allow_root:
         raise DataPlaneError(
             f"--cgroup-path {path} is the root cgroup: refusing to attach there without "
             "--allow-root-cgroup (every process on the machine would be load balanced)")

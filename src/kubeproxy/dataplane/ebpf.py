@@ -23,6 +23,7 @@ one by construction; ``changed`` only narrows the nftables part.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,15 +51,23 @@ class MapStore(Protocol):
 
 @dataclass
 class _Ids:
-    """Stable small integers for keys, reusing freed ones lowest first."""
+    """Stable small integers for keys, reusing freed ones lowest first (O(log n) a new
+    key: a sync of 100,000 backends must not scan the ids in use for each)."""
 
     limit: int
     by_key: dict[object, int]
 
+    def __post_init__(self) -> None:
+        used = set(self.by_key.values())
+        self._next = max(used, default=0) + 1
+        self._free = [i for i in range(1, self._next) if i not in used]  # sorted: a heap
+
     def get(self, key: object) -> int:
         if key not in self.by_key:
-            used = set(self.by_key.values())
-            free = next((i for i in range(1, len(used) + 2) if i not in used), 0)
+            if self._free:
+                free = heapq.heappop(self._free)
+            else:
+                free, self._next = self._next, self._next + 1
             if free > self.limit:
                 raise DataPlaneError(f"out of ids (limit {self.limit})")
             self.by_key[key] = free
@@ -66,6 +75,7 @@ class _Ids:
 
     def keep(self, keys: set[object]) -> None:
         self.by_key = {k: v for k, v in self.by_key.items() if k in keys}
+        self.__post_init__()
 
 
 class EbpfDataPlane:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from kubeproxy.jsontypes import JSON
-from kubeproxy.lab import network, objects
+from kubeproxy.lab import cgroups, network, objects
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.layout import NodePlan, PodPlan, free_pod_ip, listen_ports, pod_plan
@@ -270,7 +270,9 @@ class Kubelet:
             "--ready-file",
             str(ready),
         ]
-        return spawn(self.net.exec_argv(plan.ns, argv), self.store.log_file(plan.key))
+        cgroup = cgroups.node_cgroup(self.lab, plan.node)  # a socket-LB mode's: see cgroups
+        return spawn(cgroups.in_cgroup(self.net.exec_argv(plan.ns, argv), cgroup),
+                     self.store.log_file(plan.key))
 
     def _await_servers(
         self, started: Sequence[tuple[JSON, RunningPod]], report: bool = True

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from kubeproxy import modes
 from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
 from kubeproxy.jsontypes import JSON
-from kubeproxy.lab import converge, layout, network, objects, view
+from kubeproxy.lab import cgroups, converge, layout, network, objects, view
 from kubeproxy.lab.agent import KINDS as AGENT_KINDS
 from kubeproxy.lab.agent import AgentStatus
 from kubeproxy.lab.api import ApiError, LabApi
@@ -66,7 +66,6 @@ from kubeproxy.lab.processes import (
 )
 from kubeproxy.lab.state import DEFAULT_BASE, LabState, LabStore, Processes, write_atomic
 from kubeproxy.lab.view import LivePod
-from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.sources.kubeconfig import load_kubeconfig
 
 log = logging.getLogger("kubeproxy.lab")
@@ -151,6 +150,8 @@ class Lab:
             self.store.save(state)
             try:
                 network.build_base(self.net, replace(plan, external=state.external))
+                if modes.get(options.mode).needs_cgroup:  # before any pod or proxy starts
+                    cgroups.create(self.name, self.store.dir, [n.name for n in plan.nodes])
                 state = self._start_apiserver(state)
                 self._create(self.api(state), bodies, statuses)
                 state = self._start_agent(state)
@@ -185,6 +186,7 @@ class Lab:
             with contextlib.suppress(CommandError):
                 pids += self.net.pids(ns)
         kill(pids)  # pod servers, proxies, and the API server (its sockets in the nodes)
+        cgroups.remove(self.name, self.store.dir)  # programs detached, mounts, cgroups
         gone = network.teardown(self.net, self.prefix)
         self.store.remove()
         return gone
@@ -285,7 +287,8 @@ class Lab:
         for node in state.nodes:
             argv = [sys.executable, "-m", PROXY_MODULE, "run",
                     "--kubeconfig", str(self.store.node_kubeconfig),
-                    *proxy_flags(state, node.name)]  # fmt: skip
+                    *proxy_flags(state, node.name),
+                    *cgroups.proxy_flags(self.store.dir, node.name)]  # fmt: skip
             log = self.store.log_file(f"proxy-{node.name}")
             proxies[node.name] = spawn(self.net.exec_argv(node.ns, argv), log).pid
         return self._record(state, proxies=proxies)
@@ -424,7 +427,7 @@ class Lab:
         argv += ["--proto", proto, "-n", str(n), "--timeout", str(timeout)]
         if source_ip:
             argv += ["--source", source_ip]
-        full = self.net.exec_argv(ns, argv)
+        full = cgroups.in_cgroup(self.net.exec_argv(ns, argv), self._cgroup_of(source))
         proc = subprocess.run(
             full,
             env=python_env(),
@@ -439,7 +442,17 @@ class Lab:
 
     def exec(self, target: str, argv: Sequence[str], **kwargs: Any) -> int:
         ns = self.namespace_of(target)
-        return subprocess.run(self.net.exec_argv(ns, list(argv)), check=False, **kwargs).returncode
+        full = cgroups.in_cgroup(self.net.exec_argv(ns, list(argv)), self._cgroup_of(target))
+        return subprocess.run(full, check=False, **kwargs).returncode
+
+    def _cgroup_of(self, target: str) -> Path | None:
+        """The cgroup a process on ``target``'s behalf runs in: its node's, if the lab
+        made cgroups (a socket-LB mode); None for ``external`` and ``net``."""
+        if target in ("external", "net"):
+            return None
+        nodes = {n.name for n in self.state().nodes}
+        node = target if target in nodes else self.find_pod(target).node
+        return cgroups.node_cgroup(self.name, node) if node else None
 
     def node_rules(self, node: str | None = None) -> str:
         """The live rules of a node, as its mode's own tools print them."""
@@ -450,7 +463,8 @@ class Lab:
             raise LabError(f"no node {node!r} in lab {self.name!r}") from None
         runner = NetnsRunner(lab_namespace(ns), timeout=60)
         try:
-            return modes.get(state.mode).data_plane(runner, PlaneOptions()).rules()
+            options = cgroups.plane_options(self.store.dir, node or state.nodes[0].name)
+            return modes.get(state.mode).data_plane(runner, options).rules()
         except DataPlaneError as err:
             raise LabError(f"reading the rules of node {node or state.nodes[0].name}: {err}"
                            ) from err

@@ -61,6 +61,12 @@ class PlaneOptions:
     """Settings of the I/O edge (not policy: the node view has all of that)."""
 
     iptables_backend: str = "auto"  # auto (as iptables-wrapper decides), legacy, nft
+    # Modes that attach programs to a cgroup (Mode.needs_cgroup): where, and the private
+    # bpffs their pins live in. "" = the mode's default (the cgroup2 root, which is
+    # refused unless allow_root_cgroup).
+    cgroup_path: str = ""
+    bpf_dir: str = ""
+    allow_root_cgroup: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,3 +94,10 @@ class Mode(Generic[R]):
     chain_names: Callable[[ServicePortView], ChainNames]
     # The counter of failed syncs, upstream's name for this mode.
     sync_failures_metric: str
+    # The mode load balances sockets in programs attached to a cgroup: a node's proxy
+    # needs PlaneOptions.cgroup_path (and bpf_dir), and only processes in that cgroup are
+    # load balanced (the lab gives each node a cgroup and puts its pods' processes in it).
+    needs_cgroup: bool = False
+    # Why this mode cannot run on the kernel the runner reaches (a missing module ...),
+    # or None when it can: kernel tests skip the mode with this reason.
+    kernel_support: Callable[[Runner], str | None] = lambda runner: None

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.base import DataPlaneError, Result, Runner
 from kubeproxy.dataplane.iptables import (
     Backend,
     IptablesDataPlane,
@@ -145,11 +145,41 @@ def fake() -> DataPlane:
 
 
 def cleanup(runner: Runner, options: PlaneOptions) -> None:
-    """Both backends unless one is named: rules may be in either."""
+    """Both backends unless one is named: rules may be in either. On legacy, only the
+    tables that exist are read: ``iptables-legacy-save -t nat`` would *create* an empty
+    nat table, and iptables-nft then warns about legacy tables for ever after."""
     backends = BACKENDS if options.iptables_backend == "auto" else (
         choose_backend(runner, options),)
     for backend in backends:
-        DataPlane(runner, backend).cleanup()
+        try:
+            DataPlane(ExistingTablesOnly(runner) if backend == "legacy" else runner,
+                      backend).cleanup()
+        except DataPlaneError as err:
+            if "not installed" not in str(err):
+                raise
+            log.info("cleanup: %s backend: %s", backend, err)
+
+
+# The per-family list of the legacy tables that exist (reading it creates none).
+LEGACY_TABLE_LISTS = {"iptables-legacy-save": "/proc/net/ip_tables_names",
+                      "ip6tables-legacy-save": "/proc/net/ip6_tables_names"}
+
+
+class ExistingTablesOnly:
+    """A Runner that answers ``iptables-legacy-save -t TABLE`` for a table the kernel
+    does not have with "no such table" instead of running it (which would create it)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        listing = LEGACY_TABLE_LISTS.get(argv[0]) if argv else None
+        if listing is not None and "-t" in argv:
+            table = argv[list(argv).index("-t") + 1]
+            names = self.runner.run(["cat", listing])
+            if names.returncode != 0 or table not in names.stdout.split():
+                return Result(1, "", f"table {table!r} does not exist")
+        return self.runner.run(argv, stdin)
 
 
 MODE: Mode[Rulesets] = Mode(

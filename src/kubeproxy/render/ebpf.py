@@ -239,6 +239,9 @@ MAPS: dict[str, MapSpec] = {m.name: m for m in (
     MapSpec("kp_aff", 16, 16, 1 << 18, "bpf"),  # (netns cookie, rev-NAT) -> backend (LRU)
     MapSpec("kp_rr", 4, 4, 65536, "bpf"),  # rev-NAT index -> round-robin counter
 )}
+# The programs of bpf/sock_lb.o (one cgroup hook each), as libbpf names them.
+PROGRAMS: tuple[str, ...] = tuple(f"kp_{hook}{family}" for family in (4, 6) for hook in (
+    "connect", "sendmsg", "recvmsg", "getpeername"))
 MAX_REV_NAT = 65535  # rev-NAT indexes are u16 in the C structs
 _VAL = struct.Struct("<IHHB3x")  # svc_val: backend_id, count, rev_nat, flags
 

@@ -75,3 +75,10 @@ def nftables_chain_names(spv: ServicePortView) -> ChainNames:
         external=f"external-{base}" if spv.uses_external_chain else None,
         firewall=f"firewall-{base}" if spv.firewall else None,
     )
+
+
+def ipvs_chain_names(spv: ServicePortView) -> ChainNames:
+    """IPVS mode writes no per-service chains: a service port is IPVS virtual servers
+    and ipset entries (render/ipvs.py), matched by the fixed chains."""
+    del spv
+    return ChainNames(service=None, local=None, external=None, firewall=None)

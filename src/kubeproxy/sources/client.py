@@ -17,17 +17,13 @@ an event or a BOOKMARK (the server sends those on a quiet watch), else the strea
 with :class:`WatchStalled`. It is a socket read timeout (no bytes within the bound)
 plus a check that what did arrive held an event (blank lines do not count).
 
-Every failure leaves this module as one of the exceptions below (translated at the
-boundary with ``raise ... from``), so callers decide by meaning, not by socket detail:
+Every failure leaves this module as one of the exceptions of ``sources.errors``
+(re-exported here): :class:`ClientError` and below.
 
-* :class:`ClientError` -- base: talking to the API server failed.
-* :class:`TransportError` -- no connection, a timeout, or a stream that broke mid-way.
-* :class:`WatchStalled` -- a watch showed no event and no bookmark within its bound.
-* :class:`StatusError` -- the server answered with an error status (``code``, ``reason``).
-* :class:`GoneError` -- 410: the resourceVersion is too old; the caller must relist.
-* :class:`ProtocolError` -- the answer is not what the API promises (bad JSON, shape).
-
-One HTTP connection per request keeps the code small; a proxy makes few requests.
+Connections, TLS, proxies, the QPS limit and 401 retries are ``sources.transport``'s;
+credentials are ``sources.auth``'s. :class:`ClientOptions` holds what the command line
+sets (``--kube-api-qps``, ``--kube-api-burst``, ``--kube-api-content-type``) and the user
+agent, ``kube-proxy/<version> (<os>/<arch>) kubeproxy`` as upstream's is built.
 """
 
 from __future__ import annotations
@@ -35,163 +31,148 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
+import os
 import socket
-import ssl
-import tempfile
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
+from kubeproxy import __version__
+from kubeproxy.sources.auth import Authenticator, AuthError
+from kubeproxy.sources.errors import (
+    ClientError,
+    GoneError,
+    ProtocolError,
+    StatusError,
+    TransportError,
+    WatchStalled,
+    status_error,
+)
 from kubeproxy.sources.kubeconfig import ClusterAccess
+from kubeproxy.sources.transport import RateLimiter, Transport
 
+__all__ = ["AuthError", "Client", "ClientError", "ClientOptions", "GoneError", "Obj",
+           "ProtocolError", "StatusError", "TransportError", "WatchStalled", "WatchStream",
+           "status_error"]
+
+log = logging.getLogger("kubeproxy.client")
 Obj = dict[str, Any]
-USER_AGENT = "kubeproxy/0.1"
+JSON = "application/json"
+PROTOBUF = "application/vnd.kubernetes.protobuf"
+DEFAULT_QPS, DEFAULT_BURST = 5.0, 10  # client-go's rest.Config defaults (kube-proxy's too)
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+         "s390x": "s390x"}
 
 
-class ClientError(Exception):
-    """Talking to the API server failed."""
+def user_agent() -> str:
+    """``kube-proxy/<version> (<os>/<arch>) kubeproxy``, the shape of upstream's
+    ``kube-proxy/v1.30.0 (linux/amd64) kubernetes/<commit>``."""
+    machine = os.uname().machine.lower()
+    return f"kube-proxy/v{__version__} ({sys.platform}/{_ARCH.get(machine, machine)}) kubeproxy"
 
 
-class TransportError(ClientError):
-    """No connection, a timeout, or a stream that broke before its end."""
+@dataclass(frozen=True)
+class ClientOptions:
+    """What the command line tunes. As in client-go's rest.Config: ``qps == 0`` is the
+    default 5 and ``burst == 0`` the default 10; a negative qps turns the limit off.
+    ``content_type``: JSON, or protobuf, which is accepted and answered with JSON (this
+    client decodes JSON only; the wire format changes nothing a proxy sees)."""
 
+    qps: float = DEFAULT_QPS
+    burst: int = DEFAULT_BURST
+    content_type: str = JSON
+    user_agent: str = field(default_factory=user_agent)
 
-class WatchStalled(TransportError):
-    """A watch went quiet for longer than its bound: the server may be stopped."""
+    def __post_init__(self) -> None:
+        if self.burst < 0:
+            raise ValueError(f"burst: {self.burst}: must be >= 0")
+        if self.content_type not in (JSON, PROTOBUF):
+            raise ValueError(f"content type: {self.content_type!r}: must be {JSON} or "
+                             f"{PROTOBUF}")
 
-
-class ProtocolError(ClientError):
-    """The server's answer is not valid API JSON."""
-
-
-class StatusError(ClientError):
-    """The server answered with an error status."""
-
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        self.code = code
-        self.reason = reason
-        super().__init__(f"{code} {reason}: {message}" if message else f"{code} {reason}")
-
-
-class GoneError(StatusError):
-    """410 Gone/Expired: the resourceVersion is no longer served; relist."""
-
-
-def status_error(code: int, status: object) -> StatusError:
-    """The exception for an error status (a Status object if the server sent one)."""
-    reason, message = "", ""
-    if isinstance(status, dict):
-        reason = str(status.get("reason") or "")
-        message = str(status.get("message") or "")
-        raw_code = status.get("code")
-        code = raw_code if isinstance(raw_code, int) and raw_code else code
-    reason = reason or http.client.responses.get(code, "Error")
-    return (GoneError if code == 410 else StatusError)(code, reason, message)
-
-
-def _ssl_context(access: ClusterAccess) -> ssl.SSLContext:
-    if access.insecure:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        ctx = ssl.create_default_context(cafile=access.ca_file, cadata=access.ca_data)
-    if access.client_cert_file or access.client_cert_data:
-        with tempfile.TemporaryDirectory(prefix="kubeproxy-tls-") as tmp:
-            cert = access.client_cert_file or _write(Path(tmp) / "cert.pem",
-                                                     access.client_cert_data or "")
-            key = access.client_key_file or _write(Path(tmp) / "key.pem",
-                                                   access.client_key_data or "")
-            ctx.load_cert_chain(cert, key)
-    return ctx
-
-
-def _write(path: Path, text: str) -> str:
-    path.touch(mode=0o600)
-    path.write_text(text)
-    return str(path)
+    def limiter(self, clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], None] = time.sleep) -> RateLimiter | None:
+        if self.qps < 0:
+            return None
+        return RateLimiter(self.qps or DEFAULT_QPS, self.burst or DEFAULT_BURST,
+                           clock=clock, sleep=sleep)
 
 
 class Client:
-    def __init__(self, access: ClusterAccess, *, timeout: float = 30.0) -> None:
+    def __init__(self, access: ClusterAccess, *, timeout: float = 30.0,
+                 options: ClientOptions | None = None, clock: Callable[[], float] = time.time,
+                 env: Mapping[str, str] = os.environ) -> None:
+        """Raises ClientError when the TLS material or the proxy cannot be used."""
         self.access = access
         self.timeout = timeout
-        url = urlsplit(access.server)
-        self._host = url.hostname or ""
-        self._port = url.port
-        self._prefix = url.path.rstrip("/")
-        try:
-            self._ssl = _ssl_context(access) if access.tls else None
-        except (OSError, ssl.SSLError) as err:
-            raise ClientError(f"TLS setup for {access.server}: {err}") from err
+        self.options = options or ClientOptions()
+        if self.options.content_type != JSON:
+            log.info("API content type %s: this client asks for and decodes JSON",
+                     self.options.content_type)
+        self.auth = Authenticator(access, clock=clock, environ=env)
+        self.transport = Transport(access, self.auth, limiter=self.options.limiter(),
+                                   user_agent=self.options.user_agent, accept=JSON, env=env)
 
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        if self._ssl is not None:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout,
-                                               context=self._ssl)
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+    def close(self) -> None:
+        """Close the kept-alive connections (watches close their own)."""
+        self.transport.close()
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        token = self.access.token
-        if self.access.token_file:
-            try:
-                token = Path(self.access.token_file).read_text().strip()
-            except OSError as err:
-                raise ClientError(f"token file: {err}") from err
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    def _get(self, path: str, query: dict[str, str], timeout: float
+    def _get(self, path: str, query: dict[str, str], timeout: float, *, watch: bool = False
              ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a GET; return the open response if it is a 200, else raise."""
-        target = self._prefix + path + ("?" + urlencode(query) if query else "")
-        conn = self._connection(timeout)
-        try:
-            conn.request("GET", target, headers=self._headers())
-            resp = conn.getresponse()
-            if resp.status != 200:
+        target = path + ("?" + urlencode(query) if query else "")
+        conn, resp = self.transport.request(target, timeout=timeout, watch=watch)
+        if resp.status != 200:
+            try:
                 body = resp.read()
+            except (OSError, http.client.HTTPException) as err:
                 conn.close()
-                raise status_error(resp.status, _json_or_none(body))
-        except (OSError, http.client.HTTPException) as err:
-            conn.close()
-            raise TransportError(f"GET {target}: {err}") from err
+                raise TransportError(f"GET {target}: {err}") from err
+            self.transport.release(conn, resp)
+            raise status_error(resp.status, _json_or_none(body))
         return conn, resp
 
     def list_page(self, path: str, *, label_selector: str = "", field_selector: str = "",
-             limit: int | None = None, continue_token: str | None = None) -> Obj:
+                  limit: int | None = None, continue_token: str | None = None,
+                  resource_version: str = "") -> Obj:
+        """One page. ``resource_version``: "" a consistent read, "0" anything the
+        server's watch cache holds (it may ignore ``limit`` then), else not older than
+        it; never sent with ``continue`` (the token carries it)."""
         query = _selectors(label_selector, field_selector)
         if limit:
             query["limit"] = str(limit)
         if continue_token:
             query["continue"] = continue_token
+        elif resource_version:
+            query["resourceVersion"] = resource_version
         conn, resp = self._get(path, query, self.timeout)
         try:
             body = resp.read()
         except (OSError, http.client.HTTPException) as err:
-            raise TransportError(f"GET {path}: {err}") from err
-        finally:
             conn.close()
+            raise TransportError(f"GET {path}: {err}") from err
+        self.transport.release(conn, resp)
         doc = _json_or_none(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("items"), list | None):
             raise ProtocolError(f"GET {path}: the answer is not a list")
         return doc
 
     def list_all(self, path: str, *, label_selector: str = "", field_selector: str = "",
-                 page_size: int = 500) -> tuple[list[Obj], str]:
-        """Every item (following ``continue``) and the list's resourceVersion."""
+                 page_size: int = 500, resource_version: str = "") -> tuple[list[Obj], str]:
+        """Every item (following ``continue``) and the list's resourceVersion.
+        ``resource_version`` applies to the first page (see :meth:`list_page`)."""
         items: list[Obj] = []
         token: str | None = None
         while True:
             try:
                 doc = self.list_page(path, label_selector=label_selector,
-                                field_selector=field_selector, limit=page_size,
-                                continue_token=token)
+                                     field_selector=field_selector, limit=page_size,
+                                     continue_token=token, resource_version=resource_version)
             except GoneError:
                 if token is None:
                     raise
@@ -221,7 +202,7 @@ class Client:
                 raise ValueError("stall_timeout must be > 0")
             bound = min(bound, stall_timeout)
         try:
-            conn, resp = self._get(path, query, bound)
+            conn, resp = self._get(path, query, bound, watch=True)
         except TransportError as err:
             if isinstance(err.__cause__, TimeoutError):
                 raise WatchStalled(f"watch {path}: no answer within {bound:g}s") from err

@@ -22,6 +22,13 @@ One :class:`Informer` per resource, each on its own thread, like client-go's ref
 5. When the server says **410 Gone** (the resourceVersion fell out of its history) or
    answers with an error status: back off and start again at 1, a fresh list.
 
+Which list, as client-go's reflector chooses (``relistResourceVersion``): the first is
+``resourceVersion=0``, served from the API server's watch cache instead of etcd (the
+server may then ignore ``limit``); a relist asks for "not older than" the last
+resourceVersion seen, without ``limit`` so the watch cache can serve it too; and only
+when that list itself is refused with 410 does the next one ask for ``""``, a
+consistent read (paged).
+
 The stall bound defaults to 2 x upstream's bookmark interval (kube-apiserver sends a
 BOOKMARK on a quiet watch about once a minute), so a quiet but healthy watch is never
 taken for a hung one; a server with a faster heartbeat (the lab's: 0.2 s) can be given a
@@ -96,7 +103,8 @@ class Replace:
 
 class ApiClient(Protocol):
     def list_all(self, path: str, *, label_selector: str = "", field_selector: str = "",
-                 page_size: int = 500) -> tuple[list[Obj], str]: ...
+                 page_size: int = 500, resource_version: str = "") -> tuple[list[Obj], str]:
+        ...
 
     def watch(self, path: str, *, resource_version: str, timeout_seconds: int,
               label_selector: str = "", field_selector: str = "",
@@ -187,6 +195,7 @@ class Informer:
         self._stream: WatchStream | None = None
         self._thread: threading.Thread | None = None
         self.resource_version = ""
+        self._rv_unavailable = False  # the last list got 410: next, a consistent read
         self.lists = 0  # completed lists (the first one and every relist)
         self.stalls = 0  # watches given up for showing no life within stall_timeout
 
@@ -238,11 +247,27 @@ class Informer:
                 log.exception("%s informer failed; relisting", kind)
             self._stop.wait(self._backoff.next())
 
+    def relist_resource_version(self) -> str:
+        """client-go's choice: "0" first (the watch cache), then "not older than" the
+        last seen, "" (a consistent read) after the list itself got 410."""
+        if self._rv_unavailable:
+            return ""
+        return self.resource_version or "0"
+
     def _list(self) -> None:
         res = self.resource
-        items, rv = self.client.list_all(res.path, label_selector=res.label_selector,
-                                         field_selector=res.field_selector,
-                                         page_size=self.page_size)
+        rv = self.relist_resource_version()
+        # As client-go: a relist at a resourceVersion goes unpaged, so that the watch
+        # cache can serve it (a paged one at a resourceVersion must be exact: etcd).
+        page_size = 0 if rv not in ("", "0") else self.page_size
+        try:
+            items, rv = self.client.list_all(res.path, label_selector=res.label_selector,
+                                             field_selector=res.field_selector,
+                                             page_size=page_size, resource_version=rv)
+        except GoneError:
+            self._rv_unavailable = True
+            raise
+        self._rv_unavailable = False
         updates = []
         for obj in items:
             update = to_update(res.kind, obj)

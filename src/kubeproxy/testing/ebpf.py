@@ -10,7 +10,8 @@ size (EINVAL), an insert past ``max_entries`` (E2BIG) and the deletion of a miss
 socket programs rely on while they run concurrently with the proxy (that is what makes
 the data plane's write order matter): every slot 0 with count n has slots 1..n, every
 slot names a backend the backend map holds, every slot 0 has its rev-NAT entry. A
-violation raises :class:`InconsistentMaps` naming the frontend.
+violation raises :class:`InconsistentMaps` naming the frontend. ``attached`` stands for
+the programs' links on the cgroup (a test detaches one by removing its name).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FakeMaps:
     def __init__(self) -> None:
         self.maps: dict[str, dict[bytes, bytes]] = {name: {} for name in r.MAPS}
         self.ops = 0
+        self.attached: set[str] = set()  # programs attached to the (fake) cgroup
 
     def _map(self, name: str, key: bytes, value: bytes | None = None) -> dict[bytes, bytes]:
         if name not in self.maps:

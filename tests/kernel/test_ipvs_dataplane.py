@@ -1,0 +1,238 @@
+"""The IPVS data plane against a kernel with IPVS, inside namespaces the test makes.
+
+This host's kernel has no ip_vs module, so these tests skip here (saying so) and run in
+a throwaway guest: ``tools/vmrun .venv/bin/pytest -q tests/kernel/test_ipvs_*.py``
+(tests/vm/test_ipvs_in_guest.py does that in one boot). Each test builds a node
+namespace with a pod namespace and a client namespace on veth pairs, syncs the real
+data plane into the node namespace and sends real packets:
+
+    client kpc-* 192.168.0.100 --- 192.168.0.2 node kpt-* 10.180.0.254 --- 10.180.0.1 pod kpn-*
+
+The pod runs a TCP and a UDP server that answer with the address they see the client
+as, which shows whether the packet was masqueraded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from kubeproxy.config import ProxyConfig
+from kubeproxy.dataplane.base import NetnsRunner, SubprocessRunner
+from kubeproxy.k8s import decode_objects
+from kubeproxy.model import NamespacedName, parse_cidr
+from kubeproxy.modes.base import PlaneOptions
+from kubeproxy.modes.ipvs import MODE, DataPlane
+from kubeproxy.pipeline import node_views
+from kubeproxy.trace.ipvs import parse_state, state_of
+from kubeproxy.trace.result import Packet
+from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
+
+SKIP = ("needs root" if os.geteuid() != 0 else MODE.kernel_support(SubprocessRunner()))
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(SKIP is not None, reason=str(SKIP))]
+CLIENT, POD, NODE_POD_SIDE = "192.168.0.100", "10.180.0.1", "10.180.0.254"
+A = NamespacedName("ns1", "svc1")
+SERVER = """
+import socket, sys, threading
+def tcp():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", 8080)); s.listen(64)
+    while True:
+        c, peer = s.accept(); c.sendall(peer[0].encode() + b"\\n"); c.close()
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5353))
+    while True:
+        data, peer = u.recvfrom(100); u.sendto(peer[0].encode(), peer)
+threading.Thread(target=udp, daemon=True).start()
+print("ready", flush=True); tcp()
+"""
+CLIENT_CODE = """
+import socket, sys
+host, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    if proto == "tcp":
+        s = socket.create_connection((host, port), timeout=5); print(s.recv(100).decode().strip())
+    else:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(5)
+        u.sendto(b"x", (host, port)); print(u.recvfrom(100)[0].decode())
+except ConnectionRefusedError:
+    print("refused")
+except OSError as err:
+    print("error", err)
+"""
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@dataclass
+class Net:
+    node: str
+    pod: str
+    client: str
+    server: subprocess.Popen[str]
+
+    def ask(self, ns: str, host: str, port: int, proto: str = "tcp") -> str:
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_CODE,
+                              host, str(port), proto], capture_output=True, text=True,
+                             timeout=60, check=False)
+        return out.stdout.strip() or out.stderr.strip()
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    tag = uuid.uuid4().hex[:6]
+    node_ns, pod_ns, client_ns = f"kpt-{tag}", f"kpn-{tag}", f"kpc-{tag}"
+    made: list[str] = []
+    server: subprocess.Popen[str] | None = None
+    try:
+        for ns in (node_ns, pod_ns, client_ns):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for peer, here, there, addr_here, addr_there in (
+                (pod_ns, "veth-pod", "eth0", f"{NODE_POD_SIDE}/24", f"{POD}/24"),
+                (client_ns, "eth0", "eth0", f"{NODE_IP}/24", f"{CLIENT}/24")):
+            sh("ip", "-n", node_ns, "link", "add", here, "type", "veth", "peer", "name",
+               there, "netns", peer)
+            sh("ip", "-n", node_ns, "addr", "add", addr_here, "dev", here)
+            sh("ip", "-n", peer, "addr", "add", addr_there, "dev", there)
+            sh("ip", "-n", node_ns, "link", "set", here, "up")
+            sh("ip", "-n", peer, "link", "set", there, "up")
+        sh("ip", "-n", pod_ns, "route", "add", "default", "via", NODE_POD_SIDE)
+        sh("ip", "-n", client_ns, "route", "add", "default", "via", NODE_IP)
+        sh("ip", "netns", "exec", node_ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        server = subprocess.Popen(["ip", "netns", "exec", pod_ns, sys.executable, "-c",
+                                   SERVER], stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        yield Net(node_ns, pod_ns, client_ns, server)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def objects(**svc: Any) -> list[Obj]:
+    ports = [("p80", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)]
+    return [node(), service("svc1", cluster_ip="172.30.0.41", type="NodePort", ports=ports,
+                           **svc),
+            endpoint_slice("svc1", [endpoint(POD)], ports=[("p80", 8080, "TCP"),
+                                                           ("dns", 5353, "UDP")])]
+
+
+def views(objs: list[Obj]) -> Any:
+    cluster = decode_objects(objs)
+    assert not cluster.errors
+    return node_views(cluster, ProxyConfig(hostname=NODE,
+                                           cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),)))
+
+
+def plane(net: Net) -> DataPlane:
+    dp = MODE.data_plane(NetnsRunner(net.node), PlaneOptions(iptables_backend="legacy"))
+    assert isinstance(dp, DataPlane)
+    return dp
+
+
+def test_what_is_written_reads_back_as_rendered(net: Net) -> None:
+    dp = plane(net)
+    ruleset = MODE.render(views(objects(sessionAffinity="ClientIP")))
+    dp.sync(ruleset)
+    back, want = parse_state(dp.rules()), state_of(ruleset)
+    assert back.addresses == want.addresses
+    assert dict(back.services) == dict(want.services)
+    assert {k: v[1] for k, v in back.sets.items()} == {k: v[1] for k, v in want.sets.items()}
+    local = frozenset({ipaddress.ip_address(NODE_IP)})
+    for dst, port in (("172.30.0.41", 80), (NODE_IP, 30080), ("172.30.0.41", 81)):
+        packet = Packet(ipaddress.ip_address(CLIENT), ipaddress.ip_address(dst), port, "tcp")
+        assert MODE.trace_rules(dp.rules(), packet, local).to_json() == \
+            MODE.trace(ruleset, packet, local).to_json(), (dst, port)
+    assert dp.intact()
+
+
+# (what, from which namespace, destination, port, protocol, the pod sees, service fields)
+TRAFFIC = [
+    ("ClusterIP from the node (LOCAL_OUT)", "node", "172.30.0.41", 80, "tcp",
+     NODE_POD_SIDE, {}),
+    ("ClusterIP from outside is masqueraded", "client", "172.30.0.41", 80, "tcp",
+     NODE_POD_SIDE, {}),
+    ("NodePort from outside is masqueraded", "client", NODE_IP, 30080, "tcp",
+     NODE_POD_SIDE, {}),
+    ("NodePort eTP=Local keeps the client address", "client", NODE_IP, 30080, "tcp",
+     CLIENT, {"externalTrafficPolicy": "Local"}),
+    ("UDP through the ClusterIP", "client", "172.30.0.41", 53, "udp", NODE_POD_SIDE, {}),
+    ("hairpin: the pod reaching itself is masqueraded", "pod", "172.30.0.41", 80, "tcp",
+     "10.180.0.254", {}),
+    ("unknown port on a service address is refused", "client", "172.30.0.41", 81, "tcp",
+     "refused", {}),
+]
+
+
+@pytest.mark.parametrize("case", TRAFFIC, ids=[c[0] for c in TRAFFIC])
+def test_traffic(net: Net, case: tuple[Any, ...]) -> None:
+    _, where, dst, port, proto, seen, svc = case
+    plane(net).sync(MODE.render(views(objects(**svc))))
+    ns = {"node": net.node, "client": net.client, "pod": net.pod}[where]
+    assert net.ask(ns, dst, port, proto) == seen
+
+
+def test_no_endpoints_is_refused_and_partial_sync_matches_full(net: Net) -> None:
+    dp = plane(net)
+    dp.sync(MODE.render(views(objects())))
+    empty = [node(), service("svc1", cluster_ip="172.30.0.41", type="NodePort",
+                             ports=[("p80", 80, "TCP", 30080)]), endpoint_slice("svc1", [])]
+    ruleset = MODE.render(views(empty))
+    dp.sync(ruleset, frozenset({A}))
+    assert net.ask(net.client, "172.30.0.41", 80) == "refused"
+    partial = dp.rules()
+    dp.sync(ruleset)
+    assert dp.rules() == partial
+
+
+def test_graceful_termination_keeps_open_connections(net: Net) -> None:
+    dp = plane(net)
+    dp.sync(MODE.render(views(objects())))
+    code = ("import socket,time; s=socket.create_connection(('172.30.0.41',80)); "
+            "print('open',flush=True); time.sleep(30)")
+    holder = subprocess.Popen(["ip", "netns", "exec", net.client, sys.executable, "-c", code],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        gone = [node(), service("svc1", cluster_ip="172.30.0.41", type="NodePort",
+                                ports=[("p80", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)]),
+                endpoint_slice("svc1", [endpoint("10.180.0.2")], ports=[
+                    ("p80", 8080, "TCP"), ("dns", 5353, "UDP")])]
+        dp.sync(MODE.render(views(gone)), frozenset({A}))
+        text = dp.rules()
+        assert f"-a -t 172.30.0.41:80 -r {POD}:8080 -m -w 0" in text  # draining
+        assert "-a -t 172.30.0.41:80 -r 10.180.0.2:8080 -m -w 1" in text
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_intact_and_cleanup(net: Net) -> None:
+    dp = plane(net)
+    dp.sync(MODE.render(views(objects())))
+    assert dp.intact()
+    sh("ip", "-n", net.node, "link", "del", "kube-ipvs0")
+    assert not dp.intact()
+    dp.sync(MODE.render(views(objects())))
+    assert dp.intact()
+    dp.cleanup()
+    runner = NetnsRunner(net.node)
+    assert runner.run(["ip", "link", "show", "kube-ipvs0"]).returncode != 0
+    assert "KUBE-" not in runner.run(["ipset", "list", "-n"]).stdout
+    assert "KUBE-" not in runner.run(["iptables-legacy-save"]).stdout
+    text = dp.rules()
+    assert "-A -t" not in text and "create KUBE" not in text
