@@ -9,7 +9,8 @@ For each size, each in a network namespace this script creates and deletes
 * ``iptables full``: the iptables mode's full sync (legacy backend) of the cluster;
 * ``ipvs full``: the IPVS mode's full sync of the same cluster (fresh namespace);
 * ``ipvs one``: then a partial sync after one service's endpoints changed;
-* ``ratio``: ipvs full / iptables full, measured in the same boot.
+* ``ratio``: ipvs full / iptables full, measured in the same boot;
+* ``intact``: one ``intact()`` call while nothing changed (the daemon's every second).
 
 The cluster is bench/render.py's synthetic one (N services, every tenth a NodePort,
 ``--endpoints`` endpoints each). Prints seconds.
@@ -75,13 +76,16 @@ def inside(what: str, n: int, endpoints: int) -> dict[str, float]:
     full = timed(lambda: proxier.sync(c, None))
     changed, ref = one_changed(c)
     one = timed(lambda: proxier.sync(changed, frozenset({ref})))
-    return {"ipvs_full": full, "ipvs_one": one}
+    assert proxier.plane.intact()
+    check = min(timed(proxier.plane.intact) for _ in range(5))
+    return {"ipvs_full": full, "ipvs_one": one, "intact": check}
 
 
 def in_namespace(what: str, n: int, endpoints: int) -> dict[str, float]:
     ns = f"kpn-ipvsb-{os.getpid()}-{what}-{n}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable,
                                os.path.abspath(__file__), "--inside", what,
                                "--services", str(n), "--endpoints", str(endpoints)],
@@ -111,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/ipvs.py: {reason} (run it in the guest: tools/vmrun)", file=sys.stderr)
         return 2
     print(f"{'services':>8} {'endpoints':>9} {'iptables full s':>15} {'ipvs full s':>11} "
-          f"{'ipvs one s':>10} {'ratio':>6}", flush=True)
+          f"{'ipvs one s':>10} {'ratio':>6} {'intact ms':>9}", flush=True)
     for n in args.services:
         ipt = in_namespace("iptables", n, args.endpoints)["iptables_full"]
         ipvs = in_namespace("ipvs", n, args.endpoints)
         print(f"{n:>8} {args.endpoints:>9} {ipt:>15.2f} {ipvs['ipvs_full']:>11.2f} "
-              f"{ipvs['ipvs_one']:>10.3f} {ipvs['ipvs_full'] / ipt:>6.1f}", flush=True)
+              f"{ipvs['ipvs_one']:>10.3f} {ipvs['ipvs_full'] / ipt:>6.1f} "
+              f"{ipvs['intact'] * 1000:>9.1f}", flush=True)
     return 0
 
 

@@ -72,6 +72,11 @@ def mode(request: pytest.FixtureRequest) -> str:
     return value
 
 
+def mode_tag(mode: str) -> str:
+    """One character per registered mode, for test lab names (kt<what><tag>)."""
+    return "0123456789abcdefghijklmnopqrstuvwxyz"[modes.NAMES.index(mode)]
+
+
 MakeLab = Callable[..., Lab]
 
 # Test labs are named kt<what><mode><session>: the session suffix keeps two test sessions

@@ -189,9 +189,9 @@ def test_round_robin_and_affinity(bpf_node: Node) -> None:
 
 def test_outside_the_cgroup_sockets_are_untouched(bpf_node: Node) -> None:
     bpf_node.plane().sync(render())
-    # Not in the cgroup: the UDP send succeeds and only nftables' REJECT answers, with
-    # an ICMP error an unconnected socket never sees: the wait for an answer times out.
-    assert bpf_node.client("172.30.0.60", 53, 1, "udp", in_cgroup=False) == [["error", None]]
+    # Not in the cgroup: no program sees the socket; nftables' reject in the output
+    # path drops the datagram, which a local sender sees as EPERM, not ECONNREFUSED.
+    assert bpf_node.client("172.30.0.60", 53, 1, "udp", in_cgroup=False) == [["error", 1]]
     # TCP: nftables DNATs it (conntrack shows the peer as the service address).
     tcp = bpf_node.client("172.30.0.41", 80, 4, in_cgroup=False)
     assert set(answers(tcp)) <= {"10.180.0.1", "10.180.0.2"}, tcp

@@ -29,7 +29,7 @@ import yaml
 from kubeproxy.lab.probe import ProbeResult
 from kubeproxy.lab.processes import python_env
 from kubeproxy.lab.runtime import Lab
-from tests.kernel.conftest import MakeLab
+from tests.kernel.conftest import MakeLab, mode_tag
 
 pytestmark = pytest.mark.kernel
 
@@ -115,7 +115,7 @@ class Kubectl:
 
 @pytest.fixture(scope="module")
 def lab(mode: str, make_lab: MakeLab) -> Lab:
-    return make_lab(f"ktapi{mode[0]}", LAB, mode=mode)
+    return make_lab(f"ktapi{mode_tag(mode)}", LAB, mode=mode)
 
 
 @pytest.fixture(params=VERSIONS, ids=[f"kubectl{v}" for v in VERSIONS])

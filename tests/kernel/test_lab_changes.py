@@ -12,7 +12,7 @@ import time
 import pytest
 
 from kubeproxy.lab.runtime import Lab
-from tests.kernel.conftest import MakeLab
+from tests.kernel.conftest import MakeLab, mode_tag
 
 pytestmark = pytest.mark.kernel
 
@@ -39,7 +39,7 @@ spec: {selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
 
 @pytest.fixture(scope="module")
 def lab(mode: str, make_lab: MakeLab) -> Lab:
-    return make_lab(f"ktchg{mode[0]}", lab_yaml(["c1", "c2", "c3"]), mode=mode)
+    return make_lab(f"ktchg{mode_tag(mode)}", lab_yaml(["c1", "c2", "c3"]), mode=mode)
 
 
 def backends(lab: Lab, n: int = 40) -> list[str]:
@@ -95,7 +95,7 @@ def pod_keys(lab: Lab) -> set[str]:
 @pytest.fixture(scope="module")
 def rr_lab(mode: str, make_lab: MakeLab) -> Lab:
     pods = ["r1", "r2", "r3", "r4"]
-    return make_lab(f"ktrr{mode[0]}", lab_yaml(pods), mode=mode, lb_algorithm="round-robin")
+    return make_lab(f"ktrr{mode_tag(mode)}", lab_yaml(pods), mode=mode, lb_algorithm="round-robin")
 
 
 def test_round_robin_spreads_exactly(rr_lab: Lab) -> None:

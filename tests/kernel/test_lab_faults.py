@@ -34,7 +34,7 @@ from kubeproxy.sources.client import Client
 from kubeproxy.sources.informer import Backoff, Informer, Replace, Resource
 from kubeproxy.sources.kubeconfig import ClusterAccess
 from kubeproxy.tracker import Update
-from tests.kernel.conftest import MakeLab
+from tests.kernel.conftest import MakeLab, mode_tag
 
 pytestmark = pytest.mark.kernel
 
@@ -64,7 +64,7 @@ STOPPED_FOR = watchcache.STALL_TIMEOUT + 2.0  # longer than every bound but the 
 
 @pytest.fixture(scope="module")
 def lab(mode: str, make_lab: MakeLab) -> Lab:
-    return make_lab(f"ktflt{mode[0]}", LAB, mode=mode)
+    return make_lab(f"ktflt{mode_tag(mode)}", LAB, mode=mode)
 
 
 class Prober:

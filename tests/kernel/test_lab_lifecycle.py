@@ -18,7 +18,7 @@ from kubeproxy.lab.errors import CommandError
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.processes import python_env
 from kubeproxy.lab.runtime import Lab, UpOptions
-from tests.kernel.conftest import session_lab, skip_reason
+from tests.kernel.conftest import mode_tag, session_lab, skip_reason
 
 pytestmark = pytest.mark.kernel
 
@@ -38,7 +38,7 @@ def lab_cli(*argv: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def two_cli_labs(mode: str) -> Iterator[tuple[str, str]]:
-    names = (session_lab(f"ktcli{mode[0]}"), session_lab(f"ktcl2{mode[0]}"))
+    names = (session_lab(f"ktcli{mode_tag(mode)}"), session_lab(f"ktcl2{mode_tag(mode)}"))
     try:
         for name in names:
             done = lab_cli("up", "-f", str(SEED), "--mode", mode, "--name", name)
@@ -119,7 +119,7 @@ def test_failed_up_leaves_nothing(mode: str, monkeypatch: pytest.MonkeyPatch) ->
         raise CommandError(["settle"], 1, "simulated failure")
 
     monkeypatch.setattr(Lab, "_settle", broken_settle)
-    lab = Lab(session_lab(f"ktbad{mode[0]}"))
+    lab = Lab(session_lab(f"ktbad{mode_tag(mode)}"))
     with pytest.raises(CommandError, match="simulated"):
         lab.up(load_documents([("seed", SEED.read_text())]), UpOptions(mode=mode))
     assert lab.net.list_namespaces(lab.prefix) == []

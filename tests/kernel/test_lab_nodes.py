@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kubeproxy.lab.runtime import Lab
-from tests.kernel.conftest import MakeLab
+from tests.kernel.conftest import MakeLab, mode_tag
 
 pytestmark = pytest.mark.kernel
 
@@ -70,7 +70,7 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab(mode: str, make_lab: MakeLab) -> Lab:
-    return make_lab(f"ktnod{mode[0]}", LAB, mode=mode)
+    return make_lab(f"ktnod{mode_tag(mode)}", LAB, mode=mode)
 
 
 def pod_ip(lab: Lab, name: str) -> str:

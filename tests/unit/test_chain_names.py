@@ -35,6 +35,7 @@ SEED_SERVICE_CHAIN = {
     "iptables": "KUBE-SVC-" + _b32("default/my-service:httptcp", 16),
     "nftables": f"service-{_b32('default/my-service/tcp/http', 8)}-default/my-service/tcp/http",
 }
+SEED_SERVICE_CHAIN["ebpf"] = SEED_SERVICE_CHAIN["nftables"]  # its north-south part
 # Chains every table has (some look like per-service ones: service-endpoints-check).
 FIXED = {*nftables.FIXED_CHAINS, *(name for name, *_ in nftables.BASE_CHAINS)}
 # Per-service chain prefixes by mode -> the ChainNames role they are.
@@ -44,6 +45,7 @@ ROLES = {
     "nftables": {"service-": "service", "local-": "local", "external-": "external",
                  "firewall-": "firewall", "endpoint-": "endpoints"},
 }
+ROLES["ebpf"] = ROLES["nftables"]
 
 
 def by_role(names: ChainNames) -> dict[str, set[str]]:

@@ -250,3 +250,31 @@ def test_cleanup_without_ipvs_in_the_kernel() -> None:
     from kubeproxy.modes.base import PlaneOptions
     MODE.cleanup(runner, PlaneOptions(iptables_backend="nft"))
     assert "no IPVS" in (MODE.kernel_support(runner) or "")
+
+
+def test_batched_requests_read_back_with_pyroute2s_decoder() -> None:
+    """The hand-spelled netlink requests (dataplane/ipvs.py _GenlBatch) decode, with
+    pyroute2's own IPVS message classes, to the service and real server meant."""
+    import struct
+
+    from pyroute2.netlink.generic import ipvs as genl  # type: ignore[import-untyped]
+
+    from kubeproxy.dataplane import ipvs as dp
+
+    p = proxier()
+    p.sync(cluster("10.180.0.1"), None)
+    vs = p.plane.plane.written[(VIP, "tcp", 80)]  # type: ignore[attr-defined]
+    body = (struct.pack("=BBH", 1, 1, 0)
+            + dp._nla(1 | 0x8000, dp._service_attrs((VIP, "tcp", 80), vs))
+            + dp._nla(2 | 0x8000, dp._dest_attrs(RealServer(ipaddress.ip_address(
+                "10.180.0.1"), 8080, 3))))
+    msg = genl.ipvsmsg(struct.pack("=IHHII", 16 + len(body), 99, 5, 1, 0) + body)
+    msg.decode()
+    svc, dest = msg.get_attr("IPVS_CMD_ATTR_SERVICE"), msg.get_attr("IPVS_CMD_ATTR_DEST")
+    assert (svc.get_attr("IPVS_SVC_ATTR_AF"), svc.get_attr("IPVS_SVC_ATTR_PROTOCOL"),
+            svc.get_attr("IPVS_SVC_ATTR_ADDR"), svc.get_attr("IPVS_SVC_ATTR_PORT"),
+            svc.get_attr("IPVS_SVC_ATTR_SCHED_NAME"),
+            svc.get_attr("IPVS_SVC_ATTR_TIMEOUT")) == (2, 6, "172.30.0.41", 80, "rr", 0)
+    assert (dest.get_attr("IPVS_DEST_ATTR_ADDR"), dest.get_attr("IPVS_DEST_ATTR_PORT"),
+            dest.get_attr("IPVS_DEST_ATTR_FWD_METHOD"), dest.get_attr("IPVS_DEST_ATTR_WEIGHT"),
+            dest.get_attr("IPVS_DEST_ATTR_ADDR_FAMILY")) == ("10.180.0.1", 8080, 0, 3, 2)

@@ -227,9 +227,10 @@ CHAIN_DECLARATION = {
     "iptables": re.compile(r"^:(\S+) ", re.M),  # iptables-save: ":KUBE-SVC-X - [0:0]"
     "nftables": re.compile(r"^\tchain (\S+) \{", re.M),  # nft -f: "chain service-X {"
 }
+CHAIN_DECLARATION["ebpf"] = CHAIN_DECLARATION["nftables"]  # maps, then its nftables part
 # Per-endpoint chains each mode writes per service port and endpoint (the seed has
 # two ports of three endpoints each).
-CHAINS_PER_ENDPOINT = {"iptables": 1, "nftables": 0}
+CHAINS_PER_ENDPOINT = {"iptables": 1, "nftables": 0, "ebpf": 0}
 
 
 def rendered_chains(mode: str, views: list[NodeView], node: str) -> set[str]:

@@ -192,6 +192,10 @@ FLUSHES = [
     FlushCase("delete table ip kube-proxy", "nftables", _nft(DeleteTable("ip"))),
     FlushCase("someone else's transaction", "nftables", _nft(AddTable("ip6")),
               breaks=False),
+    FlushCase("delete table ip kube-proxy (ebpf's nftables part)", "ebpf",
+              lambda p: p.plane.nft.transport.commit([DeleteTable("ip")])),
+    FlushCase("program detached", "ebpf",
+              lambda p: p.plane.maps.attached.discard("kp_connect4")),
 ]
 
 

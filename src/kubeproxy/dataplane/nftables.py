@@ -45,6 +45,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kubeproxy.dataplane import nft_ops as nft
 from kubeproxy.dataplane.base import DataPlaneError, Runner
@@ -62,6 +63,7 @@ from kubeproxy.render.nftables import (
 )
 
 # Sets whose elements several Services may share: reference-counted.
+K = TypeVar("K")
 SHARED_SETS = frozenset({"cluster-ips", "hairpin-endpoints"})
 FAMILIES = ("ip", "ip6")
 
@@ -279,13 +281,13 @@ class _Diff:
             else:
                 st.services[svc] = objs
         for name, deltas in self.shared.items():
-            st.shared[name] += deltas  # in place; drops what falls to zero
+            _add(st.shared[name], deltas)
         for key, owner in self.owners.items():
             if owner is None:
                 st.owners.pop(key, None)
             else:
                 st.owners[key] = owner
-        st.map_sizes += self.sizes
+        _add(st.map_sizes, self.sizes)
         for name, written in self.chains.items():
             if written:
                 self.stale.discard(name)
@@ -462,3 +464,14 @@ def _fixed_digest(fam: FamilyRuleset) -> str:
     """What the fixed part of a table looks like; a change forces a full sync."""
     text = repr((fam.chains, fam.sets, fam.elements))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _add(counts: Counter[K], deltas: Counter[K]) -> None:
+    """counts += deltas, dropping what falls to zero, touching only the deltas' keys
+    (Counter's += walks every key: 10,000 of them on each one-service sync)."""
+    for key, delta in deltas.items():
+        total = counts[key] + delta
+        if total > 0:
+            counts[key] = total
+        else:
+            counts.pop(key, None)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "iptables": "kubeproxy.modes.iptables",  # upstream's chain layout, iptables-restore
     "nftables": "kubeproxy.modes.nftables",  # upstream's table layout, netlink batches
+    "ebpf": "kubeproxy.modes.ebpf",  # socket load balancing + nftables for north-south
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 

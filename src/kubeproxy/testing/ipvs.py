@@ -110,6 +110,9 @@ class FakeIpvs:
             raise DataPlaneError(f"IPVS: real server {ip}:{port} does not exist (ENOENT)")
         self.connections.pop((key, ip, port), None)
 
+    def commit(self) -> None:
+        """Writes apply at once here; the data plane commits after its writes."""
+
     def flush(self) -> None:
         self.calls.append("flush")
         self.services_.clear()
