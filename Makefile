@@ -3,7 +3,7 @@
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-APT_PKGS := iptables nftables conntrack iproute2 ipset clang llvm libbpf-dev bpftool
+APT_PKGS := iptables nftables conntrack iproute2 ipset clang llvm libbpf-dev bpftool openssl
 # ebpf mode: the socket load-balancing programs, compiled for the kernel's BPF target.
 BPF_OBJ := src/kubeproxy/bpf/sock_lb.o
 BPF_CFLAGS := -target bpf -mcpu=v3 -O2 -g -Wall -I/usr/include/$(shell uname -m)-linux-gnu
@@ -17,7 +17,7 @@ deps: apt venv bpf
 
 apt:
 	@missing=""; \
-	for c in iptables-legacy-restore iptables-nft-restore nft conntrack ip ipset clang bpftool; do \
+	for c in iptables-legacy-restore iptables-nft-restore nft conntrack ip ipset clang bpftool openssl; do \
 	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	[ -f /usr/include/bpf/bpf_helpers.h ] || missing="$$missing libbpf-dev"; \
 	if [ -n "$$missing" ]; then \

@@ -85,7 +85,7 @@ def load_cluster(files: Sequence[Path]) -> Cluster:
 def cmd_render(args: argparse.Namespace) -> int:
     config = build_config(args)
     cluster = load_cluster(args.files)
-    mode = modes.get(config.mode)
+    mode = modes.for_config(config)
     sys.stdout.write(mode.text(mode.render(node_views(cluster, config)), config.hostname))
     return 0
 
@@ -111,7 +111,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
               file=sys.stderr)
     packet = Packet(src=src, dst=dst, port=args.port, proto=args.proto,
                     in_interface=args.in_interface)
-    mode = modes.get(config.mode)
+    mode = modes.for_config(config)
     result = mode.trace(mode.render(node_views(cluster, config)), packet, local)
     if args.json:
         print(json.dumps(result.to_json()))
@@ -134,7 +134,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     cluster = load_cluster(args.files)
-    mode = modes.get(config.mode)
+    mode = modes.for_config(config)
     plane = mode.data_plane(SubprocessRunner(), _plane_options(args, config))
     plane.sync(mode.render(node_views(cluster, config)))
     return 0
@@ -153,10 +153,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run as this node's proxy until SIGTERM (upstream's kube-proxy); or clean up, write
     the configuration, or tune the node, and exit."""
-    from kubeproxy import daemon, kpconfig, tuning
-
     if args.version is not None:
         return _print_version(args.version)
+    from kubeproxy import daemon, kpconfig, tuning  # after --version: it need not load them
     eff = flags.effective(args)
     _setup_logs(eff.fields, args)
     log = logging.getLogger("kubeproxy.cli")
@@ -182,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         kubeconfig=Path(str(kubeconfig)) if kubeconfig else None, master=args.master,
         iptables_backend=args.iptables_backend, bpf_dir=args.bpf_dir,
         allow_root_cgroup=bool(args.allow_root_cgroup),
-        configz=json.dumps({"kubeproxy.config.k8s.io": kpconfig.nested(eff.fields)}).encode(),
+        configz=kpconfig.configz(eff.fields),
         client=_client_options(eff.fields))
     if args.watch_stall_timeout is not None:
         if args.watch_stall_timeout <= 0:

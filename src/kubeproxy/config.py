@@ -8,6 +8,7 @@ given explicitly on the command line win over the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from kubeproxy import modes
-from kubeproxy.model import FieldError, IPNetwork, parse_cidr
+from kubeproxy.model import FieldError, IPAddress, IPNetwork, parse_cidr
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,54 @@ class LBAlgorithm(Enum):
 
 
 PRIMARY = "primary"
+# The IPVS schedulers upstream accepts (validateIPVSSchedulerMethod); rr is the default.
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")
+
+
+@dataclass(frozen=True)
+class IpvsConfig:
+    """The ipvs mode's settings: the file's ``ipvs:`` section, the ``--ipvs-*`` flags."""
+
+    scheduler: str = "rr"  # one of IPVS_SCHEDULERS
+    strict_arp: bool = False  # arp_ignore=1, arp_announce=2 (for MetalLB-style LBs)
+    exclude_cidrs: tuple[IPNetwork, ...] = ()  # virtual servers a sync or cleanup leaves
+    # IPVS connection timeouts in seconds, set when non-zero (0: the kernel's stay).
+    tcp_timeout: float = 0.0
+    tcpfin_timeout: float = 0.0
+    udp_timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in IPVS_SCHEDULERS:
+            raise ConfigError(f"ipvs.scheduler: {self.scheduler!r} is not one of "
+                              f"{', '.join(IPVS_SCHEDULERS)}")
+        for name in ("tcp_timeout", "tcpfin_timeout", "udp_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ipvs.{_IPVS_WIRE[name]}: must be >= 0")
+
+    def excluded(self, ip: IPAddress) -> bool:
+        """Whether a virtual server on ``ip`` is someone else's (excludeCIDRs)."""
+        return any(ip.version == net.version and ip in net for net in self.exclude_cidrs)
+
+
+_IPVS_WIRE = {"tcp_timeout": "tcpTimeout", "tcpfin_timeout": "tcpFinTimeout",
+              "udp_timeout": "udpTimeout"}
+
+
+def ipvs_config(fields: Mapping[str, object]) -> IpvsConfig:
+    """The ``ipvs.*`` fields of a defaulted KubeProxyConfiguration (kpconfig, wire form)
+    -> IpvsConfig; an empty scheduler is rr, as upstream defaults it."""
+    def seconds(name: str) -> float:
+        value = fields.get(f"ipvs.{name}")
+        return parse_duration(str(value), f"ipvs.{name}") if value else 0.0
+
+    excludes = fields.get("ipvs.excludeCIDRs") or []
+    assert isinstance(excludes, list)
+    return IpvsConfig(
+        scheduler=str(fields.get("ipvs.scheduler") or "rr"),
+        strict_arp=bool(fields.get("ipvs.strictARP")),
+        exclude_cidrs=parse_cidr_list(",".join(str(c) for c in excludes), "ipvs.excludeCIDRs"),
+        tcp_timeout=seconds("tcpTimeout"), tcpfin_timeout=seconds("tcpFinTimeout"),
+        udp_timeout=seconds("udpTimeout"))
 
 
 @dataclass(frozen=True)
@@ -60,6 +109,7 @@ class ProxyConfig:
     # The cgroup whose processes the ebpf mode load balances (--cgroup-path; the file's
     # `cgroupPath`, ours: upstream has no such setting). "" = the cgroup2 root.
     cgroup_path: str = ""
+    ipvs: IpvsConfig = IpvsConfig()  # the ipvs mode's own settings
 
     def __post_init__(self) -> None:
         if self.mode not in modes.NAMES:

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from kubeproxy.model import Family, IPAddress, ServicePortName
+from kubeproxy.model import Family, IPAddress, NamespacedName, ServicePortName
 from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
 
 
@@ -110,22 +110,28 @@ def _reachable(spv: ServicePortView | None, internal: bool) -> bool:
     return bool(_routed(spv, spv.internal if internal else spv.external))
 
 
-def _udp(view: NodeView | None) -> dict[ServicePortName, ServicePortView]:
+def _udp(view: NodeView | None, only: Iterable[NamespacedName] | None = None
+         ) -> dict[ServicePortName, ServicePortView]:
     if view is None:
         return {}
-    return {s.name: s for s in view.services if s.name.protocol == "UDP"}
+    ports = view.services if only is None else (
+        s for ref in only for s in view.ports_of(ref))
+    return {s.name: s for s in ports if s.name.protocol == "UDP"}
 
 
-def stale_udp_flows(previous: NodeView | None, current: NodeView) -> tuple[StaleFlow, ...]:
+def stale_udp_flows(previous: NodeView | None, current: NodeView,
+                    only: Iterable[NamespacedName] | None = None) -> tuple[StaleFlow, ...]:
     """The UDP conntrack entries to delete after ``current`` was written over ``previous``.
 
     Sorted and without redundancy: a frontend that is flushed whole gets no per-endpoint
-    deletes as well.
+    deletes as well. ``only``: the services that may have changed (a partial sync's);
+    the others are not looked at, so the work follows the change.
     """
     if previous is not None and previous.family != current.family:
         raise ValueError("previous and current node views are of different families")
     family = current.family
-    before, now = _udp(previous), _udp(current)
+    only = None if only is None else sorted(only)
+    before, now = _udp(previous, only), _udp(current, only)
     flows: list[StaleFlow] = []
 
     live: set[Frontend] = set()
@@ -142,9 +148,12 @@ def stale_udp_flows(previous: NodeView | None, current: NodeView) -> tuple[Stale
         flows += [StaleFlow(family, frontend, ip, name, Reason.ENDPOINT_GONE)
                   for frontend, _ in frontends(spv) for ip in gone]
 
-    for name, old in before.items():
-        flows += [StaleFlow(family, frontend, None, name, Reason.FRONTEND_GONE)
-                  for frontend, _ in frontends(old) if frontend not in live]
+    unused = [(name, frontend) for name, old in before.items()
+              for frontend, _ in frontends(old) if frontend not in live]
+    if unused and only is not None:  # another (unchanged) service may serve it now
+        live.update(f for spv in _udp(current).values() for f, _ in frontends(spv))
+    flows += [StaleFlow(family, frontend, None, name, Reason.FRONTEND_GONE)
+              for name, frontend in unused if frontend not in live]
     return _simplify(flows)
 
 

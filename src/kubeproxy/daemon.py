@@ -46,7 +46,7 @@ from kubeproxy.conntrack import stale_udp_flows
 from kubeproxy.dataplane.base import DataPlaneError, Runner, SubprocessRunner
 from kubeproxy.dataplane.conntrack import ConntrackCleaner
 from kubeproxy.healthcheck import HealthCheckServers, desired_servers
-from kubeproxy.model import Family, InvalidObject
+from kubeproxy.model import Family, InvalidObject, NamespacedName
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.nodeview import NodeView
 from kubeproxy.proxier import Proxier
@@ -149,20 +149,23 @@ class Daemon:
                 if result is not None:
                     self._record(result)
                     if result.report is not None:
-                        self._after_sync(dict(result.report.views))
+                        self._after_sync(dict(result.report.views),
+                                         None if result.full else result.changes.services)
                 self._check_intact()
                 self._publish()
         finally:
             self.health_checks.close()
 
-    def _after_sync(self, views: dict[Family, NodeView]) -> None:
-        """Conntrack cleanup and health-check servers for what the sync wrote."""
+    def _after_sync(self, views: dict[Family, NodeView],
+                    changed: frozenset[NamespacedName] | None) -> None:
+        """Conntrack cleanup and health-check servers for what the sync wrote
+        (``changed``: the services a partial sync wrote; None after a full one)."""
         if self._cleaner is not None:
             flows = [f for fam in sorted(views)
-                     for f in stale_udp_flows(self._views.get(fam), views[fam])]
+                     for f in stale_udp_flows(self._views.get(fam), views[fam], changed)]
             try:
                 if flows:
-                    deleted = self._cleaner.delete(flows)
+                    deleted = self.metrics.reconcile_conntrack(self._cleaner.delete, flows)
                     log.info("conntrack: %d stale UDP entries deleted (%d filters)",
                              deleted, len(flows))
             except DataPlaneError as err:
@@ -267,7 +270,7 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
     except ClientError as err:
         raise ConfigError(str(err)) from err
     runner = runner or SubprocessRunner()
-    mode = modes.get(config.mode)
+    mode = modes.for_config(config)
     try:
         plane = mode.data_plane(runner, PlaneOptions(
             iptables_backend=options.iptables_backend, cgroup_path=config.cgroup_path,
@@ -275,7 +278,8 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
     except ValueError as err:
         raise ConfigError(str(err)) from err
     proxier = Proxier(mode, config, plane)
-    health, metrics = Health(2 * config.sync_period), Metrics(config.mode)
+    health = Health(2 * config.sync_period)
+    metrics = Metrics(config.mode, plane=lambda: mode.plane_counts(plane))
     metrics.configz = options.configz
     daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner,
                     intact=plane.intact)

@@ -51,9 +51,6 @@ class Flag:
             else self.names[0].lstrip("-").replace("-", "_")
 
 
-_NO_IPVS = "not passed to the ipvs mode yet (ProxyConfig has no field for it)"
-_LATER = "not yet: the API client work of issue 11 (sources/) will use it"
-
 FLAGS: tuple[Flag, ...] = (
     # --- where the configuration comes from, and one-shot actions ---
     Flag(("--config",), "path", "The path to the configuration file (a "
@@ -73,21 +70,26 @@ FLAGS: tuple[Flag, ...] = (
          ("clientConnection.kubeconfig",)),
     Flag(("--master",), "str",
          "The address of the Kubernetes API server (overrides any value in kubeconfig)"),
+    # JSON or protobuf; protobuf is accepted and answered with JSON, logged once by the
+    # API client (sources/client.py): the wire format changes nothing the proxy sees.
     Flag(("--kube-api-content-type",), "str", "Content type of requests sent to apiserver.",
-         ("clientConnection.contentType",), effect="the client always speaks JSON"),
+         ("clientConnection.contentType",)),
     Flag(("--kube-api-burst",), "int", "Burst to use while talking with kubernetes "
-         "apiserver (default 10)", ("clientConnection.burst",), effect=_LATER),
+         "apiserver (default 10)", ("clientConnection.burst",)),
     Flag(("--kube-api-qps",), "float", "QPS to use while talking with kubernetes apiserver "
-         "(default 5)", ("clientConnection.qps",), effect=_LATER),
+         "(default 5)", ("clientConnection.qps",)),
     Flag(("--config-sync-period",), "duration", "How often configuration from the apiserver "
          "is refreshed. Must be greater than 0. (default 15m0s)", ("configSyncPeriod",),
-         effect="informers re-list when a watch ends, not on a period"),
+         effect="informers do not re-deliver their cache on a period (upstream's resync "
+         "re-delivers unchanged objects, which change no rule)"),
     # --- the node and the servers ---
     Flag(("--hostname-override",), "str", "If non-empty, will be used as the name of the Node "
          "that kube-proxy is running on. Applies with --config too.", ("hostnameOverride",)),
     Flag(("--bind-address",), "str", "Overrides kube-proxy's idea of what its node's primary "
          "IP is (default 0.0.0.0).", ("bindAddress",),
-         effect="the primary IPs come from the Node object"),
+         effect="the primary IPs come from the Node object; upstream falls back to "
+         "bindAddress only for a Node that lists no address, which the node view does not "
+         "do yet"),
     Flag(("--healthz-bind-address",), "str", "The IP address and port for the health check "
          "server to serve on (default 0.0.0.0:10256); empty disables it.",
          ("healthzBindAddress",), metavar="IP:PORT"),
@@ -103,9 +105,9 @@ FLAGS: tuple[Flag, ...] = (
          "bind the metrics server. Use 0 to disable."),
     Flag(("--profiling",), "bool", "If true enables profiling via web interface on "
          "/debug/pprof handler.", ("enableProfiling",), effect="no /debug/pprof (Go only)"),
+    # Honoured trivially: no metric is hidden here, so every one is shown.
     Flag(("--show-hidden-metrics-for-version",), "str", "The previous version for which you "
-         "want to show hidden metrics.", ("showHiddenMetricsForVersion",),
-         effect="no metric is hidden here"),
+         "want to show hidden metrics.", ("showHiddenMetricsForVersion",)),
     # --- the proxy ---
     Flag(("--proxy-mode", "--mode"), "str", "Which proxy mode to use: iptables (default), "
          "nftables, ipvs or ebpf (the modes of kubeproxy.modes).", ("mode",)),
@@ -124,18 +126,17 @@ FLAGS: tuple[Flag, ...] = (
          ("ipvs.syncPeriod",)),
     Flag(("--ipvs-min-sync-period",), "duration", "ipvs mode: minimum period between syncs.",
          ("ipvs.minSyncPeriod",)),
-    Flag(("--ipvs-scheduler",), "str", "ipvs mode: the scheduler.", ("ipvs.scheduler",),
-         effect=_NO_IPVS),
+    Flag(("--ipvs-scheduler",), "str", "ipvs mode: the scheduler.", ("ipvs.scheduler",)),
     Flag(("--ipvs-exclude-cidrs",), "list", "ipvs mode: CIDRs cleanup must not touch.",
-         ("ipvs.excludeCIDRs",), effect=_NO_IPVS),
+         ("ipvs.excludeCIDRs",)),
     Flag(("--ipvs-strict-arp",), "bool", "ipvs mode: arp_ignore=1 and arp_announce=2.",
-         ("ipvs.strictARP",), effect=_NO_IPVS),
+         ("ipvs.strictARP",)),
     Flag(("--ipvs-tcp-timeout",), "duration", "ipvs mode: idle TCP timeout.",
-         ("ipvs.tcpTimeout",), effect=_NO_IPVS),
+         ("ipvs.tcpTimeout",)),
     Flag(("--ipvs-tcpfin-timeout",), "duration", "ipvs mode: TCP FIN timeout.",
-         ("ipvs.tcpFinTimeout",), effect=_NO_IPVS),
+         ("ipvs.tcpFinTimeout",)),
     Flag(("--ipvs-udp-timeout",), "duration", "ipvs mode: UDP timeout.",
-         ("ipvs.udpTimeout",), effect=_NO_IPVS),
+         ("ipvs.udpTimeout",)),
     Flag(("--detect-local-mode",), "str", "How local traffic is detected: ClusterCIDR, "
          "NodeCIDR, BridgeInterface or InterfaceNamePrefix.", ("detectLocalMode",)),
     Flag(("--pod-bridge-interface",), "str", "The bridge for --detect-local-mode "

@@ -31,6 +31,7 @@ flags) still apply - every other configuration flag given is ignored (we log eac
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ FIELDS: dict[str, tuple[Kind, object]] = {
     "iptables.localhostNodePorts": ("bool", True),
     "iptables.syncPeriod": ("duration", "30s"),
     "iptables.minSyncPeriod": ("duration", "1s"),
-    # ipvs: the ipvs mode's sync periods (the rest is not passed to it yet)
+    # ipvs: the ipvs mode's sync periods and its settings (config.IpvsConfig)
     "ipvs.syncPeriod": ("duration", "30s"),
     "ipvs.minSyncPeriod": ("duration", None),
     "ipvs.scheduler": ("str", None),
@@ -99,7 +100,7 @@ FIELDS: dict[str, tuple[Kind, object]] = {
     "detectLocal.bridgeInterface": ("str", None),
     "detectLocal.interfaceNamePrefix": ("str", None),
     "clusterCIDR": ("str", None),  # comma-separated, one per family
-    "nodePortAddresses": ("list", None),  # nftables: [primary] when empty (see below)
+    "nodePortAddresses": ("list", None),  # empty: the mode's Mode.nodeport_default
     "oomScoreAdj": ("int", -999),  # qos.KubeProxyOOMScoreAdj
     # conntrack: node tuning at start (tuning.py)
     "conntrack.maxPerCore": ("int", 32 * 1024),
@@ -130,12 +131,6 @@ SECTIONS: dict[str, str] = {
     "nftables": "nftables",  # nftables.{masqueradeAll,masqueradeBit,syncPeriod,minSyncPeriod}
     "ipvs": "ipvs",  # ipvs.{syncPeriod,minSyncPeriod}
 }
-# nodePortAddresses when the file and flags give none, by mode. Upstream opens NodePorts
-# only on the node's primary IPs in nftables mode ("primary"); not yet here: the lab's
-# nodes are reached from outside on an address their Node object does not list (and
-# nodePortAddresses CIDRs are matched against the Node's addresses), so its NodePort
-# tests would fail. Every mode: every local address, until the lab lists it.
-NODEPORT_DEFAULTS: dict[str, tuple[str, ...]] = {}
 _SECTIONS = frozenset(k.split(".", 1)[0] for k in FIELDS if "." in k)
 _ZERO: dict[Kind, object] = {"str": "", "bool": False, "int": 0, "float": 0.0,
                              "duration": "0s", "list": None, "map": None, "object": None}
@@ -244,8 +239,20 @@ def resolve(file_fields: Mapping[str, object] | None, flag_fields: Mapping[str, 
         if not out[name]:
             out[name] = FIELDS[name][1]
     if not out["nodePortAddresses"]:
-        out["nodePortAddresses"] = list(NODEPORT_DEFAULTS.get(str(out["mode"]), ()))
+        out["nodePortAddresses"] = list(nodeport_default(str(out["mode"])))
     return out
+
+
+def nodeport_default(mode: str) -> tuple[str, ...]:
+    """nodePortAddresses when none is given: the mode's own default (``Mode.
+    nodeport_default``; nftables: upstream's ``primary``), every local address for an
+    unknown mode (it is rejected later, with the list of modes)."""
+    from kubeproxy import modes
+
+    try:
+        return modes.get(mode).nodeport_default
+    except modes.UnknownModeError:
+        return ()
 
 
 def _append_port(address: str, port: str) -> str:
@@ -257,6 +264,12 @@ def _append_port(address: str, port: str) -> str:
     if ":" in address:  # a bare IPv6 address
         return f"[{address}]:{port}"
     return f"{address}:{port}"
+
+
+def configz(fields: Mapping[str, object]) -> bytes:
+    """What the metrics server's ``/configz`` answers, upstream's shape:
+    ``{"kubeproxy.config.k8s.io": <the effective KubeProxyConfiguration>}``."""
+    return json.dumps({"kubeproxy.config.k8s.io": nested(fields)}).encode()
 
 
 def nested(fields: Mapping[str, object]) -> dict[str, Any]:
@@ -279,7 +292,7 @@ def section(fields: Mapping[str, object]) -> str:
 
 def proxy_settings(fields: Mapping[str, object]) -> dict[str, Any]:
     """Defaulted fields -> ProxyConfig keyword arguments (the conversion)."""
-    from kubeproxy.config import parse_cidr_list, parse_detect_local_mode
+    from kubeproxy.config import ipvs_config, parse_cidr_list, parse_detect_local_mode
 
     sec = section(fields)
     kw: dict[str, Any] = {
@@ -298,6 +311,7 @@ def proxy_settings(fields: Mapping[str, object]) -> dict[str, Any]:
         "healthz_bind_address": fields["healthzBindAddress"],
         "metrics_bind_address": fields["metricsBindAddress"],
         "kubeconfig": fields["clientConnection.kubeconfig"],
+        "ipvs": ipvs_config(fields),  # ipvs.{scheduler,strictARP,excludeCIDRs,*Timeout}
     }
     if fields["hostnameOverride"]:
         kw["hostname"] = str(fields["hostnameOverride"]).strip().lower()

@@ -73,17 +73,21 @@ class EndpointView(NamedTuple):
     port: int
     local: bool
     addr: str  # str(ip), computed once: renderers format it many times
-    target: str  # "ip:port", or "[ip]:port" for IPv6
     ready: bool = True  # False: a serving-and-terminating endpoint used as a fallback
+
+    @property
+    def target(self) -> str:
+        """"ip:port", or "[ip]:port" for IPv6. Computed when asked (a renderer asks
+        once per endpoint and memoizes its output): 100,000 kept strings are ~6 MiB."""
+        return f"[{self.addr}]:{self.port}" if self.ip.version == 6 else \
+            f"{self.addr}:{self.port}"
 
     def __str__(self) -> str:
         return self.target
 
 
 def endpoint_view(ip: IPAddress, port: int, local: bool, addr: str = "") -> EndpointView:
-    addr = addr or str(ip)
-    target = f"[{addr}]:{port}" if ip.version == 6 else f"{addr}:{port}"
-    return EndpointView(ip, port, local, addr, target)
+    return EndpointView(ip, port, local, addr or str(ip))
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +211,23 @@ class NodeView:
     def total_endpoints(self) -> int:
         return sum(len(s.all_endpoints) for s in self.services)
 
+    def ports_of(self, ref: NamespacedName) -> tuple[ServicePortView, ...]:
+        """One service's port views, found by bisection (``services`` is sorted by
+        service first), so a partial sync's follow-up work does not scan the node."""
+        services = self.services
+        lo = bisect.bisect_left(services, ref, key=_service_of)
+        hi = bisect.bisect_right(services, ref, lo=lo, key=_service_of)
+        return services[lo:hi]
+
     def by_service(self) -> dict[NamespacedName, list[ServicePortView]]:
         out: dict[NamespacedName, list[ServicePortView]] = defaultdict(list)
         for spv in self.services:
             out[spv.name.service].append(spv)
         return out
+
+
+def _service_of(spv: ServicePortView) -> NamespacedName:
+    return spv.name.service
 
 
 def build_node_views(cluster: Cluster, config: ProxyConfig) -> dict[Family, NodeView]:
@@ -248,6 +264,8 @@ class NodeViewCache:
         self._ports: dict[NamespacedName, tuple[ServicePortView, ...]] = {}
         self._order: list[NamespacedName] = []  # _ports' keys, sorted
         self._seq: list[tuple[ServicePortView, ...]] = []  # _ports' values, in that order
+        self._no_local: dict[NamespacedName, tuple[int, int]] = {}  # nonzero ones only
+        self.no_local = (0, 0)  # :func:`no_local_endpoints` of the last view, kept up to date
 
     def build(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> NodeView:
         node = _node(cluster, self.config)
@@ -273,10 +291,18 @@ class NodeViewCache:
         self._ports = {ref: tuple(views) for ref, views in grouped.items()}
         self._order = list(grouped)  # build_node_view sorts by service first
         self._seq = list(self._ports.values())
+        self._no_local = {ref: n for ref, ports in self._ports.items()
+                          if (n := no_local_endpoints(ports)) != (0, 0)}
+        self.no_local = no_local_endpoints(view.services)
         self._node, self._view = node, view
         return view
 
     def _set(self, ref: NamespacedName, ports: tuple[ServicePortView, ...]) -> None:
+        old = self._no_local.pop(ref, (0, 0))
+        new = no_local_endpoints(ports)
+        if new != (0, 0):
+            self._no_local[ref] = new
+        self.no_local = (self.no_local[0] - old[0] + new[0], self.no_local[1] - old[1] + new[1])
         had = ref in self._ports
         at = bisect.bisect_left(self._order, ref)
         if ports:
@@ -288,6 +314,16 @@ class NodeViewCache:
                 self._seq.insert(at, ports)
         elif had:
             del self._ports[ref], self._order[at], self._seq[at]
+
+
+def no_local_endpoints(ports: Iterable[ServicePortView]) -> tuple[int, int]:
+    """(internal, external): how many of ``ports`` have a Local traffic policy that
+    leaves this node without endpoints (upstream's no_local_endpoints_total gauge)."""
+    internal = external = 0
+    for spv in ports:
+        internal += spv.internal is Route.DROP
+        external += spv.external_policy_local and spv.external is Route.DROP
+    return internal, external
 
 
 def _node(cluster: Cluster, config: ProxyConfig) -> Node:
@@ -385,10 +421,8 @@ def _port_view(
         # endpoint_view(), inlined for the hot path (one call per endpoint per sync).
         here, new, out = node.name, tuple.__new__, []
         for ep, port in cands:
-            addr = ep.address_text
-            target = f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
-            out.append(new(EndpointView, (ep.address, port, ep.node_name == here, addr,
-                                          target, ep.ready)))
+            out.append(new(EndpointView, (ep.address, port, ep.node_name == here,
+                                          ep.address_text, ep.ready)))
         return tuple(out)
 
     cluster_eps = views(cat.cluster) if cat.cluster is not None else ()

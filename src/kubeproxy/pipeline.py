@@ -5,12 +5,13 @@ No I/O here: writing rules is a mode's data plane (modes/), driven by proxier.py
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from kubeproxy import modes
 from kubeproxy.config import ProxyConfig
 from kubeproxy.gcpause import paused_gc
-from kubeproxy.model import Cluster, Family
+from kubeproxy.model import Cluster, Family, Service
 from kubeproxy.nodeview import NodeView, build_node_view
 from kubeproxy.render import iptables
 
@@ -20,7 +21,13 @@ if TYPE_CHECKING:
 
 def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
     """IPv4 always; IPv6 when any service, node address or cluster CIDR is IPv6."""
-    v6 = (any(ip.version == 6 for s in cluster.services for ip in s.cluster_ips)
+    return families_of(cluster.services, cluster, config)
+
+
+def families_of(services: Iterable[Service], cluster: Cluster, config: ProxyConfig
+                ) -> list[Family]:
+    """:func:`families_in_use` looking only at ``services`` among the cluster's."""
+    v6 = (any(ip.version == 6 for s in services for ip in s.cluster_ips)
           or any(ip.version == 6 for n in cluster.nodes for ip in n.addresses)
           or any(c.version == 6 for c in config.cluster_cidrs))
     return [4, 6] if v6 else [4]
@@ -34,7 +41,7 @@ def node_views(cluster: Cluster, config: ProxyConfig) -> list[NodeView]:
 def render(cluster: Cluster, config: ProxyConfig) -> Any:
     """The ruleset of ``config.mode`` for this node."""
     with paused_gc():
-        return modes.get(config.mode).render(node_views(cluster, config))
+        return modes.for_config(config).render(node_views(cluster, config))
 
 
 def render_iptables(cluster: Cluster, config: ProxyConfig) -> dict[Family, iptables.Ruleset]:

@@ -15,15 +15,14 @@ daemon does after a sync (conntrack cleanup, health-check node ports, metrics).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from kubeproxy.config import ProxyConfig
 from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import Cluster, Family, NamespacedName
 from kubeproxy.modes.base import DataPlane, Mode
-from kubeproxy.nodeview import NodeView, NodeViewCache, Route
-from kubeproxy.pipeline import families_in_use
+from kubeproxy.nodeview import NodeViewCache
+from kubeproxy.pipeline import families_in_use, families_of
 from kubeproxy.sync import SyncReport
 
 
@@ -37,27 +36,29 @@ class Proxier:
         self.render = mode.renderer()
 
     def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
-        families = sorted(self.families | set(families_in_use(cluster, self.config)))
+        families = sorted(self.families | set(self._families(cluster, changed)))
         with paused_gc():
-            views = {f: self._cache(f).build(cluster, changed) for f in families}
+            caches = [self._cache(f) for f in families]
+            views = {c.family: c.build(cluster, changed) for c in caches}
             ruleset = self.render(list(views.values()))
         self.plane.sync(ruleset, changed)
         self.families.update(families)
-        return report(views)
+        return SyncReport(no_local={c.family: c.no_local for c in caches}, views=views)
+
+    def _families(self, cluster: Cluster, changed: frozenset[NamespacedName] | None
+                  ) -> list[Family]:
+        """The families in use: a family once in use stays, so a partial sync only looks
+        at the changed services (and the node, and the config) for a new one."""
+        if changed is None:
+            return families_in_use(cluster, self.config)
+        if 6 in self.families:
+            return sorted(self.families)
+        index = cluster.lookup()
+        services = (index.services[ref] for ref in changed if ref in index.services)
+        return families_of(services, cluster, self.config)
 
     def _cache(self, family: Family) -> NodeViewCache:
         cache = self.views.get(family)
         if cache is None:
             cache = self.views[family] = NodeViewCache(self.config, family)
         return cache
-
-
-def report(views: Mapping[Family, NodeView]) -> SyncReport:
-    """The views written, and the service ports whose Local policy leaves this node
-    without endpoints (DROP)."""
-    internal = external = 0
-    for view in views.values():
-        for spv in view.services:
-            internal += spv.internal is Route.DROP
-            external += spv.external_policy_local and spv.external is Route.DROP
-    return SyncReport(no_local_internal=internal, no_local_external=external, views=views)

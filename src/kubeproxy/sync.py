@@ -54,8 +54,9 @@ CHECK_PERIOD = 1.0  # how often the data plane is asked whether its rules are in
 class SyncReport:
     """What a data plane tells the loop about a successful sync (for metrics)."""
 
-    no_local_internal: int = 0  # service ports with internalTrafficPolicy Local, no endpoints
-    no_local_external: int = 0  # service ports with externalTrafficPolicy Local, no endpoints
+    # Per family, (internal, external): service ports whose Local traffic policy leaves
+    # this node without endpoints (nodeview.no_local_endpoints).
+    no_local: Mapping[Family, tuple[int, int]] = field(default_factory=dict)
     # The node views the sync wrote (conntrack cleanup and health-check ports follow them).
     views: Mapping[Family, NodeView] = field(default_factory=dict)
 
@@ -120,7 +121,10 @@ class SyncLoop:
     # --- inputs -------------------------------------------------------------------
 
     def initial_list_done(self, kind: Kind) -> None:
-        """A source finished its first list; rules may be written once both are done."""
+        """A source finished its first list; rules may be written once all three are done
+        (the Node too, as upstream waits for its Node: without it, NodePort addresses
+        (``primary``), the local-traffic detector and topology would be written wrong
+        for a moment)."""
         self._synced.add(kind)
         if self._ready_at is None and self.ready:
             self._ready_at = self._clock()
@@ -134,7 +138,7 @@ class SyncLoop:
 
     @property
     def ready(self) -> bool:
-        return {"Service", "EndpointSlice"} <= self._synced
+        return {"Service", "EndpointSlice", "Node"} <= self._synced
 
     # --- scheduling ---------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Fixtures for the API server tests: a running server, kubectl, the Python client.
 
 The server runs in this process on a free 127.0.0.1 port (threads), with a short bookmark
-interval so bookmark tests are quick; it is always stopped. kubectl runs as a real
-subprocess against a kubeconfig the server wrote, with a private discovery cache, for
-each version in KUBECTL_VERSIONS that is installed.
+interval so bookmark tests are quick; it is always stopped. `api` is the open plain-HTTP
+server (most tests speak raw HTTP to it); `secure_api` is configured as the lab runs it
+(TLS with a CA of its own, client certificates, service-account tokens, RBAC). kubectl
+runs as a real subprocess against a kubeconfig the server wrote, with a private discovery
+cache, for each version in KUBECTL_VERSIONS that is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 import pytest
 
 from kubeproxy.apiserver import ApiServer, ServerConfig
+from kubeproxy.apiserver.auth import AuthConfig
+from kubeproxy.apiserver.server import KubeconfigUser, TlsFiles
+from kubeproxy.lab import pki as lab_pki
 
 SDK_BIN = Path("/usr/lib/google-cloud-sdk/bin")
 KUBECTL_VERSIONS = ("1.27", "1.33")
@@ -41,6 +46,29 @@ def start_server(tmp: Path, **overrides: Any) -> Running:
     kubeconfig = tmp / "kubeconfig"
     server.write_kubeconfig(str(kubeconfig))
     return Running(server, kubeconfig)
+
+
+def start_secure(tmp: Path, **overrides: Any) -> Running:
+    """A server as the lab runs it: TLS, client certificates, service-account tokens,
+    RBAC; its kubeconfig is the admin's (O=system:masters)."""
+    pki = lab_pki.ensure(tmp / "pki")
+    security = {
+        "tls": TlsFiles(str(pki.cert("apiserver")), str(pki.key("apiserver")),
+                        str(pki.ca_cert)),
+        "auth": AuthConfig(pki.sa_key.read_bytes().strip()),
+        "kubeconfig_user": KubeconfigUser(pki.cert("admin").read_text(),
+                                          pki.key("admin").read_text()),
+    }
+    return start_server(tmp, **{**security, **overrides})
+
+
+@pytest.fixture(scope="session")
+def secure_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    running = start_secure(tmp_path_factory.mktemp("secure-apiserver"))
+    try:
+        yield running
+    finally:
+        running.server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -104,11 +132,22 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 @pytest.fixture(params=KUBECTL_VERSIONS, ids=lambda v: f"kubectl{v}")
 def kubectl(request: pytest.FixtureRequest, api: Running,
             tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
-    version: str = request.param
+    return _kubectl(request.param, api, tmp_path_factory.getbasetemp() / "kubectl-cache")
+
+
+@pytest.fixture(params=KUBECTL_VERSIONS, ids=lambda v: f"kubectl{v}")
+def secure_kubectl(request: pytest.FixtureRequest, secure_api: Running,
+                   tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
+    """kubectl with the secure server's admin kubeconfig (CA + client certificate)."""
+    return _kubectl(request.param, secure_api,
+                    tmp_path_factory.getbasetemp() / "kubectl-secure-cache")
+
+
+def _kubectl(version: str, api: Running, cache_base: Path) -> Kubectl:
     binary = kubectl_path(version)
     if binary is None:
         pytest.skip(f"kubectl {version} is not installed")
-    cache = tmp_path_factory.getbasetemp() / f"kubectl-cache-{version}"
+    cache = Path(f"{cache_base}-{version}")
 
     def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
             check: bool = True, namespace: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,8 @@
 """Regenerate src/kubeproxy/apiserver/_schemadata.py from the official Python client.
 
 The API server needs the field catalogue of every type reachable from the kinds it serves
-(Pod, Service, Node, Namespace, EndpointSlice and the meta types): for pruning unknown
+(Pod, Service, Node, Namespace, EndpointSlice, ConfigMap, ServiceAccount,
+DaemonSet, the RBAC kinds, TokenRequest and the meta types): for pruning unknown
 fields, for strict field validation and for the OpenAPI documents kubectl downloads.
 The `kubernetes` client package carries exactly that catalogue in its models, so we read
 it from there once, at development time, and check the compact result into the package:
@@ -23,6 +24,10 @@ ROOTS = [
     "V1Pod", "V1PodList", "V1Service", "V1ServiceList", "V1Node", "V1NodeList",
     "V1Namespace", "V1NamespaceList", "V1EndpointSlice", "V1EndpointSliceList",
     "V1Status", "V1DeleteOptions", "V1WatchEvent",
+    "V1ConfigMap", "V1ConfigMapList", "V1ServiceAccount", "V1ServiceAccountList",
+    "V1DaemonSet", "V1DaemonSetList", "V1ClusterRole", "V1ClusterRoleList",
+    "V1ClusterRoleBinding", "V1ClusterRoleBindingList", "V1Role", "V1RoleList",
+    "V1RoleBinding", "V1RoleBindingList", "AuthenticationV1TokenRequest",
 ]
 
 # Types that live in apimachinery's meta/v1 and in discovery/v1; all others are core/v1.
@@ -35,16 +40,32 @@ DISCOVERY = {
     "EndpointSlice", "EndpointSliceList", "Endpoint", "EndpointConditions",
     "EndpointHints", "ForZone", "ForNode", "EndpointPort",
 }
+APPS = {
+    "DaemonSet", "DaemonSetList", "DaemonSetSpec", "DaemonSetStatus", "DaemonSetCondition",
+    "DaemonSetUpdateStrategy", "RollingUpdateDaemonSet",
+}
+RBAC = {
+    "ClusterRole", "ClusterRoleList", "ClusterRoleBinding", "ClusterRoleBindingList", "Role",
+    "RoleList", "RoleBinding", "RoleBindingList", "PolicyRule", "RoleRef", "Subject",
+    "AggregationRule",
+}
+AUTHN = {"TokenRequest", "TokenRequestSpec", "TokenRequestStatus", "BoundObjectReference"}
 
 
 def short_name(cls_name: str) -> str:
     """V1ServicePort -> core.ServicePort; DiscoveryV1EndpointPort -> disc.EndpointPort."""
-    m = re.fullmatch(r"(Core|Discovery)?V1(\w+)", cls_name)
+    m = re.fullmatch(r"(Core|Discovery|Rbac|Authentication)?V1(\w+)", cls_name)
     if m is None:
         raise ValueError(cls_name)
     base = m.group(2)
     if m.group(1) == "Discovery" or (m.group(1) is None and base in DISCOVERY):
         return f"disc.{base}"
+    if base in APPS:
+        return f"apps.{base}"
+    if m.group(1) == "Rbac" or (m.group(1) is None and base in RBAC):
+        return f"rbac.{base}"
+    if m.group(1) == "Authentication" or (m.group(1) is None and base in AUTHN):
+        return f"authn.{base}"
     if m.group(1) is None and base in META:
         return f"meta.{base}"
     return f"core.{base}"
@@ -61,6 +82,8 @@ def type_token(annotation: Any, owner: str, field: str, refs: list[str]) -> str:
                  for a in args]
         if set(inner) == {int, str}:
             return "ios"
+        if set(inner) == {bytes, str}:
+            return "str"  # []byte: base64 text in JSON
         if len(args) == 1:
             return type_token(args[0], owner, field, refs)
         raise ValueError(f"{owner}.{field}: {annotation}")

@@ -274,14 +274,26 @@ def test_resource_list_names_every_resource(app: Api) -> None:
     core = json.loads(call(app, "GET", "/api/v1").body)
     names = {r["name"] for r in core["resources"]}
     assert names == {"namespaces", "namespaces/status", "nodes", "nodes/status", "pods",
-                     "pods/status", "services", "services/status"}
+                     "pods/status", "services", "services/status", "configmaps",
+                     "serviceaccounts", "serviceaccounts/token"}
+    token = next(r for r in core["resources"] if r["name"] == "serviceaccounts/token")
+    assert (token["group"], token["version"], token["kind"], token["verbs"]) == \
+        ("authentication.k8s.io", "v1", "TokenRequest", ["create"])
     disc = json.loads(call(app, "GET", "/apis/discovery.k8s.io/v1").body)
     assert [r["name"] for r in disc["resources"]] == ["endpointslices"]
+    apps = json.loads(call(app, "GET", "/apis/apps/v1").body)
+    assert [r["name"] for r in apps["resources"]] == ["daemonsets", "daemonsets/status"]
+    rbac = json.loads(call(app, "GET", "/apis/rbac.authorization.k8s.io/v1").body)
+    assert [r["name"] for r in rbac["resources"]] == ["clusterroles", "clusterrolebindings",
+                                                       "roles", "rolebindings"]
 
 
 def test_openapi_v3_declares_field_validation_for_every_kind() -> None:
     for group, version, kind in (("", "v1", "Service"), ("", "v1", "Pod"), ("", "v1", "Node"),
-                                 ("discovery.k8s.io", "v1", "EndpointSlice")):
+                                 ("discovery.k8s.io", "v1", "EndpointSlice"),
+                                 ("", "v1", "ConfigMap"), ("", "v1", "ServiceAccount"),
+                                 ("apps", "v1", "DaemonSet"),
+                                 ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding")):
         doc = openapi.v3_document(group, version)
         patches = [op for item in doc["paths"].values() for m, op in item.items()
                    if m == "patch" and op["x-kubernetes-group-version-kind"]["kind"] == kind]

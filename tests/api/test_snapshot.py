@@ -62,6 +62,21 @@ def test_restore_keeps_objects_uids_and_resource_versions() -> None:
     assert int(created["metadata"]["resourceVersion"]) == store.resource_version + 1
 
 
+def test_restore_adds_missing_bootstrap_rbac_only() -> None:
+    store, clock = populated()
+    snapshot = json.loads(json.dumps(store.dump()))
+    bindings = snapshot["objects"][r.CLUSTERROLEBINDINGS.key]
+    node_proxier = next(b for b in bindings if b["metadata"]["name"] == "system:node-proxier")
+    node_proxier["subjects"] = []  # changed by an admin: kept as it is
+    snapshot["objects"][r.CLUSTERROLES.key] = [  # a snapshot from before RBAC: restored
+        role for role in snapshot["objects"][r.CLUSTERROLES.key]
+        if role["metadata"]["name"] != "system:node-proxier"]
+    again = Store.restore(snapshot, clock=clock, rng=random.Random(4))
+    assert again.get(r.CLUSTERROLES, None, "system:node-proxier")["rules"]
+    assert again.get(r.CLUSTERROLEBINDINGS, None, "system:node-proxier")["subjects"] == []
+    assert again.resource_version == store.resource_version + 1  # one object created
+
+
 def test_restore_keeps_allocations_and_pending_deletions() -> None:
     store, clock = populated()
     again = restored(store, clock)

@@ -40,7 +40,7 @@ from kubeproxy.apiserver import ApiServer, ServerConfig
 from kubeproxy.config import ProxyConfig
 from kubeproxy.daemon import Daemon
 from kubeproxy.dataplane import bpf_sys
-from kubeproxy.dataplane.base import NetnsRunner
+from kubeproxy.dataplane.base import NetnsRunner, SubprocessRunner
 from kubeproxy.lab import cgroups
 from kubeproxy.model import NamespacedName
 from kubeproxy.modes.base import DataPlane, PlaneOptions
@@ -169,10 +169,13 @@ def leftovers(ns: str) -> str:
 
 
 def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} in /metrics")
+    """A metric's value over its series (per IP family): summed, or the newest for a
+    timestamp."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith((name + " ", name + "{"))]
+    if not values:
+        raise AssertionError(f"no {name} in /metrics")
+    return max(values) if name.endswith("_timestamp_seconds") else sum(values)
 
 
 # --- fixtures ----------------------------------------------------------------------
@@ -195,6 +198,8 @@ def plane_options(mode: str, tmp_path: Path) -> Iterator[PlaneOptions]:
     gets a child cgroup of its own (kpt-...), bind-mounted where the daemon sees it
     (``ip netns exec`` remounts /sys), and a private bpffs, both made here in the root
     mount namespace (so this test reads the same pins) and removed even on failure."""
+    if reason := modes.get(mode).kernel_support(SubprocessRunner()):
+        pytest.skip(f"{mode} mode: {reason}")
     if not modes.get(mode).needs_cgroup:
         yield PlaneOptions()
         return

@@ -25,13 +25,17 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config import IpvsConfig, ProxyConfig
 from kubeproxy.dataplane.base import NetnsRunner, SubprocessRunner
+from kubeproxy.dataplane.ipvs_netlink import NetlinkIpvs, Timeouts
+from kubeproxy.dataplane.netlink import find_netns
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.modes.base import PlaneOptions
-from kubeproxy.modes.ipvs import MODE, DataPlane
+from kubeproxy.modes.ipvs import MODE, DataPlane, configure
 from kubeproxy.pipeline import node_views
+from kubeproxy.proxier import Proxier
+from kubeproxy.render.ipvs import RealServer, VirtualServer
 from kubeproxy.trace.ipvs import parse_state, state_of
 from kubeproxy.trace.result import Packet
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
@@ -131,11 +135,13 @@ def objects(**svc: Any) -> list[Obj]:
                                                            ("dns", 5353, "UDP")])]
 
 
+CONFIG = ProxyConfig(hostname=NODE, cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),))
+
+
 def views(objs: list[Obj]) -> Any:
     cluster = decode_objects(objs)
     assert not cluster.errors
-    return node_views(cluster, ProxyConfig(hostname=NODE,
-                                           cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),)))
+    return node_views(cluster, CONFIG)
 
 
 def plane(net: Net) -> DataPlane:
@@ -236,3 +242,53 @@ def test_intact_and_cleanup(net: Net) -> None:
     assert "KUBE-" not in runner.run(["iptables-legacy-save"]).stdout
     text = dp.rules()
     assert "-A -t" not in text and "create KUBE" not in text
+
+
+def test_the_ipvs_settings_reach_the_kernel(net: Net) -> None:
+    """wrr, strict ARP, the timeouts; a virtual server in excludeCIDRs that someone else
+    wrote survives a full sync, intact() and cleanup."""
+    settings = IpvsConfig(scheduler="wrr", strict_arp=True,
+                          exclude_cidrs=(ipaddress.ip_network("10.96.0.0/16"),),
+                          tcp_timeout=900, tcpfin_timeout=60, udp_timeout=120)
+    mode = configure(settings)
+    runner = NetnsRunner(net.node)
+    other = NetlinkIpvs(find_netns(runner))  # someone else's virtual server
+    theirs = VirtualServer(ipaddress.ip_address("10.96.5.5"), 443, "tcp", "rr", 0, 0, (),
+                           NamespacedName("other", "x"), "cluster IP")
+    other.add_service(theirs)
+    other.add_dest((theirs.ip, "tcp", 443), RealServer(ipaddress.ip_address(POD), 8080))
+    other.commit()
+    try:
+        dp = mode.data_plane(runner, PlaneOptions(iptables_backend="legacy"))
+        dp.sync(mode.render(views(objects())))
+        text = dp.rules()
+        assert "-A -t 172.30.0.41:80 -s wrr" in text
+        assert "-A -t 10.96.5.5:443 -s rr" in text
+        assert other.timeouts() == Timeouts(900, 60, 120)
+        for key, value in (("arp_ignore", "1"), ("arp_announce", "2")):
+            got = runner.run(["sysctl", "-n", f"net.ipv4.conf.all.{key}"]).stdout.strip()
+            assert got == value, key
+        assert dp.intact()
+        assert net.ask(net.client, "172.30.0.41", 80) == NODE_POD_SIDE
+        dp.cleanup()
+        text = dp.rules()
+        assert "172.30.0.41" not in text
+        assert f"-a -t 10.96.5.5:443 -r {POD}:8080 -m -w 1" in text
+    finally:
+        other.close()
+
+
+def test_partial_syncs_follow_a_cluster_as_a_full_sync_does(net: Net) -> None:
+    """The memoized renderer and partial syncs against the kernel: after each step the
+    kernel holds what one full sync of a fresh plane writes."""
+    steps = [(frozenset({A}), objects(sessionAffinity="ClientIP")),
+             (frozenset({A}), objects(externalTrafficPolicy="Local")),
+             (frozenset({A}), [node()])]
+    incremental = Proxier(MODE, CONFIG, plane(net))
+    incremental.sync(decode_objects(objects()), None)
+    for changed, objs in steps:
+        cluster = decode_objects(objs)
+        incremental.sync(cluster, changed)
+        partial = incremental.plane.rules()
+        incremental.sync(cluster, None)
+        assert incremental.plane.rules() == partial, changed

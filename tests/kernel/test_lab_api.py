@@ -244,12 +244,15 @@ def test_get_watch_sees_readiness_change(lab: Lab, watching: queue.Queue[str]) -
 
 
 def http_code(lab: Lab, where: str, url: str) -> str:
-    """curl's HTTP status for url, run inside a lab namespace ("000": no connection)."""
+    """curl's HTTP status for url, run inside a lab namespace ("000": no connection).
+    https URLs (the API server's) are checked against the lab's CA."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
+    tls = ["--cacert", str(lab.store.ca_cert)] if url.startswith("https://") else []
     done = subprocess.run(
         lab.net.exec_argv(lab.namespace_of(where), [
-            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url,
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", *tls,
+            url,
         ]),
         capture_output=True, text=True, check=False, timeout=30,
     )  # fmt: skip
@@ -260,20 +263,20 @@ def http_code(lab: Lab, where: str, url: str) -> str:
 def test_proxy_healthz_answers_inside_its_node(lab: Lab, node: str) -> None:
     assert http_code(lab, node, "http://127.0.0.1:10256/healthz") == "200"
     assert http_code(lab, node, "http://127.0.0.1:10249/metrics") == "200"
-    assert http_code(lab, node, "http://127.0.0.1:6443/version") == "200"  # its API server
+    assert http_code(lab, node, "https://127.0.0.1:6443/version") == "200"  # its API server
 
 
 # (from, url): the API server is not reachable from pods, the outside, or across nodes.
 UNREACHABLE = [
-    ("client", "http://127.0.0.1:6443/version"),
-    ("client", "http://192.168.0.2:6443/version"),
-    ("external", "http://192.168.0.2:6443/version"),
-    ("node-2", "http://192.168.0.2:6443/version"),
+    ("client", "https://127.0.0.1:6443/version"),
+    ("client", "https://192.168.0.2:6443/version"),
+    ("external", "https://192.168.0.2:6443/version"),
+    ("node-2", "https://192.168.0.2:6443/version"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("source", "url"), UNREACHABLE, ids=[f"{s}->{u[7:-8]}" for s, u in UNREACHABLE]
+    ("source", "url"), UNREACHABLE, ids=[f"{s}->{u[8:-8]}" for s, u in UNREACHABLE]
 )
 def test_api_server_is_reachable_from_nowhere_else(lab: Lab, source: str, url: str) -> None:
     assert http_code(lab, source, url) == "000"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from kubeproxy.lab.processes import python_env
 from kubeproxy.lab.runtime import Lab
 from kubeproxy.sources.client import Client
 from kubeproxy.sources.informer import Backoff, Informer, Replace, Resource
-from kubeproxy.sources.kubeconfig import ClusterAccess
+from kubeproxy.sources.kubeconfig import load_kubeconfig
 from kubeproxy.tracker import Update
 from tests.kernel.conftest import MakeLab, mode_tag
 
@@ -170,7 +171,7 @@ def test_hung_api_server_is_noticed_and_the_lab_follows(lab: Lab) -> None:
     pid = state.processes.apiserver
     assert pid is not None
     sink = Sink()
-    informer = Informer(Client(ClusterAccess(f"http://127.0.0.1:{state.api_port}")),
+    informer = Informer(Client(load_kubeconfig(lab.store.kubeconfig)),
                         Resource("Service", "/api/v1/services"), sink.emit,
                         watch_timeout=(300, 600), stall_timeout=STALL,
                         backoff=Backoff(initial=0.1, cap=0.5)).start()
@@ -194,3 +195,31 @@ def test_hung_api_server_is_noticed_and_the_lab_follows(lab: Lab) -> None:
     now = agent_connections(lab)
     assert all(now[k] > before[k] for k in KINDS), ("the agent gave up its hung watches",
                                                     before, now)
+
+
+def mentions(rules: str, ip: str) -> bool:
+    return re.search(rf"(?<![\d.]){re.escape(ip)}(?!\d)", rules) is not None
+
+
+def test_proxy_restart_converges_with_no_stale_rules(lab: Lab) -> None:
+    """The proxy stopped (its rules stay in the kernel), a Service deleted and another
+    created meanwhile, the proxy started again: its first sync removes every rule of
+    the deleted Service and writes the new one, while ``web`` never stops answering."""
+    api = lab.api()
+    api.create(service("doomed"))
+    lab.settle()
+    assert_reachable(lab, "doomed")
+    doomed = lab.address_of("doomed")
+    assert mentions(lab.node_rules(), doomed), "the check below can see a stale rule"
+
+    def while_stopped() -> None:
+        assert mentions(lab.node_rules(), doomed), "a stopped proxy leaves its rules"
+        api.create(service("born"))  # first, so that it cannot take doomed's ClusterIP
+        api.delete("Service", "default", "doomed")
+
+    with Prober(lab).running():
+        lab.restart_proxies(between=while_stopped)
+    rules = lab.node_rules()
+    assert not mentions(rules, doomed), f"stale rules for {doomed}:\n{rules}"
+    assert_reachable(lab, "born")
+    assert_reachable(lab, "web")

@@ -46,6 +46,9 @@ ROLES = {
                  "firewall-": "firewall", "endpoint-": "endpoints"},
 }
 ROLES["ebpf"] = ROLES["nftables"]
+ROLES["ipvs"] = {}  # virtual servers and ipset entries, no per-service chains
+# Chains ipvs mode writes that look like iptables' per-service ones: none may.
+IPVS_LIKE = tuple(ROLES["iptables"])
 
 
 def by_role(names: ChainNames) -> dict[str, set[str]]:
@@ -71,6 +74,9 @@ def test_names_are_the_rendered_per_service_chains(case: Case, mode: str) -> Non
                    for prefix, role in ROLES[mode].items()}
     for role in ROLES[mode].values():
         assert named.get(role, set()) == per_service[role], role
+    if not ROLES[mode]:  # a mode without per-service chains names none, writes none
+        assert all(not found for found in named.values()), named
+        assert not {c for c in real if c.startswith(IPVS_LIKE)}
 
 
 @pytest.mark.parametrize("mode", modes.NAMES)
@@ -80,6 +86,15 @@ def test_seed_names(mode: str) -> None:
     _, views = lab_views(CASES[0], mode)
     names = {str(spv.name): modes.get(mode).chain_names(spv) for spv in views[0].services}
     plain, nodeport = names["default/my-service:http"], names["default/my-service-nodeport:http"]
+    virtual = modes.get(mode).virtual_servers
+    if virtual is not None:  # no chains: a virtual server per frontend, every pod real
+        assert plain.all() == nodeport.all() == ()
+        spv = next(s for s in views[0].services if str(s.name) == "default/my-service:http")
+        [vs] = virtual(views[0], spv)
+        assert (vs.frontend, vs.firewall) == ("ClusterIP", None)
+        assert vs.addresses == (f"{spv.cluster_ip}:80/tcp",)
+        assert set(vs.reals) == {"10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"}
+        return
     assert (plain.local, plain.external, plain.firewall) == (None, None, None)
     assert plain.service and nodeport.service and nodeport.external
     endpoints = {"10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kubeproxy import __version__
+
 ROOT = Path(__file__).resolve().parents[2]
 SEED = str(ROOT / "examples" / "seed.yaml")
 SEED_PODS = ["10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"]
@@ -116,3 +118,16 @@ iptables: {masqueradeAll: true, masqueradeBit: 12}
     cfg.write_text("kind: KubeProxyConfiguration\napiVersion: v1\n")
     done = kubeproxy("render", "-f", SEED, "--config", str(cfg))
     assert done.returncode == 2 and "apiVersion" in done.stderr
+
+
+def test_version_loads_neither_the_daemon_nor_the_metrics_library() -> None:
+    """`kube-proxy --version` stays cheap: prometheus-client is the daemon's (docs/flags.md)."""
+    code = ("import sys; from kubeproxy.cli import kube_proxy_main; "
+            "rc = kube_proxy_main(['--version']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prometheus_client' "
+            "or m == 'kubeproxy.daemon'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"kubeproxy v{__version__} (kube-proxy's command line)", "[]"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,8 @@ def test_nftables_section_governs_nftables_mode(tmp_path: Path) -> None:
     config = build_config(run_args("--config", str(path)))
     assert (config.masquerade_all, config.masquerade_bit, config.sync_period) == (
         True, 9, 45.0)
-    # Upstream's nftables default is ("primary",); not yet here (kpconfig.NODEPORT_DEFAULTS).
-    assert config.nodeport_addresses == ()
+    # Upstream's nftables default (Mode.nodeport_default): the Node's primary IPs only.
+    assert config.nodeport_addresses == ("primary",)
     iptables = build_config(run_args("--config", str(kubeadm_conf(
         tmp_path, iptables__masqueradeBit=3, iptables__syncPeriod="10s"))))
     assert (iptables.masquerade_bit, iptables.sync_period) == (3, 10.0)
@@ -117,8 +118,57 @@ def test_zero_min_sync_period_flag_is_kept() -> None:
 
 def test_no_effect_flags_are_logged() -> None:
     notes = flags.effective(run_args("--ipvs-scheduler", "rr", "--profiling")).notes
-    assert any("--ipvs-scheduler" in n and "ipvs" in n for n in notes)
     assert any("--profiling" in n for n in notes)
+    assert not any("--ipvs-scheduler" in n for n in notes), "honoured: modes.for_config"
+
+
+@pytest.mark.parametrize(("flag", "honoured"), [
+    (["--kube-api-qps", "50"], True),
+    (["--kube-api-burst", "100"], True),
+    (["--kube-api-content-type", "application/vnd.kubernetes.protobuf"], True),
+    (["--show-hidden-metrics-for-version", "1.32"], True),  # nothing is hidden
+    (["--profiling"], False),
+    (["--config-sync-period", "1m"], False),
+    (["--bind-address", "192.168.0.2"], False),
+], ids=lambda v: v[0] if isinstance(v, list) else str(v))
+def test_which_flags_say_they_have_no_effect(flag: list[str], honoured: bool) -> None:
+    notes = flags.effective(run_args(*flag)).notes
+    assert any(flag[0] in n and "no effect" in n for n in notes) is not honoured
+
+
+def test_api_client_flags_reach_the_rate_limiter() -> None:
+    from kubeproxy.cli import _client_options
+
+    args = run_args("--kube-api-qps", "50", "--kube-api-burst", "100",
+                    "--kube-api-content-type", "application/vnd.kubernetes.protobuf")
+    options = _client_options(flags.effective(args).fields)
+    limiter = options.limiter()
+    assert limiter is not None and (limiter.qps, limiter.burst) == (50.0, 100)
+    assert options.content_type == "application/vnd.kubernetes.protobuf"
+    default = _client_options(flags.effective(run_args()).fields).limiter()
+    assert default is not None and (default.qps, default.burst) == (5.0, 10)  # client-go's
+    with pytest.raises(ConfigError, match="content type"):
+        _client_options(flags.effective(run_args("--kube-api-content-type", "text/xml")).fields)
+
+
+@pytest.mark.parametrize(("mode", "nodeports"), [
+    ("nftables", ("primary",)),  # upstream's platformApplyDefaults
+    ("iptables", ()), ("ipvs", ()), ("ebpf", ()),  # every local address
+])
+def test_nodeport_addresses_default_by_mode(mode: str, nodeports: tuple[str, ...]) -> None:
+    assert build_config(run_args("--proxy-mode", mode)).nodeport_addresses == nodeports
+    given = build_config(run_args("--proxy-mode", mode, "--nodeport-addresses", "10.0.0.0/8"))
+    assert given.nodeport_addresses == ("10.0.0.0/8",)  # given: never the default
+
+
+def test_configz_is_upstreams_shape() -> None:
+    doc = json.loads(kpconfig.configz(flags.effective(run_args("--proxy-mode", "nftables",
+                                                                 "--kube-api-qps", "7")).fields))
+    assert list(doc) == ["kubeproxy.config.k8s.io"]
+    cfg = doc["kubeproxy.config.k8s.io"]
+    assert (cfg["kind"], cfg["apiVersion"]) == (kpconfig.KIND, kpconfig.API_VERSION)
+    assert cfg["mode"] == "nftables" and cfg["nodePortAddresses"] == ["primary"]
+    assert cfg["clientConnection"]["qps"] == 7.0 and cfg["nftables"]["syncPeriod"] == "30s"
 
 
 @pytest.mark.parametrize(("doc", "message"), [

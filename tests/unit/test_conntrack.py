@@ -119,8 +119,27 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_stale_udp_flows(case: Case) -> None:
     before = view(case.before) if case.before is not None else None
-    got = [str(f) for f in stale_udp_flows(before, view(case.after))]
+    after = view(case.after)
+    got = [str(f) for f in stale_udp_flows(before, after)]
     assert got == case.want
+    # A partial sync's cleanup looks only at the changed services: the same answer.
+    old = before.by_service() if before is not None else {}
+    changed = {ref for ref in {*old, *after.by_service()}
+               if old.get(ref, []) != list(after.ports_of(ref))}
+    assert [str(f) for f in stale_udp_flows(before, after, changed)] == case.want
+
+
+def test_a_frontend_another_unchanged_service_still_serves_is_not_flushed() -> None:
+    """Two services on one external IP:port; one of them goes: the other keeps it."""
+    other = [service("dns2", cluster_ip="172.30.0.11", ports=DNS_PORTS, **EXTERNAL),
+             endpoint_slice("dns2", [endpoint("10.180.0.2")], ports=DNS_SLICE_PORTS)]
+    before = view([*dns("10.180.0.1", **EXTERNAL), *other])
+    after = view(other)
+    gone = NamespacedName("ns1", "dns")
+    assert [str(f) for f in stale_udp_flows(before, after, {gone})] == \
+        [str(f) for f in stale_udp_flows(before, after)]
+    assert "udp 203.0.113.5:53 (ns1/dns:dns, frontend-gone)" not in \
+        [str(f) for f in stale_udp_flows(before, after, {gone})]
 
 
 def test_ipv6_family() -> None:

@@ -18,7 +18,7 @@ from kubeproxy import modes
 from kubeproxy.config import ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
-from kubeproxy.nodeview import NodeViewCache, build_node_view
+from kubeproxy.nodeview import NodeViewCache, build_node_view, no_local_endpoints
 from kubeproxy.pipeline import families_in_use
 from kubeproxy.proxier import Proxier
 from kubeproxy.tracker import Tracker, Update
@@ -107,11 +107,16 @@ def test_incremental_equals_from_scratch(steps: list[tuple[list[Any], bool]]) ->
         changed = None if (first or full or changes.full) else changes.services
         first = False
         for family in (4, 6):
-            assert caches[family].build(cluster, changed) == \
-                build_node_view(cluster, CONFIG, family)
+            scratch_view = build_node_view(cluster, CONFIG, family)
+            assert caches[family].build(cluster, changed) == scratch_view
+            assert caches[family].no_local == no_local_endpoints(scratch_view.services)
         for name, proxier in kept.items():
             mode = modes.get(name)
-            proxier.sync(cluster, changed)
+            report = proxier.sync(cluster, changed)
+            assert report.no_local == {
+                f: no_local_endpoints(view.services) for f, view in report.views.items()}
+            assert sorted(report.views) == families_in_use(cluster, CONFIG) or \
+                set(report.views) == proxier.families
             scratch = Proxier(mode, with_mode(name), mode.fake())
             scratch.sync(cluster, None)
             assert proxier.plane.rules() == scratch.plane.rules(), name

@@ -195,6 +195,23 @@ def test_partial_sync_is_one_restore_and_nothing_else(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_sync_leaves_unchanged_tables_and_top_chains_out(backend: Backend) -> None:
+    """svc2 loses one of its endpoints: only nat and svc2's own chains are named (a legacy
+    kernel rewrites every table named; KUBE-SERVICES is 10,000 rules at 10,000
+    services); the kernel still holds exactly the new render."""
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 4, backend)
+    plane.sync(rules_for(feature_cluster()))
+    after = rules_for(feature_cluster(endpoints_svc2=1))
+    n = len(fake.restores())
+    plane.sync(after, {SVC2})
+    sent = last_restore(fake, n)
+    assert set(sent) == {"nat"}, "no mangle canary, no filter table"
+    assert written(sent["nat"]) == owned(after, SVC2)
+    assert tables(plane.save()) == tables(after.save_text(tables=("filter", "nat")))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_full_sync_restores_a_missing_jump_in_its_restore(backend: Backend) -> None:
     fake = FakeIptables()
     plane = IptablesDataPlane(fake, 4, backend)

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy import modes
+from kubeproxy.config import IpvsConfig, ProxyConfig
 from kubeproxy.k8s import decode_objects
-from kubeproxy.model import parse_cidr
+from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.modes.ipvs import MODE
+from kubeproxy.nodeview import NodeViewCache, build_node_view
 from kubeproxy.pipeline import node_views
 from kubeproxy.render import ipvs
 from kubeproxy.render.ipvs import IpvsRuleset
@@ -198,3 +200,75 @@ def test_trace_explains_the_ipvs_choice() -> None:
     assert "IPVS LOCAL_IN: virtual server tcp 172.30.0.41:80 (scheduler rr) picks one of 2" in text
     assert "(dst,dst) in set KUBE-CLUSTER-IP -> ACCEPT" in text
     assert "IPVS tcp 172.30.0.41:80" in result.path
+
+
+# --- the memoized renderer (Mode.renderer) ----------------------------------------------------
+
+def _svc(name: str, vip: str, *eps: str, np: int = 0, **spec: Any) -> list[Obj]:
+    return [service(name, cluster_ip=vip, type="NodePort" if np else "ClusterIP",
+                    ports=[("p80", 80, "TCP", np)], **spec),
+            endpoint_slice(name, [endpoint(ip) for ip in eps])]
+
+
+_X, _Y, _Z = (NamespacedName("ns1", n) for n in "xyz")
+_SHARED: dict[str, Any] = {"externalIPs": ["192.168.99.1"]}  # x and y claim 192.168.99.1:80 both
+# (changed services, the cluster): partial steps as the daemon would sync them.
+MEMO_STEPS: list[tuple[frozenset[NamespacedName] | None, list[Obj]]] = [
+    (None, [node(), *_svc("x", "172.30.0.1", "10.180.0.1", **_SHARED),
+            *_svc("y", "172.30.0.2", "10.180.0.2", np=3001, **_SHARED)]),
+    (frozenset({_Z}), [node(), *_svc("x", "172.30.0.1", "10.180.0.1", **_SHARED),
+                       *_svc("y", "172.30.0.2", "10.180.0.2", np=3001, **_SHARED),
+                       *_svc("z", "172.30.0.3", "10.180.0.1", "10.180.0.3", np=3002)]),
+    (frozenset({_X}), [node(), *_svc("y", "172.30.0.2", "10.180.0.2", np=3001, **_SHARED),
+                       *_svc("z", "172.30.0.3", "10.180.0.1", "10.180.0.3", np=3002)]),
+    (frozenset({_Z}), [node(), *_svc("y", "172.30.0.2", "10.180.0.2", np=3001, **_SHARED),
+                       *_svc("z", "172.30.0.3", "10.180.0.3", np=3002,
+                             externalTrafficPolicy="Local")]),
+    (frozenset({_X, _Y}), [node(), *_svc("x", "172.30.0.1", "10.180.0.4", **_SHARED),
+                           *_svc("z", "172.30.0.3", "10.180.0.3", np=3002,
+                                 externalTrafficPolicy="Local")]),
+    (None, [node(ips=["192.168.0.2", "192.168.0.3"]),  # node-wide: all re-rendered
+            *_svc("x", "172.30.0.1", "10.180.0.4", **_SHARED),
+            *_svc("z", "172.30.0.3", "10.180.0.3", np=3002)]),
+]
+
+
+@pytest.mark.parametrize("scheduler", ["rr", "mh"])
+def test_the_memoized_renderer_equals_a_fresh_render(scheduler: str) -> None:
+    config = ProxyConfig(hostname=NODE, cluster_cidrs=(parse_cidr(CIDR, "t"),))
+    memo, cache = ipvs.Renderer(scheduler), NodeViewCache(config, 4)
+    for changed, objects in MEMO_STEPS:
+        cluster = decode_objects(objects)
+        assert not cluster.errors, cluster.errors
+        got = memo([cache.build(cluster, changed)])
+        want = ipvs.render([build_node_view(cluster, config, 4)], scheduler)
+        assert got == want, changed
+        assert ipvs.text(got) == ipvs.text(want)
+    fam = got.families[0]
+    assert set(fam.owners) == {_X, _Z}
+    assert {str(k[0]) for k in fam.owners[_X]} == {"172.30.0.1", "192.168.99.1"}
+
+
+def test_a_frontend_two_services_claim_goes_to_the_first_by_name() -> None:
+    objs = [node(), *_svc("x", "172.30.0.1", "10.180.0.1", **_SHARED),
+            *_svc("y", "172.30.0.2", "10.180.0.2", **_SHARED)]
+    fam = render(objs).families[0]
+    shared = fam.servers[(ipaddress.ip_address("192.168.99.1"), "tcp", 80)]
+    assert shared.owner == _X and [r.target for r in shared.reals] == ["10.180.0.1:80"]
+    assert [vs.frontend for vs in fam.services].count("tcp 192.168.99.1:80") == 1
+
+
+def test_the_configured_mode_renders_and_syncs_with_the_ipvs_settings() -> None:
+    """`modes.for_config` (what the daemon and the CLI call) applies ProxyConfig.ipvs."""
+    objs = [node(), service("svc1", cluster_ip="172.30.0.41"),
+            endpoint_slice("svc1", [endpoint("10.180.0.1")])]
+    config = ProxyConfig(hostname=NODE, mode="ipvs", ipvs=IpvsConfig(scheduler="wrr"))
+    mode = modes.for_config(config)
+    views = node_views(decode_objects(objs), config)
+    assert "-s wrr" in mode.text(mode.render(views), NODE)
+    assert "-s wrr" in mode.text(mode.renderer()(views), NODE)
+    plane = mode.fake()
+    plane.sync(mode.render(views))
+    assert "-s wrr" in plane.rules()
+    default = modes.for_config(ProxyConfig(hostname=NODE, mode="ipvs"))
+    assert "-s rr" in default.text(default.render(views), NODE)

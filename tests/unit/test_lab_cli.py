@@ -50,9 +50,16 @@ def test_defaults() -> None:
     assert ex.command in (["--", "iptables-save"], ["iptables-save"])
 
 
+def test_no_proxy_is_remembered_by_up_only() -> None:
+    assert parse("up", "-f", "a.yaml").no_proxy is False
+    assert parse("up", "-f", "a.yaml", "--no-proxy").no_proxy is True
+    with pytest.raises(SystemExit):
+        parse("status", "--no-proxy")
+
+
 def test_bad_values_are_usage_errors() -> None:
     with pytest.raises(SystemExit):
-        parse("up", "-f", "a.yaml", "--mode", "ipvs")
+        parse("up", "-f", "a.yaml", "--mode", "userspace")
     with pytest.raises(SystemExit):
         parse("pod-ready", "web-1", "maybe")
 

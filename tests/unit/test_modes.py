@@ -155,6 +155,15 @@ def _iptables(*args: str) -> Damage:
     return run
 
 
+def _ip(*args: str) -> Damage:
+    """An operator's `ip` command against the fake node."""
+    def run(plane: Any) -> object:
+        res = plane.runner.run(["ip", *args])
+        assert res.returncode == 0, res.stderr
+        return res
+    return run
+
+
 def _nft(*ops: Any) -> Damage:
     """A transaction someone else commits to the fake nf_tables, as `nft` would."""
     def run(plane: Any) -> object:
@@ -196,6 +205,14 @@ FLUSHES = [
               lambda p: p.plane.nft.transport.commit([DeleteTable("ip")])),
     FlushCase("program detached", "ebpf",
               lambda p: p.plane.maps.attached.discard("kp_connect4")),
+    FlushCase("-t nat -F KUBE-SERVICES (ipvs's iptables part)", "ipvs",
+              _iptables("-t", "nat", "-F", "KUBE-SERVICES")),
+    FlushCase("ip link del kube-ipvs0", "ipvs", _ip("link", "del", "kube-ipvs0")),
+    FlushCase("ipvsadm -C (every virtual server)", "ipvs",
+              lambda p: p.plane.kernel.flush()),
+    FlushCase("someone else's nat chain (ipvs)", "ipvs", lambda p: (
+        _iptables("-t", "nat", "-N", "OTHER")(p),
+        _iptables("-t", "nat", "-A", "PREROUTING", "-j", "OTHER")(p)), breaks=False),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -98,9 +99,13 @@ class Rig:
                 self.loop.trigger()
 
     def list_done(self, *, services: list[Update] | None = None,
-                  slices: list[Update] | None = None) -> None:
+                  slices: list[Update] | None = None,
+                  nodes: Sequence[Update] | None = ()) -> None:
+        """The initial lists that finished (None: not yet); the Node's is done (empty)
+        unless a test says otherwise."""
         lists: tuple[tuple[Kind, list[Update] | None], ...] = (
-            ("Service", services), ("EndpointSlice", slices))
+            ("Service", services), ("EndpointSlice", slices),
+            ("Node", None if nodes is None else list(nodes)))
         for kind, items in lists:
             if items is not None:
                 changed = self.tracker.replace(kind, items)
@@ -150,15 +155,18 @@ def started(**kw: float) -> Rig:
     return r
 
 
-def test_nothing_is_written_before_both_initial_lists() -> None:
+def test_nothing_is_written_before_all_initial_lists() -> None:
     r = rig()
     r.feed(svc("early"))
-    r.list_done(services=[svc("a")])
+    r.list_done(services=[svc("a")], nodes=None)
     r.advance(100)
     assert r.plane.calls == [] and r.loop.next_run() is None
-    r.list_done(slices=[])
+    r.list_done(slices=[], nodes=None)
+    r.advance(100)
+    assert r.plane.calls == [], "the Node's list is still running (upstream waits for it)"
+    r.list_done()
     r.advance(0)
-    assert r.kinds() == ["full"], "the first sync follows the second list at once"
+    assert r.kinds() == ["full"], "the first sync follows the last list at once"
 
 
 def test_a_change_waits_for_min_sync_period_then_is_partial() -> None:

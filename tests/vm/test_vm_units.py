@@ -17,6 +17,7 @@ from kubeproxy.vm.image import Guest, VmError, load_order, newc_archive, vmlinux
 from kubeproxy.vm.run import (
     DEFAULT_PATH,
     EXIT_GUEST_FAILED,
+    GUEST_TIME_SCALE,
     Settings,
     UsageError,
     command_script,
@@ -34,6 +35,8 @@ ENV_CASES = [
     ("prefixes", {"LC_ALL": "C", "KUBEPROXY_X": "1"}, {**P, "LC_ALL": "C", "KUBEPROXY_X": "1"}),
     ("VMRUN_ENV adds names", {"VMRUN_ENV": "A B", "A": "1", "C": "3"}, {**P, "A": "1"}),
     ("HOME is the guest's", {"HOME": "/home/u", "PATH": "/p"}, {"PATH": "/p"}),
+    ("the caller's time scale", {"KUBEPROXY_TIME_SCALE": "5"},
+     {**P, "KUBEPROXY_TIME_SCALE": "5"}),
 ]  # fmt: skip
 
 
@@ -41,8 +44,9 @@ ENV_CASES = [
     ("environ", "seen"), [c[1:] for c in ENV_CASES], ids=[c[0] for c in ENV_CASES]
 )
 def test_guest_env(environ: dict[str, str], seen: dict[str, str]) -> None:
-    fixed = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "VMRUN_GUEST": "1"}
-    assert guest_env(environ) == {**seen, **fixed}
+    fixed = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "VMRUN_GUEST": "1",
+             "KUBEPROXY_TIME_SCALE": GUEST_TIME_SCALE}
+    assert guest_env(environ) == {**fixed, **seen}
 
 
 SHELLS = [["sh"]] + ([["busybox", "sh"]] if shutil.which("busybox") else [])

@@ -12,8 +12,12 @@ handlers.py turns a request into a response or a watch stream; http.py is the on
 that touches sockets, and server.py wires listeners (including sockets inside lab network
 namespaces, netns.py) to it. Run it with `python -m kubeproxy.apiserver`.
 
-Served: core/v1 Namespaces, Nodes, Pods, Services and discovery.k8s.io/v1 EndpointSlices,
-JSON (and YAML) only, no authentication, plain HTTP.
+Served: core/v1 Namespaces, Nodes, Pods, Services, ConfigMaps, ServiceAccounts (and their
+`token` subresource), apps/v1 DaemonSets, discovery.k8s.io/v1 EndpointSlices and
+rbac.authorization.k8s.io/v1 (Cluster)Roles and (Cluster)RoleBindings (kinds.py holds the
+strategies of the newer kinds); JSON (and YAML) out. Open plain HTTP by default; with
+`ServerConfig.tls` and `.auth` (the lab's setting) TLS only, client certificates and
+service-account tokens (auth.py), RBAC (rbac.py).
 """
 
 from kubeproxy.apiserver.server import ApiServer, NetnsListener, ServerConfig, kubeconfig_text

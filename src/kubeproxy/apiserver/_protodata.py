@@ -4,6 +4,23 @@ Do not edit by hand: regenerate. Language: see protobuf.py.
 """
 
 PROTO_TEXT = """\
+apps.DaemonSet: 1:metadata:meta.ObjectMeta 2:spec:apps.DaemonSetSpec
+    3:status:apps.DaemonSetStatus
+apps.DaemonSetCondition: 1:type:s 2:status:s 3:lastTransitionTime:time 4:reason:s 5:message:s
+apps.DaemonSetSpec: 1:selector:meta.LabelSelector 2:template:core.PodTemplateSpec
+    3:updateStrategy:apps.DaemonSetUpdateStrategy 4:minReadySeconds:i 6:revisionHistoryLimit:i
+apps.DaemonSetStatus: 1:currentNumberScheduled:i 2:numberMisscheduled:i
+    3:desiredNumberScheduled:i 4:numberReady:i 5:observedGeneration:i 6:updatedNumberScheduled:i
+    7:numberAvailable:i 8:numberUnavailable:i 9:collisionCount:i
+    10:conditions:[]apps.DaemonSetCondition
+apps.DaemonSetUpdateStrategy: 1:type:s 2:rollingUpdate:apps.RollingUpdateDaemonSet
+apps.RollingUpdateDaemonSet: 1:maxUnavailable:ios 2:maxSurge:ios
+authn.BoundObjectReference: 1:kind:s 2:apiVersion:s 3:name:s 4:uID:s
+authn.TokenRequest: 1:metadata:meta.ObjectMeta 2:spec:authn.TokenRequestSpec
+    3:status:authn.TokenRequestStatus
+authn.TokenRequestSpec: 1:audiences:[]s 3:boundObjectRef:authn.BoundObjectReference
+    4:expirationSeconds:i
+authn.TokenRequestStatus: 1:token:s 2:expirationTimestamp:time
 core.AWSElasticBlockStoreVolumeSource: 1:volumeID:s 2:fsType:s 3:partition:i 4:readOnly:b
 core.Affinity: 1:nodeAffinity:core.NodeAffinity 2:podAffinity:core.PodAffinity
     3:podAntiAffinity:core.PodAntiAffinity
@@ -22,6 +39,7 @@ core.CinderVolumeSource: 1:volumeID:s 2:fsType:s 3:readOnly:b
 core.ClientIPConfig: 1:timeoutSeconds:i
 core.ClusterTrustBundleProjection: 1:name:s 2:signerName:s 3:labelSelector:meta.LabelSelector
     4:path:s 5:optional:b
+core.ConfigMap: 1:metadata:meta.ObjectMeta 2:data:{}s 3:binaryData:{}y 4:immutable:b
 core.ConfigMapEnvSource: 1:localObjectReference:core.LocalObjectReference 2:optional:b
 core.ConfigMapKeySelector: 1:localObjectReference:core.LocalObjectReference 2:key:s 3:optional:b
 core.ConfigMapNodeConfigSource: 1:namespace:s 2:name:s 3:uid:s 4:resourceVersion:s
@@ -191,6 +209,7 @@ core.PodStatus: 1:phase:s 2:conditions:[]core.PodCondition 3:message:s 4:reason:
     12:podIPs:[]core.PodIP 13:ephemeralContainerStatuses:[]core.ContainerStatus 14:resize:s
     15:resourceClaimStatuses:[]core.PodResourceClaimStatus 16:hostIPs:[]core.HostIP
     17:observedGeneration:i
+core.PodTemplateSpec: 1:metadata:meta.ObjectMeta 2:spec:core.PodSpec
 core.PortStatus: 1:port:i 2:protocol:s 3:error:s
 core.PortworxVolumeSource: 1:volumeID:s 2:fsType:s 3:readOnly:b
 core.PreferredSchedulingTerm: 1:weight:i 2:preference:core.NodeSelectorTerm
@@ -224,6 +243,8 @@ core.SecurityContext: 1:capabilities:core.Capabilities 2:privileged:b
     10:windowsOptions:core.WindowsSecurityContextOptions 11:seccompProfile:core.SeccompProfile
     12:appArmorProfile:core.AppArmorProfile
 core.Service: 1:metadata:meta.ObjectMeta 2:spec:core.ServiceSpec 3:status:core.ServiceStatus
+core.ServiceAccount: 1:metadata:meta.ObjectMeta 2:secrets:[]core.ObjectReference
+    3:imagePullSecrets:[]core.LocalObjectReference 4:automountServiceAccountToken:b
 core.ServiceAccountTokenProjection: 1:audience:s 2:expirationSeconds:i 3:path:s
 core.ServicePort: 1:name:s 2:protocol:s 3:port:i 4:targetPort:ios 5:nodePort:i 6:appProtocol:s
 core.ServiceSpec: 1:ports:[]core.ServicePort 2:selector:{}s 3:clusterIP:s 4:type:s
@@ -306,4 +327,15 @@ meta.ObjectMeta: 1:name:s 2:generateName:s 3:namespace:s 4:selfLink:s 5:uid:s
 meta.OwnerReference: 1:kind:s 3:name:s 4:uid:s 5:apiVersion:s 6:controller:b
     7:blockOwnerDeletion:b
 meta.Preconditions: 1:uid:s 2:resourceVersion:s
+rbac.AggregationRule: 1:clusterRoleSelectors:[]meta.LabelSelector
+rbac.ClusterRole: 1:metadata:meta.ObjectMeta 2:rules:[]rbac.PolicyRule
+    3:aggregationRule:rbac.AggregationRule
+rbac.ClusterRoleBinding: 1:metadata:meta.ObjectMeta 2:subjects:[]rbac.Subject
+    3:roleRef:rbac.RoleRef
+rbac.PolicyRule: 1:verbs:[]s 2:apiGroups:[]s 3:resources:[]s 4:resourceNames:[]s
+    5:nonResourceURLs:[]s
+rbac.Role: 1:metadata:meta.ObjectMeta 2:rules:[]rbac.PolicyRule
+rbac.RoleBinding: 1:metadata:meta.ObjectMeta 2:subjects:[]rbac.Subject 3:roleRef:rbac.RoleRef
+rbac.RoleRef: 1:apiGroup:s 2:kind:s 3:name:s
+rbac.Subject: 1:kind:s 2:apiGroup:s 3:name:s 4:namespace:s
 """

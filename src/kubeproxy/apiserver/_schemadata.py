@@ -4,6 +4,24 @@ Do not edit by hand: regenerate. Language: see schema.py.
 """
 
 SCHEMA_TEXT = """\
+apps.DaemonSet: apiVersion:str kind:str metadata:meta.ObjectMeta spec:apps.DaemonSetSpec!
+    status:apps.DaemonSetStatus
+apps.DaemonSetCondition: lastTransitionTime:time message:str reason:str status:str type:str
+apps.DaemonSetList: apiVersion:str items:[]apps.DaemonSet! kind:str metadata:meta.ListMeta
+apps.DaemonSetSpec: minReadySeconds:int revisionHistoryLimit:int selector:meta.LabelSelector!
+    template:core.PodTemplateSpec! updateStrategy:apps.DaemonSetUpdateStrategy
+apps.DaemonSetStatus: collisionCount:int conditions:[]apps.DaemonSetCondition
+    currentNumberScheduled:int! desiredNumberScheduled:int! numberAvailable:int
+    numberMisscheduled:int! numberReady:int! numberUnavailable:int observedGeneration:int
+    updatedNumberScheduled:int
+apps.DaemonSetUpdateStrategy: rollingUpdate:apps.RollingUpdateDaemonSet type:str
+apps.RollingUpdateDaemonSet: maxSurge:ios maxUnavailable:ios
+authn.BoundObjectReference: apiVersion:str kind:str name:str uid:str
+authn.TokenRequest: apiVersion:str kind:str metadata:meta.ObjectMeta spec:authn.TokenRequestSpec
+    status:authn.TokenRequestStatus
+authn.TokenRequestSpec: attestations:{}[]str audiences:[]str
+    boundObjectRef:authn.BoundObjectReference expirationSeconds:int
+authn.TokenRequestStatus: expirationTimestamp:time token:str
 core.AWSElasticBlockStoreVolumeSource: fsType:str partition:int readOnly:bool volumeID:str!
 core.Affinity: nodeAffinity:core.NodeAffinity podAffinity:core.PodAffinity
     podAntiAffinity:core.PodAntiAffinity
@@ -22,8 +40,11 @@ core.CinderVolumeSource: fsType:str readOnly:bool secretRef:core.LocalObjectRefe
 core.ClientIPConfig: timeoutSeconds:int
 core.ClusterTrustBundleProjection: labelSelector:meta.LabelSelector name:str optional:bool
     path:str! signerName:str user:int
+core.ConfigMap: apiVersion:str binaryData:{}str data:{}str immutable:bool kind:str
+    metadata:meta.ObjectMeta
 core.ConfigMapEnvSource: name:str optional:bool
 core.ConfigMapKeySelector: key:str! name:str optional:bool
+core.ConfigMapList: apiVersion:str items:[]core.ConfigMap! kind:str metadata:meta.ListMeta
 core.ConfigMapNodeConfigSource: kubeletConfigKey:str! name:str! namespace:str!
     resourceVersion:str uid:str
 core.ConfigMapProjection: items:[]core.KeyToPath name:str optional:bool
@@ -216,6 +237,7 @@ core.PodStatus: allocatedResources:{}str conditions:[]core.PodCondition
     nominatedNodeName:str observedGeneration:int phase:str podIP:str podIPs:[]core.PodIP
     qosClass:str reason:str resize:str resourceClaimStatuses:[]core.PodResourceClaimStatus
     resources:core.ResourceRequirements startTime:time volumeHealth:[]core.PodVolumeHealth
+core.PodTemplateSpec: metadata:meta.ObjectMeta spec:core.PodSpec
 core.PodVolumeHealth: healthConditions:[]core.VolumeHealthCondition lastTransitionTime:time
     name:str!
 core.PortStatus: error:str port:int! protocol:str!
@@ -249,6 +271,11 @@ core.SecurityContext: allowPrivilegeEscalation:bool appArmorProfile:core.AppArmo
     seccompProfile:core.SeccompProfile windowsOptions:core.WindowsSecurityContextOptions
 core.Service: apiVersion:str kind:str metadata:meta.ObjectMeta spec:core.ServiceSpec
     status:core.ServiceStatus
+core.ServiceAccount: apiVersion:str automountServiceAccountToken:bool
+    imagePullSecrets:[]core.LocalObjectReference kind:str metadata:meta.ObjectMeta
+    secrets:[]core.ObjectReference
+core.ServiceAccountList: apiVersion:str items:[]core.ServiceAccount! kind:str
+    metadata:meta.ListMeta
 core.ServiceAccountTokenProjection: audience:str expirationSeconds:int path:str! user:int
 core.ServiceList: apiVersion:str items:[]core.Service! kind:str metadata:meta.ListMeta
 core.ServicePort: appProtocol:str name:str nodePort:int port:int! protocol:str targetPort:ios
@@ -341,4 +368,21 @@ meta.StatusCause: field:str message:str reason:str
 meta.StatusDetails: causes:[]meta.StatusCause group:str kind:str name:str retryAfterSeconds:int
     uid:str
 meta.WatchEvent: object:{}any! type:str!
+rbac.AggregationRule: clusterRoleSelectors:[]meta.LabelSelector
+rbac.ClusterRole: aggregationRule:rbac.AggregationRule apiVersion:str kind:str
+    metadata:meta.ObjectMeta rules:[]rbac.PolicyRule
+rbac.ClusterRoleBinding: apiVersion:str kind:str metadata:meta.ObjectMeta roleRef:rbac.RoleRef!
+    subjects:[]rbac.Subject
+rbac.ClusterRoleBindingList: apiVersion:str items:[]rbac.ClusterRoleBinding! kind:str
+    metadata:meta.ListMeta
+rbac.ClusterRoleList: apiVersion:str items:[]rbac.ClusterRole! kind:str metadata:meta.ListMeta
+rbac.PolicyRule: apiGroups:[]str nonResourceURLs:[]str resourceNames:[]str resources:[]str
+    verbs:[]str!
+rbac.Role: apiVersion:str kind:str metadata:meta.ObjectMeta rules:[]rbac.PolicyRule
+rbac.RoleBinding: apiVersion:str kind:str metadata:meta.ObjectMeta roleRef:rbac.RoleRef!
+    subjects:[]rbac.Subject
+rbac.RoleBindingList: apiVersion:str items:[]rbac.RoleBinding! kind:str metadata:meta.ListMeta
+rbac.RoleList: apiVersion:str items:[]rbac.Role! kind:str metadata:meta.ListMeta
+rbac.RoleRef: apiGroup:str kind:str! name:str!
+rbac.Subject: apiGroup:str kind:str! name:str! namespace:str
 """

@@ -17,9 +17,10 @@ from typing import Any
 from kubeproxy.apiserver.resources import (
     GROUP_VERSIONS,
     RESOURCES,
-    SUBRESOURCE_VERBS,
+    SUBRESOURCE_KINDS,
     VERBS,
     Resource,
+    subresource_verbs,
 )
 
 Obj = dict[str, Any]
@@ -72,9 +73,13 @@ def api_resource_list(group: str, version: str) -> Obj | None:
             entry["categories"] = list(r.categories)
         entries.append(entry)
         for sub in r.subresources:
-            entries.append({"name": f"{r.plural}/{sub}", "singularName": "",
-                            "namespaced": r.namespaced, "kind": r.kind,
-                            "verbs": list(SUBRESOURCE_VERBS)})
+            sub_entry: Obj = {"name": f"{r.plural}/{sub}", "singularName": "",
+                              "namespaced": r.namespaced, "kind": r.kind,
+                              "verbs": list(subresource_verbs(sub))}
+            other = SUBRESOURCE_KINDS.get(sub)
+            if other is not None:
+                sub_entry.update(group=other.group, version=other.version, kind=other.kind)
+            entries.append(sub_entry)
     gv = f"{group}/{version}" if group else version
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": entries}
 
@@ -111,10 +116,17 @@ def _aggregated_resource(r: Resource) -> Obj:
     if r.categories:
         entry["categories"] = list(r.categories)
     if r.subresources:
-        entry["subresources"] = [{"subresource": s, "responseKind": kind,
-                                  "verbs": list(SUBRESOURCE_VERBS)}
+        entry["subresources"] = [{"subresource": s, "responseKind": _sub_kind(s, kind),
+                                  "verbs": list(subresource_verbs(s))}
                                  for s in r.subresources]
     return entry
+
+
+def _sub_kind(sub: str, own: Obj) -> Obj:
+    other = SUBRESOURCE_KINDS.get(sub)
+    if other is None:
+        return own
+    return {"group": other.group, "version": other.version, "kind": other.kind}
 
 
 def aggregated(version: str, *, core: bool) -> Obj:

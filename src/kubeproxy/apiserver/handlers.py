@@ -11,6 +11,11 @@ patch, strategic merge patch, and server-side apply approximated as create-or-me
 without field ownership), delete (gracePeriodSeconds, preconditions, dryRun) and
 deletecollection; `status` subresources for the kinds that have one. Output is JSON (or
 YAML), a Table for `kubectl get`, or PartialObjectMetadata, as negotiated in codec.py.
+
+With `ApiConfig.auth` set, every request is first authenticated (auth.py: client
+certificate, service-account token, anonymous only for health and version) and then
+authorized (rbac.py) before any of the above: 401 / 403 as kube-apiserver answers.
+`serviceaccounts/NAME/token` (POST a TokenRequest) issues service-account tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubeproxy.apiserver import (
+    access,
+    auth,
     codec,
     discovery,
     errors,
@@ -45,6 +52,7 @@ PROTO_V2 = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 class ApiConfig:
     bookmark_interval: float = 60.0  # seconds between BOOKMARK events on a watch
     watch_timeout: float = 1800.0  # when the client does not send timeoutSeconds
+    auth: auth.AuthConfig | None = None  # None: no authentication, no authorization
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class Request:
     headers: Mapping[str, str]  # lower-case names
     body: bytes = b""
     server_address: str = "127.0.0.1:6443"
+    client_cert: auth.CertIdentity | None = None  # verified by the TLS layer
 
 
 @dataclass
@@ -125,6 +134,8 @@ class Api:
     def handle(self, req: Request) -> Response | Stream:
         try:
             route = routes.parse(req.path)
+            if self.config.auth is not None:
+                self._check_access(self.config.auth, route, req)
             if route is None:
                 raise errors.route_not_found()
             if isinstance(route, routes.Fixed):
@@ -132,6 +143,19 @@ class Api:
             return self._resource(route, req)
         except ApiError as exc:
             return status_response(exc)
+
+    # ---- authentication, authorization, tokens (access.py) ------------------------------
+
+    def _check_access(self, config: auth.AuthConfig, route: routes.Route | None,
+                      req: Request) -> None:
+        access.check(self.hub, config, self.clock(), route, req)
+
+    def _token(self, route: routes.ResourceRoute, req: Request) -> Response:
+        """POST serviceaccounts/NAME/token: a TokenRequest answered with status.token."""
+        if self.config.auth is None:
+            raise errors.route_not_found()  # as kube-apiserver without a signing key
+        doc = access.token_request(self.hub, self.config.auth, self.clock(), route, req)
+        return Response(201, codec.encode(doc))
 
     # ---- discovery, OpenAPI, version --------------------------------------------------
 
@@ -195,6 +219,9 @@ class Api:
         elif route.watch_prefix:
             if method == "GET":
                 return self._watch(route, req)
+        elif route.subresource == "token":
+            if method == "POST":
+                return self._token(route, req)
         elif method in ("GET", "HEAD"):
             return self._get(route, req)
         elif method == "PUT":

@@ -25,7 +25,7 @@ from typing import Any
 
 from kubeproxy.apiserver import schema
 from kubeproxy.apiserver.discovery import SERVER_VERSION
-from kubeproxy.apiserver.resources import GROUP_VERSIONS, RESOURCES, Resource
+from kubeproxy.apiserver.resources import GROUP_VERSIONS, RESOURCES, SUBRESOURCE_KINDS, Resource
 
 Obj = dict[str, Any]
 
@@ -103,6 +103,11 @@ def _operations() -> list[Operation]:
            kind if r.returns_deleted_object else STATUS)
         for sub in r.subresources:
             path, ps, tail = f"{item}/{sub}", (*params, "name"), sub.capitalize()
+            other = SUBRESOURCE_KINDS.get(sub)
+            if other is not None:  # serviceaccounts/token: POST a TokenRequest
+                body = schema.full_name(other.definition)
+                op(path, "post", "create", "post", ps, body, body, tail)
+                continue
             op(path, "get", "read", "get", ps, None, kind, tail)
             op(path, "put", "replace", "put", ps, kind, kind, tail)
             op(path, "patch", "patch", "patch", ps, PATCH, kind, tail, consumes=tuple(PATCH_TYPES))
@@ -142,6 +147,9 @@ def _gvk_of_definition(short: str) -> list[Obj]:
             found.append(_gvk(r))
         elif short == r.definition + "List":
             found.append({**_gvk(r), "kind": r.kind + "List"})
+    for other in SUBRESOURCE_KINDS.values():
+        if short == other.definition:
+            found.append({"group": other.group, "kind": other.kind, "version": other.version})
     if short in ("meta.DeleteOptions", "meta.Status", "meta.WatchEvent"):
         kind = short.split(".")[1]
         found = [{"group": g, "kind": kind, "version": v} for g, v in GROUP_VERSIONS]

@@ -33,7 +33,7 @@ from typing import Any
 
 from kubeproxy.apiserver import errors
 from kubeproxy.apiserver._protodata import PROTO_TEXT
-from kubeproxy.apiserver.resources import RESOURCES
+from kubeproxy.apiserver.resources import RESOURCES, SUBRESOURCE_KINDS
 
 MAGIC = b"k8s\x00"
 MEDIA_TYPE = "application/vnd.kubernetes.protobuf"
@@ -196,6 +196,7 @@ def decode_message(name: str, data: bytes) -> dict[str, Any]:
 _KINDS: Mapping[tuple[str, str], str] = {
     **{(r.api_version, r.kind): r.definition for r in RESOURCES},
     **{(r.api_version, "DeleteOptions"): "meta.DeleteOptions" for r in RESOURCES},
+    **{(f"{k.group}/{k.version}", k.kind): k.definition for k in SUBRESOURCE_KINDS.values()},
 }
 
 

@@ -74,7 +74,51 @@ RESOURCES: tuple[Resource, ...] = (
     # EndpointSlices: written by the endpoint controller, read by kube-proxy.
     Resource("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice",
              True, "disc.EndpointSlice", subresources=(), field_labels=("addressType",)),
+    # ConfigMaps: a DaemonSet's configuration (kube-proxy's KubeProxyConfiguration).
+    Resource("", "v1", "configmaps", "configmap", "ConfigMap", True, "core.ConfigMap",
+             short_names=("cm",), subresources=()),
+    # ServiceAccounts: who a DaemonSet's pods are; `token` issues their bound tokens.
+    Resource("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", True,
+             "core.ServiceAccount", short_names=("sa",), subresources=("token",),
+             returns_deleted_object=True),
+    # DaemonSets: one pod per node (kube-proxy's deployment); the lab's kubelet runs them.
+    Resource("apps", "v1", "daemonsets", "daemonset", "DaemonSet", True, "apps.DaemonSet",
+             short_names=("ds",), categories=("all",)),
+    # RBAC: what the authorizer (rbac.py) reads on every authenticated request.
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "clusterrole", "ClusterRole",
+             False, "rbac.ClusterRole", subresources=()),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding",
+             "ClusterRoleBinding", False, "rbac.ClusterRoleBinding", subresources=()),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", True, "rbac.Role",
+             subresources=()),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "rolebinding", "RoleBinding",
+             True, "rbac.RoleBinding", subresources=()),
 )
+
+
+@dataclass(frozen=True)
+class SubresourceKind:
+    """A subresource whose body is not its resource's kind (upstream's "connecter" or
+    "creater" subresources), with the verbs it takes."""
+
+    group: str
+    version: str
+    kind: str
+    definition: str
+    verbs: tuple[str, ...]
+
+
+# Subresources other than `status` (which is the resource's own kind, get/patch/update).
+SUBRESOURCE_KINDS: Mapping[str, SubresourceKind] = {
+    # serviceaccounts/token: POST a TokenRequest, get it back with status.token.
+    "token": SubresourceKind("authentication.k8s.io", "v1", "TokenRequest",
+                             "authn.TokenRequest", ("create",)),
+}
+
+
+def subresource_verbs(sub: str) -> tuple[str, ...]:
+    found = SUBRESOURCE_KINDS.get(sub)
+    return found.verbs if found else SUBRESOURCE_VERBS
 
 BY_GROUP_VERSION: Mapping[tuple[str, str], Mapping[str, Resource]] = {
     gv: {r.plural: r for r in RESOURCES if (r.group, r.version) == gv}
@@ -86,9 +130,15 @@ SERVICES = BY_KEY["services"]
 PODS = BY_KEY["pods"]
 NODES = BY_KEY["nodes"]
 ENDPOINTSLICES = BY_KEY["endpointslices.discovery.k8s.io"]
+SERVICEACCOUNTS = BY_KEY["serviceaccounts"]
+CLUSTERROLES = BY_KEY["clusterroles.rbac.authorization.k8s.io"]
+CLUSTERROLEBINDINGS = BY_KEY["clusterrolebindings.rbac.authorization.k8s.io"]
+ROLES = BY_KEY["roles.rbac.authorization.k8s.io"]
+ROLEBINDINGS = BY_KEY["rolebindings.rbac.authorization.k8s.io"]
 
 # Group versions in discovery order.
-GROUP_VERSIONS: tuple[tuple[str, str], ...] = (("", "v1"), ("discovery.k8s.io", "v1"))
+GROUP_VERSIONS: tuple[tuple[str, str], ...] = (
+    ("", "v1"), ("apps", "v1"), ("discovery.k8s.io", "v1"), ("rbac.authorization.k8s.io", "v1"))
 
 
 def lookup(group: str, version: str, plural: str) -> Resource | None:

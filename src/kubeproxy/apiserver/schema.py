@@ -13,7 +13,8 @@ Its language is one definition per line (indented lines continue it):
     core.ServicePort: name:str port:int! targetPort:ios
 
 `!` marks a required field; types are `str int bool num time ios` (int-or-string) `any`,
-a definition (`core.X`, `meta.X`, `disc.X`), `[]T` (array) and `{}T` (string-keyed map).
+a definition (`core.X`, `meta.X`, `disc.X`, `apps.X`, `rbac.X`, `authn.X`), `[]T` (array)
+and `{}T` (string-keyed map).
 What the client does not record (which string maps hold Quantities, and the patch
 strategies from upstream's `+patchStrategy`/`+listType` tags) is in the tables below.
 """
@@ -33,6 +34,9 @@ PREFIXES: Mapping[str, str] = {
     "core": "io.k8s.api.core.v1.",
     "meta": "io.k8s.apimachinery.pkg.apis.meta.v1.",
     "disc": "io.k8s.api.discovery.v1.",
+    "apps": "io.k8s.api.apps.v1.",
+    "rbac": "io.k8s.api.rbac.v1.",
+    "authn": "io.k8s.api.authentication.v1.",
 }
 TIME = "io.k8s.apimachinery.pkg.apis.meta.v1.Time"
 QUANTITY = "io.k8s.apimachinery.pkg.api.resource.Quantity"
@@ -108,6 +112,7 @@ PATCH_META: Mapping[tuple[str, str], PatchMeta] = {
     ("disc.EndpointSlice", "endpoints"): _M("", "", "atomic"),
     ("disc.EndpointSlice", "ports"): _M("", "", "atomic"),
     ("disc.Endpoint", "addresses"): _M("", "", "set"),
+    ("apps.DaemonSetStatus", "conditions"): _M("merge", "type", "map", ("type",)),
 }
 
 NO_PATCH_META = PatchMeta()

@@ -13,10 +13,17 @@ change, before the change is answered. A restarted server therefore comes back w
 same objects, UIDs and resourceVersions; only the watch history is gone (store.py).
 One JSON file rewritten per change costs O(objects) per write: right for the lab's
 hundreds of objects, not for a bench with tens of thousands (which runs without it).
+
+With `tls` every listener speaks TLS (the server certificate must cover 127.0.0.1; one
+CA signs it and verifies client certificates), and with `auth` every request is
+authenticated and authorized (auth.py, rbac.py). The written kubeconfig then carries the
+CA and the credential in `kubeconfig_user` (the lab's: an admin client certificate).
+Without them the server is the open plain-HTTP one that in-process tests and benches use.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import ipaddress
 import json
@@ -32,8 +39,9 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from kubeproxy.apiserver import services
+from kubeproxy.apiserver.auth import AuthConfig
 from kubeproxy.apiserver.handlers import Api, ApiConfig
-from kubeproxy.apiserver.http import ApiHTTPServer
+from kubeproxy.apiserver.http import ApiHTTPServer, server_context
 from kubeproxy.apiserver.hub import Hub
 from kubeproxy.apiserver.netns import netns_socket
 from kubeproxy.apiserver.store import Store, StoreConfig
@@ -59,6 +67,25 @@ class NetnsListener:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the serving certificate and key, and the CA clients trust (which also
+    verifies client certificates)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
+@dataclass(frozen=True)
+class KubeconfigUser:
+    """The credential the written kubeconfig carries (PEM text or a token)."""
+
+    cert_pem: str | None = None
+    key_pem: str | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port
@@ -70,6 +97,9 @@ class ServerConfig:
     watch_timeout: float = 1800.0
     reap_interval: float = 0.2
     state_file: str | None = None  # restore from it if it exists; rewrite on every change
+    tls: TlsFiles | None = None  # None: plain HTTP
+    auth: AuthConfig | None = None  # None: no authentication and no authorization
+    kubeconfig_user: KubeconfigUser | None = None
 
     def __post_init__(self) -> None:
         if not ipaddress.ip_address(self.host).is_loopback:
@@ -81,17 +111,31 @@ class ServerConfig:
             raise ValueError(f"bad NodePort range {first}-{last}")
 
 
-def kubeconfig_text(server_url: str, name: str = CLUSTER_NAME) -> str:
+def _b64(pem: str) -> str:
+    return base64.b64encode(pem.encode()).decode()
+
+
+def kubeconfig_text(server_url: str, name: str = CLUSTER_NAME, *, ca_pem: str | None = None,
+                    user: KubeconfigUser | None = None) -> str:
+    cluster = f"    server: {server_url}\n"
+    if ca_pem is not None:
+        cluster += f"    certificate-authority-data: {_b64(ca_pem)}\n"
+    creds = ""
+    if user is not None and user.cert_pem and user.key_pem:
+        creds += (f"    client-certificate-data: {_b64(user.cert_pem)}\n"
+                  f"    client-key-data: {_b64(user.key_pem)}\n")
+    if user is not None and user.token:
+        creds += f"    token: {user.token}\n"
     return (
         "apiVersion: v1\n"
         "kind: Config\n"
         "clusters:\n"
         f"- name: {name}\n"
         "  cluster:\n"
-        f"    server: {server_url}\n"
+        f"{cluster}"
         "users:\n"
         f"- name: {name}\n"
-        "  user: {}\n"
+        + (f"  user:\n{creds}" if creds else "  user: {}\n") +
         "contexts:\n"
         f"- name: {name}\n"
         "  context:\n"
@@ -103,9 +147,12 @@ def kubeconfig_text(server_url: str, name: str = CLUSTER_NAME) -> str:
     )
 
 
-def write_kubeconfig(path: str, server_url: str) -> None:
-    """Atomically (rename), so a reader never sees half a file."""
-    _write_atomic(path, kubeconfig_text(server_url), 0o644)
+def write_kubeconfig(path: str, server_url: str, *, ca_pem: str | None = None,
+                     user: KubeconfigUser | None = None) -> None:
+    """Atomically (rename), so a reader never sees half a file; private when it holds a
+    credential."""
+    text = kubeconfig_text(server_url, ca_pem=ca_pem, user=user)
+    _write_atomic(path, text, 0o600 if user is not None else 0o644)
 
 
 def _write_atomic(path: str, text: str, mode: int) -> None:
@@ -161,7 +208,9 @@ class ApiServer:
         self.hub = Hub(self.store, on_change=self._save)
         self.api = Api(self.hub, clock=clock,
                        config=ApiConfig(bookmark_interval=cfg.bookmark_interval,
-                                        watch_timeout=cfg.watch_timeout))
+                                        watch_timeout=cfg.watch_timeout, auth=cfg.auth))
+        self._tls = (server_context(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file)
+                     if cfg.tls is not None else None)
         self._servers: list[ApiHTTPServer] = []
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -172,7 +221,8 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        scheme = "https" if self.config.tls is not None else "http"
+        return f"{scheme}://{self.config.host}:{self.port}"
 
     def start(self) -> ApiServer:
         cfg = self.config
@@ -191,7 +241,7 @@ class ApiServer:
         return self
 
     def _serve(self, sock: socket.socket) -> None:
-        server = ApiHTTPServer(sock, self.api)
+        server = ApiHTTPServer(sock, self.api, self._tls)
         self._servers.append(server)
         self._spawn(functools.partial(server.serve_forever, poll_interval=0.1),
                     f"apiserver-{sock.getsockname()}")
@@ -220,7 +270,11 @@ class ApiServer:
             thread.join(timeout=5)
 
     def write_kubeconfig(self, path: str) -> None:
-        write_kubeconfig(path, self.url)
+        ca_pem = None
+        if self.config.tls is not None:
+            with open(self.config.tls.ca_file) as f:
+                ca_pem = f.read()
+        write_kubeconfig(path, self.url, ca_pem=ca_pem, user=self.config.kubeconfig_user)
 
     def __enter__(self) -> ApiServer:
         return self.start()

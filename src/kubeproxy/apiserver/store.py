@@ -43,11 +43,12 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kubeproxy.apiserver import errors, resources, services
+from kubeproxy.apiserver import errors, rbac, resources, services
 from kubeproxy.apiserver.errors import ApiError
+from kubeproxy.apiserver.kinds import STRATEGIES
 from kubeproxy.apiserver.resources import Resource
 from kubeproxy.apiserver.selectors import FieldSelector, LabelSelector
-from kubeproxy.apiserver.strategy import STRATEGIES, Context, validate_metadata
+from kubeproxy.apiserver.strategy import Context, validate_metadata
 
 Obj = dict[str, Any]
 Clock = Callable[[], float]
@@ -156,6 +157,7 @@ class Store:
         self._port_count: Counter[int] = Counter()
         for name in INITIAL_NAMESPACES:
             self.create(resources.NAMESPACES, None, {"metadata": {"name": name}})
+        self._bootstrap_rbac()  # upstream's bootstrap RBAC policy
 
     # ---- snapshots -------------------------------------------------------------------
 
@@ -199,7 +201,15 @@ class Store:
         store._objects = objects
         store._held = None  # the allocations are counted again from these objects
         store._deadlines = deadlines
+        store._bootstrap_rbac()  # a snapshot older than RBAC lacks them (upstream: reconciled)
         return store
+
+    def _bootstrap_rbac(self) -> None:
+        """Create the bootstrap roles and bindings that are missing (not those changed)."""
+        for key, body in rbac.bootstrap_objects():
+            res = resources.BY_KEY[key]
+            if ("", body["metadata"]["name"]) not in self._objects[key]:
+                self.create(res, None, body)
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -216,6 +226,18 @@ class Store:
         if obj is None:
             raise errors.not_found(res.plural, name, res.group)
         return copy.deepcopy(obj)
+
+    def find(self, res: Resource, namespace: str | None, name: str) -> Obj | None:
+        """The object itself (shared, not copied: read it only), or None."""
+        return self._objects[res.key].get((namespace or "", name))
+
+    def policy(self) -> rbac.Policy:
+        """The RBAC objects as they are now (shared, not copied: read them only)."""
+        objs = self._objects
+        return rbac.Policy.of(objs[resources.CLUSTERROLES.key].values(),
+                              objs[resources.ROLES.key].values(),
+                              objs[resources.CLUSTERROLEBINDINGS.key].values(),
+                              objs[resources.ROLEBINDINGS.key].values())
 
     def list(self, res: Resource, namespace: str | None, *, labels: LabelSelector | None = None,
              fields: FieldSelector | None = None, limit: int | None = None,

@@ -347,3 +347,10 @@ STRATEGIES: Mapping[str, Strategy] = {
     "EndpointSlice": Strategy(names.dns1123_subdomain, _slice_default, _slice_validate,
                               _noop_carry, has_status=False),
 }
+
+# What kinds.py reuses for pod templates (a DaemonSet's spec.template).
+pod_defaults = _pod_default
+
+
+def pod_spec_errors(pod: Obj, ctx: Context) -> list[Cause]:
+    return _pod_validate(pod, None, ctx)

@@ -243,12 +243,80 @@ def _field_or_none(*path: str) -> Callable[[Obj, float], str]:
     return cell
 
 
+# ---- DaemonSets, ConfigMaps, ServiceAccounts, RBAC ---------------------------------------
+
+
+def _count(*path: str) -> Callable[[Obj, float], int]:
+    def cell(obj: Obj, now: float) -> int:
+        del now
+        return sum(len(_get(obj, p) or []) for p in path)
+
+    return cell
+
+
+def _int_field(*path: str) -> Callable[[Obj, float], int]:
+    def cell(obj: Obj, now: float) -> int:
+        del now
+        return int(_get(obj, *path) or 0)
+
+    return cell
+
+
+def _node_selector(ds: Obj, now: float) -> str:
+    del now
+    sel = _get(ds, "spec", "template", "spec", "nodeSelector") or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(sel.items())) or "<none>"
+
+
+def _containers(attr: str) -> Callable[[Obj, float], str]:
+    def cell(ds: Obj, now: float) -> str:
+        del now
+        return ",".join(str(c.get(attr, "")) for c in
+                        _get(ds, "spec", "template", "spec", "containers") or [])
+
+    return cell
+
+
+def _label_selector(ds: Obj, now: float) -> str:
+    del now
+    sel = _get(ds, "spec", "selector") or {}
+    terms = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        op, key = e.get("operator"), e.get("key")
+        values = ",".join(e.get("values") or [])
+        terms.append({"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})",
+                      "Exists": str(key), "DoesNotExist": f"!{key}"}.get(op, str(key)))
+    return ",".join(terms) or "<none>"
+
+
+def _role_ref(binding: Obj, now: float) -> str:
+    del now
+    ref = binding.get("roleRef") or {}
+    return f"{ref.get('kind', '')}/{ref.get('name', '')}"
+
+
+def _subjects(kind: str) -> Callable[[Obj, float], str]:
+    def cell(binding: Obj, now: float) -> str:
+        del now
+        names = [(f"{s.get('namespace', '')}/{s.get('name')}" if kind == "ServiceAccount"
+                  else str(s.get("name")))
+                 for s in binding.get("subjects") or [] if s.get("kind") == kind]
+        return ", ".join(names)
+
+    return cell
+
+
+def _created_at(obj: Obj, now: float) -> str:
+    del now
+    return str(_get(obj, "metadata", "creationTimestamp") or "")
+
+
 _NAME = Column("Name", _name, format="name", description="Name must be unique within a "
                "namespace.")
 _AGE = Column("Age", _age, description="CreationTimestamp is a timestamp representing the "
               "server time when this object was created.")
 
-COLUMNS: Mapping[str, tuple[Column, ...]] = {
+_CORE_COLUMNS: Mapping[str, tuple[Column, ...]] = {
     "Pod": (
         _NAME,
         Column("Ready", _pod_ready, description="The aggregate readiness state of this pod."),
@@ -297,6 +365,48 @@ COLUMNS: Mapping[str, tuple[Column, ...]] = {
         Column("Endpoints", _slice_endpoints, description="The endpoint addresses."),
         _AGE,
     ),
+}
+
+
+_BINDING = (
+    _NAME,
+    Column("Role", _role_ref, description="The role of the binding."),
+    _AGE,
+    Column("Users", _subjects("User"), 1, description="The users of the binding."),
+    Column("Groups", _subjects("Group"), 1, description="The groups of the binding."),
+    Column("ServiceAccounts", _subjects("ServiceAccount"), 1,
+           description="The service accounts of the binding."),
+)
+_ROLE = (_NAME, Column("Created At", _created_at, type="date",
+                       description="The creation timestamp of the role."))
+COLUMNS: Mapping[str, tuple[Column, ...]] = {
+    **_CORE_COLUMNS,
+    "DaemonSet": (
+        _NAME,
+        Column("Desired", _int_field("status", "desiredNumberScheduled"), type="integer",
+               description="The desired number of daemon pods."),
+        Column("Current", _int_field("status", "currentNumberScheduled"), type="integer",
+               description="The current number of daemon pods."),
+        Column("Ready", _int_field("status", "numberReady"), type="integer",
+               description="The number of daemon pods that are ready."),
+        Column("Up-to-date", _int_field("status", "updatedNumberScheduled"), type="integer",
+               description="The number of daemon pods that are up to date."),
+        Column("Available", _int_field("status", "numberAvailable"), type="integer",
+               description="The number of daemon pods that are available."),
+        Column("Node Selector", _node_selector, description="The node selector."),
+        _AGE,
+        Column("Containers", _containers("name"), 1, description="Names of each container."),
+        Column("Images", _containers("image"), 1, description="Images of each container."),
+        Column("Selector", _label_selector, 1, description="The label selector."),
+    ),
+    "ConfigMap": (_NAME, Column("Data", _count("data", "binaryData"), type="integer",
+                                description="The number of data entries."), _AGE),
+    "ServiceAccount": (_NAME, Column("Secrets", _count("secrets"), type="integer",
+                                     description="The number of secrets."), _AGE),
+    "ClusterRole": _ROLE,
+    "Role": _ROLE,
+    "ClusterRoleBinding": _BINDING,
+    "RoleBinding": _BINDING,
 }
 
 

@@ -76,6 +76,7 @@ class SyncStats:
     chains_deleted: int = 0
     elements_added: int = 0
     elements_deleted: int = 0
+    cleanup_failed: tuple[str, ...] = ()  # families ("ip", "ip6") whose stale chains stay
 
 
 # -- what was last written -------------------------------------------------------------
@@ -245,6 +246,7 @@ class NftablesDataPlane:
         try:
             self.transport.commit(ops)
         except TransactionError as err:
+            stats.cleanup_failed = tuple(f for f in FAMILIES if self.stale[f])
             if err.errno == errno.EBUSY:
                 return  # still referenced for a moment (Linux < 6.2): the next sync retries
             if err.errno != errno.ENOENT:

@@ -3,16 +3,22 @@
 Reading (list, watch) goes through the proxy's own client (``sources.client``); this
 module adds what the proxy never needs: get, create, update (of the object or its
 ``status`` subresource, with a retry on 409 Conflict), delete with a grace period.
-JSON over plain HTTP to 127.0.0.1, one connection per request. Every failure leaves as
-``ApiError`` (a ``LabError``), carrying the HTTP code and the API's reason, so callers
-decide by meaning (404: gone already; 409: re-read and retry).
+JSON to 127.0.0.1, one connection per request, over TLS with the credentials of the
+lab's kubeconfig (the lab CA, the admin's client certificate: ``from_kubeconfig``; the
+proxy's ``sources.auth`` builds the headers and TLS context, so both clients authenticate
+alike). Every failure leaves as ``ApiError`` (a ``LabError``), carrying the HTTP code and
+the API's reason, so callers decide by meaning (404: gone already; 409: re-read and retry).
+
+``request_token`` is the kubelet's TokenRequest: a service-account token for a Pod,
+bound to it (the API server refuses the token once the Pod or the ServiceAccount is gone).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +26,10 @@ from urllib.parse import urlencode, urlsplit
 
 from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import LabError
+from kubeproxy.sources.auth import Authenticator
 from kubeproxy.sources.client import Client, ClientError, StatusError, WatchStream
 from kubeproxy.sources.kubeconfig import ClusterAccess, load_kubeconfig
+from kubeproxy.sources.transport import ssl_context
 
 USER_AGENT = "kubeproxy-lab/0.1"
 CONFLICT_RETRIES = 8
@@ -49,6 +57,14 @@ KINDS: dict[str, Kind] = {
     "Pod": Kind("/api/v1", "pods", True),
     "Service": Kind("/api/v1", "services", True),
     "EndpointSlice": Kind("/apis/discovery.k8s.io/v1", "endpointslices", True),
+    "ConfigMap": Kind("/api/v1", "configmaps", True),
+    "ServiceAccount": Kind("/api/v1", "serviceaccounts", True),
+    "DaemonSet": Kind("/apis/apps/v1", "daemonsets", True),
+    "ClusterRole": Kind("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "ClusterRoleBinding": Kind("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings",
+                               False),
+    "Role": Kind("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": Kind("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
 }
 
 
@@ -77,19 +93,32 @@ def object_path(obj: JSON, sub: str | None = None) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Token:
+    """A TokenRequest's answer."""
+
+    token: str
+    expiration: str  # status.expirationTimestamp, RFC 3339
+
+
 class LabApi:
-    def __init__(self, server: str, *, timeout: float = 15.0) -> None:
-        self.server = server
-        url = urlsplit(server)
+    def __init__(self, server: str | ClusterAccess, *, timeout: float = 15.0) -> None:
+        access = server if isinstance(server, ClusterAccess) else ClusterAccess(server=server)
+        self.access = access
+        self.server = access.server
+        url = urlsplit(access.server)
         self._host, self._port = url.hostname or "127.0.0.1", url.port
         self.timeout = timeout
-        self.reader = Client(ClusterAccess(server=server), timeout=timeout)
+        self._auth = Authenticator(access)
+        self._tls: ssl.SSLContext | None = None
+        self.reader = Client(access, timeout=timeout)
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: Path) -> LabApi:
+        """The lab's API with the kubeconfig's server, CA and credentials."""
         try:
-            return cls(load_kubeconfig(kubeconfig).server)
-        except (OSError, ValueError) as exc:
+            return cls(load_kubeconfig(kubeconfig))
+        except (OSError, ValueError, ClientError) as exc:
             raise LabError(f"cannot read the lab's kubeconfig {kubeconfig}: {exc}") from exc
 
     # ---- reading
@@ -157,6 +186,32 @@ class LabApi:
                 return None
             raise
 
+    def request_token(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        pod: tuple[str, str] | None = None,
+        audiences: Sequence[str] = (),
+        expiration_seconds: int = 3600,
+    ) -> Token:
+        """POST serviceaccounts/NAME/token, as the kubelet does for a Pod's projected
+        token: ``pod`` is (name, uid) to bind it to; audiences default to the API
+        server's. 404 when the ServiceAccount (or Pod) does not exist."""
+        spec: JSON = {"expirationSeconds": expiration_seconds}
+        if audiences:
+            spec["audiences"] = list(audiences)
+        if pod is not None:
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod[0],
+                                      "uid": pod[1]}
+        body = {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"name": service_account, "namespace": namespace}, "spec": spec}
+        doc = self.request(
+            "POST", path("ServiceAccount", namespace, service_account, "token"), body=body
+        )
+        status = doc.get("status") or {}
+        return Token(str(status.get("token", "")), str(status.get("expirationTimestamp", "")))
+
     def mutate(
         self,
         kind: str,
@@ -196,7 +251,10 @@ class LabApi:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        try:
+            conn = self._connection(headers)
+        except ClientError as exc:
+            raise ApiError(0, "", f"{method} {self.server}{url}: {exc}") from exc
         try:
             conn.request(method, url, body=data, headers=headers)
             resp = conn.getresponse()
@@ -212,6 +270,19 @@ class LabApi:
         if resp.status >= 400 or not isinstance(doc, dict):
             raise _status(resp.status, doc, f"{method} {url}")
         return doc
+
+
+    def _connection(self, headers: dict[str, str]) -> http.client.HTTPConnection:
+        """A new connection; adds the credentials' headers (a bearer token) to ``headers``."""
+        creds = self._auth.credentials()
+        headers.update(creds.headers)
+        if not self.access.tls:
+            return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        if self._tls is None:
+            self._tls = ssl_context(creds.tls)
+        return http.client.HTTPSConnection(
+            self._host, self._port, timeout=self.timeout, context=self._tls
+        )
 
 
 def _status(code: int, doc: Any, what: str) -> ApiError:

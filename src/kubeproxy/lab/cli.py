@@ -55,6 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster_cidr=args.cluster_cidr,
         service_cidr=args.service_cidr,
         external_node=args.external_node,
+        proxies=not args.no_proxy,
     )
     started = time.monotonic()
     lab.up(documents, options)
@@ -176,8 +177,11 @@ def status_text(lab: Lab) -> str:
         f"cluster CIDR {state.cluster_cidr}, service CIDR {state.service_cidr}",
         f"API server: kubectl --kubeconfig {lab.store.kubeconfig} "
         f"(127.0.0.1:{state.api_port}; inside each node namespace 127.0.0.1:6443)",
-        "",
     ]
+    if not lab.proxies():
+        rows.append("proxies: none of the lab's own (started with --no-proxy); "
+                    "a DaemonSet brings them: kubectl apply -f deploy/")  # fmt: skip
+    rows.append("")
     rows += _table(
         ["NODE", "LAB IP", "POD CIDR", "ZONE", "NAMESPACE"],
         [[n.name, n.lab_ip, n.pod_cidr, n.zone or "-", n.ns] for n in plan.nodes],
@@ -287,6 +291,12 @@ def _life_commands(command: Command) -> None:
     up.add_argument("--service-cidr", default=DEFAULT_SERVICE_CIDR)
     up.add_argument(
         "--external-node", help="node that Service external/LB IPs are routed to (default: first)"
+    )
+    up.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="start no proxy on the nodes: run kube-proxy as a DaemonSet (kubectl apply -f "
+        "deploy/), as a cluster does",
     )
     command("status", cmd_status, "show nodes, pods, services and endpoint slices")
     command(

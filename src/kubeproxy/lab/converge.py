@@ -36,7 +36,7 @@ from kubeproxy.lab.agent import AgentStatus
 from kubeproxy.lab.api import LabApi
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.nsconnect import http_get
-from kubeproxy.lab.processes import alive, log_tail
+from kubeproxy.lab.processes import alive, log_tail, time_scale
 
 METRICS_PORT = 10249
 HEALTHZ_PORT = 10256
@@ -71,10 +71,14 @@ def parse_metrics(text: str) -> ProxySample:
         if line.startswith("#") or " " not in line:
             continue
         name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0]  # ip_family="IPv4", ...: one sample per family
         try:
-            values[name] = float(value)
+            number = float(value)
         except ValueError:
             continue
+        # The oldest family's last sync; the other families summed.
+        values[name] = (min(values[name], number) if name == _LAST_SYNC and name in values
+                        else values.get(name, 0.0) + number)
     return ProxySample(
         values.get(_LAST_SYNC, 0.0),
         int(sum(values.get(n, 0.0) for n in _PENDING)),
@@ -103,7 +107,7 @@ def wait_for_agent(
             return status
         if status is not None and status.seen >= target and status.errors:
             failing_since = failing_since or time.monotonic()
-            if time.monotonic() - failing_since > ERROR_GRACE:
+            if time.monotonic() - failing_since > ERROR_GRACE * time_scale():
                 raise LabError(f"the lab agent keeps failing: {'; '.join(status.errors)}; "
                                f"see {log}")  # fmt: skip
         else:

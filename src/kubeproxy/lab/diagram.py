@@ -18,8 +18,14 @@ decisions the node's proxy renders into rules, never from re-reading rule text:
   or ``nft list table`` shows, and a chain the mode does not write (nftables has no
   per-endpoint chains) is not drawn.
 
-Chains are placed in columns by role (firewall, external, service, endpoint), so both
-modes draw the same picture. The SVG says what it draws: every box is a ``<g>`` with an
+A mode that balances in per-frontend virtual servers instead of chains (IPVS:
+``Mode.virtual_servers``) is drawn as frontend -> (the source-range firewall chain) ->
+virtual server -> its real servers' Pods, from the renderer's own virtual servers; one
+without real servers leads to REJECT (IPVS refuses), and under a ``Local`` policy
+without local endpoints it holds the cluster endpoints (IPVS's fallback, docs/ipvs.md).
+
+Chains are placed in columns by role (firewall, external, service, endpoint), so every
+chain mode draws the same picture. The SVG says what it draws: every box is a ``<g>`` with an
 ``id`` and ``data-`` attributes (kind, role, chain, service, ip), every edge a ``<path>``
 with ``data-from`` / ``data-to``, so :func:`boxes_of` and :func:`edges_of` read the
 graph back (the tests check reachability on the drawn graph). Pure: views in, SVG out.
@@ -34,7 +40,9 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import NamedTuple
 
+from kubeproxy import modes
 from kubeproxy.lab.layout import Plan, PodPlan
+from kubeproxy.modes.base import VirtualServers
 from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
 from kubeproxy.render.names import ChainNames
 
@@ -45,12 +53,14 @@ COLUMNS: tuple[tuple[int, str], ...] = (
     (2, "firewall chains"),  # loadBalancerSourceRanges
     (3, "external chains"),  # NodePort / external IP / LB traffic
     (4, "service chains"),  # cluster (and node-local) endpoints
-    (5, "endpoint chains"),  # hairpin + DNAT, one per endpoint (iptables)
-    (6, "verdicts"),
-    (7, "Pods (DNAT)"),
+    (5, "IPVS virtual servers"),  # modes without chains: one per frontend
+    (6, "endpoint chains"),  # hairpin + DNAT, one per endpoint (iptables)
+    (7, "verdicts"),
+    (8, "Pods (DNAT)"),
 )
 # Chain role -> column.
-ROLE_COLUMNS = {"firewall": 2, "external": 3, "service": 4, "local": 4, "endpoint": 5}
+ROLE_COLUMNS = {"firewall": 2, "external": 3, "service": 4, "local": 4, "endpoint": 6}
+VIRTUAL_COLUMN, VERDICT_COLUMN, POD_COLUMN = 5, 7, 8
 COLORS = {
     "ClusterIP": "#dbeafe",
     "NodePort": "#dcfce7",
@@ -63,12 +73,14 @@ COLORS = {
     "local": "#c7d2fe",
     "endpoint": "#ede9fe",
     "pod": "#d1fae5",
+    "virtual-server": "#e0e7ff",
     "verdict": "#fecaca",
 }
 PODS_CLIENT = "client:pods"
 EXTERNAL_CLIENT = "client:external"
 LOCAL_SOURCE = "local-source"  # edge taken only by pods and the node itself
 NamesOf = Callable[[ServicePortView], ChainNames]
+VirtualOf = Callable[[NodeView, ServicePortView], Sequence[VirtualServers]]
 
 
 class Edge(NamedTuple):
@@ -128,27 +140,32 @@ class _Graph:
     def verdict(self, route: Route) -> str:
         word = "REJECT" if route is Route.REJECT else "DROP"
         why = "no endpoints" if route is Route.REJECT else "no local endpoints / refused"
-        return self.box(f"verdict:{word}", [word, why], COLORS["verdict"], 6, kind="verdict",
-                        verdict=word)
+        return self.box(f"verdict:{word}", [word, why], COLORS["verdict"], VERDICT_COLUMN,
+                        kind="verdict", verdict=word)
 
     def pod(self, ep: EndpointView) -> str:
         pod = self.pods_by_ip.get(ep.addr)
         lines = [pod.key, f"{ep.addr} on {pod.node}"] if pod else [ep.addr, "(not a lab pod)"]
         data = {"pod": pod.key} if pod else {}
-        return self.box(f"pod:{ep.addr}", lines, COLORS["pod"], 7, kind="pod", ip=ep.addr,
-                        **data)
+        return self.box(f"pod:{ep.addr}", lines, COLORS["pod"], POD_COLUMN, kind="pod",
+                        ip=ep.addr, **data)
 
 
 def render(plan: Plan, views: Sequence[NodeView], names: NamesOf, *, node: str,
            mode: str) -> str:
-    """The SVG of ``node``'s flow: its views, chains named by ``names`` (the mode's)."""
+    """The SVG of ``node``'s flow: its views, chains named by ``names`` (the mode's), or
+    the mode's virtual servers when it balances in those (``Mode.virtual_servers``)."""
+    virtual = modes.get(mode).virtual_servers
     g = _Graph({p.ip: p for p in plan.pods})
     g.box(PODS_CLIENT, ["Pods", plan.cluster_cidr], COLORS["client"], 0, kind="client")
     g.box(EXTERNAL_CLIENT, ["external client", ", ".join(plan.external.clients)],
           COLORS["client"], 0, kind="client")
     for view in views:
         for spv in view.services:
-            _service_port(g, view, spv, names(spv))
+            if virtual is not None:
+                _virtual_servers(g, spv, virtual(view, spv))
+            else:
+                _service_port(g, view, spv, names(spv))
     return _svg(g, title=f"lab {plan.lab}: node {node} ({mode} mode)")
 
 
@@ -208,6 +225,52 @@ def _service_port(g: _Graph, view: NodeView, spv: ServicePortView, cn: ChainName
         if spv.external in (Route.CLUSTER, Route.LOCAL):
             g.edge(ext, policy(spv.external))
     _endpoints(g, spv, cn)
+
+
+def _virtual_servers(g: _Graph, spv: ServicePortView, servers: Sequence[VirtualServers]
+                     ) -> None:
+    """Frontends -> (the source-range firewall) -> their virtual server -> its real
+    servers' Pods, or REJECT when it has none (IPVS answers ICMP port unreachable)."""
+    svc, proto = str(spv.name), spv.protocol
+    endpoints = {ep.target: ep for ep in spv.all_endpoints}
+    by_kind = {vs.frontend: vs for vs in servers}
+    labels = [(_addr(spv.cluster_ip, spv.port, proto), "ClusterIP", "ClusterIP")]
+    if spv.node_port:
+        labels.append((f"NodePort {spv.node_port}/{proto}", "NodePort", "NodePort"))
+    labels += [(_addr(ip, spv.port, proto), "External", "external IP")
+               for ip in spv.external_ips]
+    labels += [(_addr(ip, spv.port, proto), "LoadBalancer", "load-balancer IP")
+               for ip in spv.load_balancer_ips]
+    for label, kind, what in labels:
+        fe = g.box(f"fe:{label}", [label, svc, what], COLORS[kind], 1, kind="frontend",
+                   frontend=kind, service=svc)
+        g.edge(PODS_CLIENT if kind == "ClusterIP" else EXTERNAL_CLIENT, fe)
+        vs = by_kind.get(kind)
+        if vs is None:  # no virtual server for this frontend (e.g. no node addresses)
+            continue
+        key = _virtual_box(g, svc, vs)
+        if vs.firewall:
+            fw = g.chain(vs.firewall, "firewall", spv, "allow source ranges")
+            ranges = ", ".join(str(r) for r in spv.source_ranges)
+            g.edge(fe, fw)
+            g.edge(fw, key, f"from {ranges}")
+            g.edge(fw, g.verdict(Route.DROP), "other sources")
+        else:
+            g.edge(fe, key)
+        for target in vs.reals:
+            ep = endpoints[target]
+            share = f"1/{len(vs.reals)}" + ("" if ep.ready else " (terminating)")
+            g.edge(key, g.pod(ep), f"{share} {vs.scheduler} NAT :{ep.port}")
+        if not vs.reals:
+            g.edge(key, g.verdict(Route.REJECT), "no real servers")
+
+
+def _virtual_box(g: _Graph, svc: str, vs: VirtualServers) -> str:
+    first = vs.addresses[0] + (f" +{len(vs.addresses) - 1}" if len(vs.addresses) > 1 else "")
+    lines = [first, f"{vs.scheduler}, {len(vs.reals)} real servers", svc]
+    return g.box(f"vs:{svc}:{vs.frontend}", lines, COLORS["virtual-server"], VIRTUAL_COLUMN,
+                 kind="virtual-server", frontend=vs.frontend, service=svc,
+                 addresses=" ".join(vs.addresses))
 
 
 def _endpoints(g: _Graph, spv: ServicePortView, cn: ChainNames) -> None:

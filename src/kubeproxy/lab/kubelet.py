@@ -21,12 +21,19 @@ Scheduling: the lab's API server has no ``pods/binding``, and ``spec.nodeName`` 
 change after creation, so a Pod created without a node is re-created with one (the
 node with the fewest Pods): a watcher sees it DELETED and ADDED again under the same
 name. A Pod bound to a node the lab does not have stays Pending, saying why.
+
+Host-network Pods with a command (a DaemonSet's kube-proxy) are not pod servers: they
+run their program in the node's namespace (``hostpods.py`` plans them,
+``hostkubelet.py`` runs them). Like a kubelet registering its Node, the first pass
+gives every lab Node kubelet's well-known labels (``kubernetes.io/os``, ``/arch``,
+``/hostname``) when missing, so that DaemonSet node selectors match.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import platform
 import subprocess
 import sys
 import time
@@ -35,17 +42,20 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from kubeproxy.jsontypes import JSON
-from kubeproxy.lab import cgroups, network, objects
+from kubeproxy.lab import cgroups, hostpods, network, objects
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.hostkubelet import HostPods
 from kubeproxy.lab.layout import NodePlan, PodPlan, free_pod_ip, listen_ports, pod_plan
 from kubeproxy.lab.manifest import Pod, Service, parse_pod
 from kubeproxy.lab.netns import Netns
-from kubeproxy.lab.processes import SERVER_MODULE, kill, spawn
+from kubeproxy.lab.processes import SERVER_MODULE, kill, spawn, time_scale
 from kubeproxy.lab.state import LabStore
 
 log = logging.getLogger("kubeproxy.lab.kubelet")
 READY_TIMEOUT = 20.0
+ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+          "s390x": "s390x"}  # uname -m -> GOARCH, for kubernetes.io/arch
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Kubelet:
         api: LabApi,
         clock: Callable[[], float] = time.time,
         servers: ServerStarter | None = None,
+        host: HostPods | None = None,
     ) -> None:
         self.lab = lab
         self.store = store
@@ -107,12 +118,20 @@ class Kubelet:
         self._start_server = servers or self._server
         self.running: dict[str, RunningPod] = {}
         self.last_ip: dict[str, str] = {}  # node -> the last address handed out there
+        self.host = host or HostPods(store, net, self.nodes, api, clock)
+        self.labelled = False  # the Nodes carry kubelet's well-known labels
 
     def next_deadline(self) -> float | None:
-        return min((r.deadline for r in self.running.values() if r.deadline), default=None)
+        times = [r.deadline for r in self.running.values() if r.deadline]
+        host = self.host.next_deadline()
+        return min([*times, *([host] if host is not None else [])], default=None)
 
     def sync(self, pods: Sequence[JSON], services: Sequence[Service]) -> Work:
-        work = Work()
+        work = self._label_nodes()
+        hosted = [p for p in pods if hostpods.is_host_pod(p)]
+        done = self.host.sync(hosted)
+        work.add(Work(done.writes, done.local, done.errors))
+        pods = [p for p in pods if not hostpods.is_host_pod(p)]
         by_key = {key_of(p): p for p in pods}
         for key, rp in list(self.running.items()):
             obj = by_key.get(key)
@@ -128,6 +147,23 @@ class Kubelet:
         new = [p for k, p in by_key.items() if k not in self.running and self._startable(p)]
         if new:
             work.add(self._start(new, pods, services))
+        return work
+
+    def _label_nodes(self) -> Work:
+        if self.labelled:
+            return Work()
+        work = Work()
+        arch = ARCHES.get(platform.machine(), platform.machine())
+        for name in self.nodes:
+            want = {"kubernetes.io/os": "linux", "kubernetes.io/arch": arch,
+                    "kubernetes.io/hostname": name}  # fmt: skip
+            try:
+                if _with_labels(want, self.api.get("Node", None, name)) is not None:
+                    self.api.mutate("Node", None, name, partial(_with_labels, want))
+                    work.writes += 1
+            except ApiError as exc:
+                work.errors.append(f"node {name}: labels: {exc}")
+        self.labelled = not work.errors
         return work
 
     def _guard(self, key: str, action: Callable[[], Work]) -> Work:
@@ -280,7 +316,7 @@ class Kubelet:
         """Wait until every new server listens, then (report) say the Pods are Running."""
         work = Work()
         waiting = {key_of(o): (o, rp) for o, rp in started}
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + READY_TIMEOUT * time_scale()
         while waiting:
             for key, (obj, rp) in list(waiting.items()):
                 failed = rp.proc is not None and (
@@ -380,6 +416,17 @@ class Kubelet:
         kill(pids)
         if proc is not None:
             proc.poll()
+
+
+def _with_labels(want: dict[str, str], node: JSON) -> JSON | None:
+    """The Node with kubelet's labels added where missing; None if it has them all."""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    missing = {k: v for k, v in want.items() if k not in labels}
+    if not missing:
+        return None
+    body = copy.deepcopy(node)
+    body["metadata"]["labels"] = {**labels, **missing}
+    return body
 
 
 def _annotated_ip(obj: JSON) -> str | None:

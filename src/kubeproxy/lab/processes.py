@@ -36,6 +36,18 @@ AGENT_MODULE = "kubeproxy.lab.agent"
 SERVER_MODULE = "kubeproxy.lab.podserver"
 PROXY_MODULE = "kubeproxy"
 MODULES = (APISERVER_MODULE, AGENT_MODULE, SERVER_MODULE, PROXY_MODULE)
+# How many times slower than this machine the lab's processes may run: every wait of the
+# lab for them is multiplied by it. tools/vmrun sets it in its emulated guest (docs/vm.md).
+TIME_SCALE_VARIABLE = "KUBEPROXY_TIME_SCALE"
+
+
+def time_scale() -> float:
+    """``KUBEPROXY_TIME_SCALE`` (a number >= 1), else 1."""
+    text = os.environ.get(TIME_SCALE_VARIABLE, "")
+    try:
+        return max(1.0, float(text)) if text else 1.0
+    except ValueError:
+        return 1.0
 
 
 def python_env() -> dict[str, str]:

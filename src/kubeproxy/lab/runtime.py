@@ -15,7 +15,11 @@ the lab's ``LabStore`` (``/run/kubeproxy-lab/<name>/``):
                          LoadBalancer controllers (agent.py);
 ``kubeproxy run``        one per node, inside the node namespace: the real proxy
                          daemon, watching the API and writing that node's rules;
-pod servers              one per Pod, inside the Pod's namespace, started by the agent.
+pod servers              one per Pod, inside the Pod's namespace, started by the agent
+                         (a host-network Pod with a command runs it in its node's);
+``kubeproxy.lab.daemonsets``  in the root namespace: the DaemonSet controller (its PID
+                         in ``daemonsets.pid``). ``up --no-proxy`` starts no proxies:
+                         a DaemonSet (``deploy/``) brings them.
 
 ``up`` plans the network (layout), builds the namespaces that do not come and go
 (switch, nodes, external client), starts the API server, creates the objects through it
@@ -36,7 +40,7 @@ import math
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -46,7 +50,8 @@ from urllib.parse import urlsplit
 from kubeproxy import modes
 from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
 from kubeproxy.jsontypes import JSON
-from kubeproxy.lab import cgroups, converge, layout, network, objects, view
+from kubeproxy.lab import cgroups, converge, daemonsets, hostpods, layout, network, objects, view
+from kubeproxy.lab import pki as lab_pki
 from kubeproxy.lab.agent import KINDS as AGENT_KINDS
 from kubeproxy.lab.agent import AgentStatus
 from kubeproxy.lab.api import ApiError, LabApi
@@ -63,6 +68,7 @@ from kubeproxy.lab.processes import (
     log_tail,
     python_env,
     spawn,
+    time_scale,
 )
 from kubeproxy.lab.state import DEFAULT_BASE, LabState, LabStore, Processes, write_atomic
 from kubeproxy.lab.view import LivePod
@@ -82,7 +88,7 @@ def proxy_flags(state: LabState, node: str) -> list[str]:
     return ["--hostname-override", node, "--proxy-mode", state.mode,
             "--cluster-cidr", state.cluster_cidr, "--lb-algorithm", state.lb_algorithm,
             # The lab's API server sends bookmarks every fraction of a second.
-            "--watch-stall-timeout", f"{PROXY_WATCH_STALL:g}s",
+            "--watch-stall-timeout", f"{PROXY_WATCH_STALL * time_scale():g}s",
             "--healthz-bind-address", f"127.0.0.1:{converge.HEALTHZ_PORT}",
             "--metrics-bind-address", f"127.0.0.1:{converge.METRICS_PORT}"]  # fmt: skip
 
@@ -94,6 +100,7 @@ class UpOptions:
     cluster_cidr: str = layout.DEFAULT_CLUSTER_CIDR
     service_cidr: str = layout.DEFAULT_SERVICE_CIDR
     external_node: str | None = None
+    proxies: bool = True  # False (--no-proxy): no `kubeproxy run` per node; deploy/ brings one
 
 
 def read_files(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -148,6 +155,8 @@ class Lab:
             )  # fmt: skip
             self.store.prepare()
             self.store.save(state)
+            if not options.proxies:  # remembered for `lab status` and the waits
+                write_atomic(self.no_proxy_file, "started with --no-proxy\n")
             try:
                 network.build_base(self.net, replace(plan, external=state.external))
                 if modes.get(options.mode).needs_cgroup:  # before any pod or proxy starts
@@ -155,11 +164,13 @@ class Lab:
                 state = self._start_apiserver(state)
                 self._create(self.api(state), bodies, statuses)
                 state = self._start_agent(state)
+                self._start_daemonsets()
                 # The proxies start once the Pods run and the slices are written, so their
                 # first sync has it all (a second one would wait out the min sync period).
                 self._wait_for_agent(state)
-                state = self._start_proxies(state)
-                self._settle(state)
+                if options.proxies:
+                    state = self._start_proxies(state)
+                    self._settle(state)
             except BaseException:
                 self._down_locked()
                 self.store.remove_lock()
@@ -180,6 +191,7 @@ class Lab:
                 recorded = self.store.load().processes
         mine = [p for p in recorded.all() if is_lab_process(p, self.name, self.store.dir)]
         # The agent first, so that no Pod starts while the rest is being stopped.
+        daemonsets.stop(self.store)
         kill([p for p in mine if p == recorded.agent])
         pids = [p for p in mine if p != recorded.agent]
         for ns in self.net.list_namespaces(self.prefix):
@@ -188,6 +200,7 @@ class Lab:
         kill(pids)  # pod servers, proxies, and the API server (its sockets in the nodes)
         cgroups.remove(self.name, self.store.dir)  # programs detached, mounts, cgroups
         gone = network.teardown(self.net, self.prefix)
+        hostpods.remove_mountpoints(self.store)  # host-network Pods' empty mount points
         self.store.remove()
         return gone
 
@@ -207,7 +220,23 @@ class Lab:
         self._settle(state)
         return state
 
+    def restart_proxies(self, between: Callable[[], object] = lambda: None) -> LabState:
+        """Stop every node's proxy (SIGTERM: its rules stay in the kernel, as upstream's
+        do), call ``between`` (a test changes the API while no proxy runs), start them
+        again and return once every node's rules hold what the API holds."""
+        with self.store.lock():
+            state = self.state()
+            mine = [p for p in state.processes.proxies.values()
+                    if is_lab_process(p, self.name, self.store.dir)]
+            kill(mine)
+            between()
+            state = self._start_proxies(state)
+            self.store.settled_file.unlink(missing_ok=True)
+        self._settle(state)
+        return state
+
     def _wait_for_reconnect(self, before: dict[str, int], timeout: float) -> None:
+        timeout *= time_scale()
         deadline = time.monotonic() + timeout
         while True:
             now = AgentStatus.read(self.store.agent_status)
@@ -231,7 +260,8 @@ class Lab:
     def _start_apiserver(self, state: LabState) -> LabState:
         # A free port at `lab up`, the same one ever after (restart_apiserver): the agent
         # and kubeconfig users keep calling it. The state file carries the objects over.
-        argv = [sys.executable, "-m", APISERVER_MODULE,
+        pki = lab_pki.ensure(self.store.pki_dir)  # made at `lab up`, kept by restarts
+        argv = [sys.executable, "-m", APISERVER_MODULE, *lab_pki.apiserver_flags(pki),
                 "--listen", f"127.0.0.1:{state.api_port or 0}",
                 *(f"--netns={n.ns}:127.0.0.1:{NODE_API_PORT}" for n in state.nodes),
                 "--service-cidr", state.service_cidr,
@@ -242,16 +272,13 @@ class Lab:
         self.store.kubeconfig.unlink(missing_ok=True)  # its appearance means "listening"
         proc = spawn(argv, log)
         state = self._record(state, apiserver=proc.pid)
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + START_TIMEOUT * time_scale()
         while not self.store.kubeconfig.exists():  # written once every listener is up
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"the lab's API server did not start:\n{log_tail(log)}")
             time.sleep(0.02)
-        from kubeproxy.apiserver.server import kubeconfig_text
-
-        write_atomic(
-            self.store.node_kubeconfig, kubeconfig_text(f"http://127.0.0.1:{NODE_API_PORT}")
-        )
+        node_server = f"https://127.0.0.1:{NODE_API_PORT}"  # user system:kube-proxy
+        write_atomic(self.store.node_kubeconfig, lab_pki.proxy_kubeconfig(pki, node_server), 0o600)
         port = urlsplit(load_kubeconfig(self.store.kubeconfig).server).port
         state = replace(state, api_port=port)
         self.store.save(state)
@@ -282,6 +309,20 @@ class Lab:
                 "--base", str(self.store.base)]  # fmt: skip
         return self._record(state, agent=spawn(argv, self.store.log_file("agent")).pid)
 
+    def _start_daemonsets(self) -> None:
+        """kube-controller-manager's DaemonSet controller (daemonsets.py); its PID is
+        kept in its own file (state.json records the API server, agent and proxies)."""
+        proc = spawn(daemonsets.argv(self.store), self.store.log_file("daemonsets"))
+        daemonsets.record(self.store, proc.pid)
+
+    @property
+    def no_proxy_file(self) -> Path:
+        return self.store.dir / "no-proxy"
+
+    def proxies(self) -> bool:
+        """Whether the lab runs its own proxy per node (not `lab up --no-proxy`)."""
+        return not self.no_proxy_file.exists()
+
     def _start_proxies(self, state: LabState) -> LabState:
         proxies = {}
         for node in state.nodes:
@@ -306,10 +347,14 @@ class Lab:
             if int(self.store.settled_file.read_text()) == current:
                 return  # nothing was written since the last wait
         status = self._wait_for_agent(state)
+        nodes = {n.name: n.ns for n in state.nodes}
+        if not self.proxies():  # --no-proxy: wait for the proxies that run (a DaemonSet's)
+            nodes = {k: ns for k, ns in nodes.items() if converge.proxy_sample(ns) is not None}
         converge.wait_for_proxies(
-            {n.name: n.ns for n in state.nodes},
+            nodes,
             status.proxy_event,
             {n.name: self.store.log_file(f"proxy-{n.name}") for n in state.nodes},
+            converge.PROXY_TIMEOUT * time_scale(),
         )
         if api.resource_version() <= status.seen:  # no one wrote meanwhile
             write_atomic(self.store.settled_file, str(status.seen))
@@ -320,6 +365,7 @@ class Lab:
             self.store.agent_status,
             state.processes.agent,
             self.store.log_file("agent"),
+            converge.AGENT_TIMEOUT * time_scale(),
         )
 
     # ------------------------------------------------------------ reading
@@ -329,7 +375,8 @@ class Lab:
 
     def api(self, state: LabState | None = None) -> LabApi:
         state = state or self.state()
-        return LabApi(f"http://127.0.0.1:{state.api_port}")
+        del state  # the kubeconfig names the port (state.api_port) and the admin credential
+        return LabApi.from_kubeconfig(self.store.kubeconfig)
 
     @property
     def kubeconfig(self) -> Path:
@@ -424,6 +471,7 @@ class Lab:
         ns = self.namespace_of(source)
         ip = self.address_of(target)
         argv = [sys.executable, "-m", "kubeproxy.lab.probe", "--to", ip, "--port", str(port)]
+        timeout *= time_scale()  # a slow CPU answers slowly (docs/vm.md)
         argv += ["--proto", proto, "-n", str(n), "--timeout", str(timeout)]
         if source_ip:
             argv += ["--source", source_ip]
@@ -434,7 +482,7 @@ class Lab:
             capture_output=True,
             text=True,
             check=False,
-            timeout=30 + n * timeout * 2,
+            timeout=30 * time_scale() + n * timeout * 2,
         )
         if proc.returncode != 0:
             raise CommandError(full, proc.returncode, proc.stderr)

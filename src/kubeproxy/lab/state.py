@@ -9,8 +9,11 @@ processes the lab runs (API server, agent, one proxy per node). Writers hold
 ``<name>.lock`` (flock); ``state.json`` is replaced atomically.
 
 Other files in the directory: ``kubeconfig`` (for kubectl, server on 127.0.0.1 in the
-root namespace), ``node.kubeconfig`` (for the proxies, server on 127.0.0.1 inside their
-node namespace), ``agent.json`` (the agent's progress, read by the convergence wait),
+root namespace, with the lab CA and the admin's client certificate), ``node.kubeconfig``
+(for the proxies, server on 127.0.0.1 inside their node namespace, user
+``system:kube-proxy``), ``pki/`` (the lab's CA, certificates and service-account signing
+key, made at ``lab up``: pki.py; ``ca_cert`` is the CA every client trusts),
+``agent.json`` (the agent's progress, read by the convergence wait),
 ``apiserver.json`` (the API server's objects, rewritten by it after every change: what a
 restarted API server starts from), ``logs/`` and ``ready/`` (pod servers' ready files).
 """
@@ -111,6 +114,15 @@ class LabStore:
         return self.dir / "node.kubeconfig"
 
     @property
+    def pki_dir(self) -> Path:
+        return self.dir / "pki"
+
+    @property
+    def ca_cert(self) -> Path:
+        """The lab CA's certificate (PEM): what a client of the lab's API server trusts."""
+        return self.pki_dir / "ca.crt"
+
+    @property
     def apiserver_state(self) -> Path:
         return self.dir / "apiserver.json"
 
@@ -179,9 +191,12 @@ class LabStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that a reader sees the old or the new text, never half of it."""
+def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write a file so that a reader sees the old or the new text, never half of it;
+    ``mode`` (e.g. 0o600 for a file holding a key) is set before it appears."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
+    if mode is not None:
+        os.chmod(tmp, mode)
     os.replace(tmp, path)

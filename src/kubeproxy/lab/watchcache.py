@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.api import ApiError, LabApi
+from kubeproxy.lab.processes import time_scale
 from kubeproxy.sources.client import ClientError, WatchStream
 
 log = logging.getLogger("kubeproxy.lab.watchcache")
@@ -137,7 +138,7 @@ class WatchCache:
 
     def _watch_once(self) -> None:
         stream = self.api.watch(
-            self.kind, str(self.resource_version), WATCH_TIMEOUT, STALL_TIMEOUT
+            self.kind, str(self.resource_version), WATCH_TIMEOUT, STALL_TIMEOUT * time_scale()
         )
         self._stream = stream
         with self._lock:

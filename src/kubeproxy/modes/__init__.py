@@ -20,6 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from kubeproxy.config import ProxyConfig
     from kubeproxy.modes.base import Mode
 
 # Mode name (as --proxy-mode spells it) -> the module whose MODE implements it.
@@ -27,6 +28,7 @@ REGISTRY: dict[str, str] = {
     "iptables": "kubeproxy.modes.iptables",  # upstream's chain layout, iptables-restore
     "nftables": "kubeproxy.modes.nftables",  # upstream's table layout, netlink batches
     "ebpf": "kubeproxy.modes.ebpf",  # socket load balancing + nftables for north-south
+    "ipvs": "kubeproxy.modes.ipvs",  # IPVS virtual servers + ipsets, iptables around them
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -44,6 +46,12 @@ def get(name: str) -> Mode[Any]:
             f"unknown proxy mode {name!r}: one of {', '.join(NAMES)}") from None
     mode: Mode[Any] = importlib.import_module(module).MODE
     return mode
+
+
+def for_config(config: ProxyConfig) -> Mode[Any]:
+    """The mode ``config`` names, with the mode's own settings applied (Mode.configure)."""
+    mode = get(config.mode)
+    return mode.configure(config) if mode.configure is not None else mode
 
 
 def every() -> list[Mode[Any]]:

@@ -15,15 +15,18 @@ root still prove something.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from kubeproxy.dataplane.base import Runner
-from kubeproxy.model import IPAddress, NamespacedName
+from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.nodeview import NodeView, ServicePortView
 from kubeproxy.render.names import ChainNames
 from kubeproxy.trace.result import Packet, TraceResult
+
+if TYPE_CHECKING:
+    from kubeproxy.config import ProxyConfig
 
 R = TypeVar("R")
 R_contra = TypeVar("R_contra", contravariant=True)
@@ -70,6 +73,35 @@ class PlaneOptions:
 
 
 @dataclass(frozen=True)
+class VirtualServers:
+    """The load balancers a mode writes for one service port's frontends of one kind,
+    when it balances in per-frontend virtual servers (IPVS) rather than per-service
+    chains: what the lab's diagram draws between a frontend and its Pods."""
+
+    frontend: str  # the frontends' kind: ClusterIP, NodePort, External, LoadBalancer
+    addresses: tuple[str, ...]  # "ip:port/proto" of each virtual server, as rendered
+    scheduler: str  # rr ...
+    reals: tuple[str, ...]  # real servers, "ip:port" (EndpointView.target); () refuses
+    firewall: str | None  # the chain that filters its traffic first (source ranges)
+
+
+@dataclass(frozen=True)
+class PlaneCounts:
+    """What a data plane's last sync tells the metrics (upstream's per-mode families)."""
+
+    # iptables: (family, table) -> (rules kube-proxy owns, rules the last sync wrote).
+    rules: Mapping[tuple[Family, str], tuple[int, int]] = field(default_factory=dict)
+    # nftables: the families whose stale-chain cleanup failed in the last sync.
+    cleanup_failures: tuple[Family, ...] = ()
+
+
+def no_counts(plane: object) -> PlaneCounts:
+    """A mode whose data plane reports nothing beyond success or failure."""
+    del plane
+    return PlaneCounts()
+
+
+@dataclass(frozen=True)
 class Mode(Generic[R]):
     name: str
     # Node views of every family in use -> the mode's ruleset. Pure.
@@ -101,3 +133,21 @@ class Mode(Generic[R]):
     # Why this mode cannot run on the kernel the runner reaches (a missing module ...),
     # or None when it can: kernel tests skip the mode with this reason.
     kernel_support: Callable[[Runner], str | None] = lambda runner: None
+    # The counter of failed *partial* syncs (a full one follows), if upstream has one
+    # for this mode (iptables: sync_proxy_rules_iptables_partial_restore_failures_total).
+    partial_failures_metric: str | None = None
+    # nodePortAddresses when the configuration gives none (kpconfig.resolve): () = every
+    # local address; ("primary",) = the Node's primary IPs only (upstream's nftables
+    # default, platformApplyDefaults).
+    nodeport_default: tuple[str, ...] = ()
+    # What the data plane (this mode's, as data_plane made it) says about its last sync,
+    # for the metrics: rule counts, cleanup failures.
+    plane_counts: Callable[[Any], PlaneCounts] = no_counts
+    # Modes that balance in per-frontend virtual servers instead of per-service chains
+    # (ipvs; chain_names then names none): a port view's virtual servers, by frontend
+    # kind, from the renderer's own output. None: the mode writes chains.
+    virtual_servers: Callable[[NodeView, ServicePortView], Sequence[VirtualServers]
+                              ] | None = None
+    # The mode with its own section of the configuration applied (ipvs: the scheduler,
+    # strictARP, ...), for `modes.for_config`; None: the mode has no settings of its own.
+    configure: Callable[[ProxyConfig], Mode[R]] | None = None

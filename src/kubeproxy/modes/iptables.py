@@ -21,7 +21,7 @@ from kubeproxy.dataplane.iptables import (
     detect_backend,
 )
 from kubeproxy.model import Family, IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneOptions
+from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions
 from kubeproxy.nodeview import NodeView
 from kubeproxy.render import iptables
 from kubeproxy.render.names import iptables_chain_names
@@ -86,6 +86,8 @@ class DataPlane:
         self.backend = backend
         self.watch = watch  # the cheap change detector of intact()
         self.planes: dict[Family, IptablesDataPlane] = {}
+        # family -> table -> (rules owned, rules written by the last sync): metrics.
+        self.counts: dict[Family, dict[str, tuple[int, int]]] = {}
 
     def sync(self, rulesets: Rulesets, changed: frozenset[NamespacedName] | None = None
              ) -> None:
@@ -94,7 +96,10 @@ class DataPlane:
             if plane is None:
                 plane = self.planes[family] = IptablesDataPlane(
                     self.runner, family, self.backend, self.watch)
-            plane.sync(ruleset, changed)
+            stats = plane.sync(ruleset, changed)
+            self.counts[family] = {
+                t: (sum(map(len, ruleset.tables[t].values())), stats.rules_by_table.get(t, 0))
+                for t in ("filter", "nat")}
 
     def intact(self) -> bool:
         """Each family's canary chains, top-level chains and jumps, read only when the
@@ -194,4 +199,8 @@ MODE: Mode[Rulesets] = Mode(
     cleanup=cleanup,
     chain_names=iptables_chain_names,
     sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
+    partial_failures_metric="sync_proxy_rules_iptables_partial_restore_failures_total",
+    plane_counts=lambda plane: PlaneCounts(rules={
+        (f, t): n for f, tables in plane.counts.items() for t, n in tables.items()}
+    ) if isinstance(plane, DataPlane) else PlaneCounts(),
 )

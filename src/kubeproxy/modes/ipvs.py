@@ -10,18 +10,21 @@ the IPVS lookup (trace/ipvs.py). How the mode differs from upstream's: docs/ipvs
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from collections.abc import Sequence
 
+from kubeproxy.config import IpvsConfig
 from kubeproxy.dataplane.base import DataPlaneError, Runner
 from kubeproxy.dataplane.iptables import KernelWatch
-from kubeproxy.dataplane.ipvs import IpvsDataPlane, NetlinkIpvs, has_ipvs
+from kubeproxy.dataplane.ipvs import IpvsDataPlane, has_ipvs
+from kubeproxy.dataplane.ipvs_netlink import KernelService, NetlinkIpvs
 from kubeproxy.dataplane.netlink import find_netns
 from kubeproxy.model import IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneOptions
+from kubeproxy.modes.base import Mode, PlaneOptions, VirtualServers
 from kubeproxy.modes.iptables import BACKENDS, choose_backend
-from kubeproxy.nodeview import NodeView
+from kubeproxy.nodeview import NodeView, ServicePortView
 from kubeproxy.render import ipvs
 from kubeproxy.render.ipvs import IpvsRuleset
 from kubeproxy.render.names import ipvs_chain_names
@@ -76,26 +79,43 @@ class DataPlane:
         return found is None
 
 
-def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
+DEFAULTS = IpvsConfig()  # rr, no strict ARP, nothing excluded, the kernel's timeouts
+
+
+def data_plane(runner: Runner, options: PlaneOptions,
+               settings: IpvsConfig = DEFAULTS) -> DataPlane:
+    has_ipvs(runner)  # loads ip_vs when it can, as upstream's proxier does at start
     kernel = NetlinkIpvs(find_netns(runner))
     return DataPlane(IpvsDataPlane(runner, kernel, choose_backend(runner, options),
-                                   KernelWatch(runner)))
+                                   KernelWatch(runner), settings))
 
 
-def fake() -> DataPlane:
+def fake(settings: IpvsConfig = DEFAULTS) -> DataPlane:
     from kubeproxy.testing.ipvs import FakeIpvs, FakeNode
 
     node = FakeNode()
-    return DataPlane(IpvsDataPlane(node, FakeIpvs(), "nft", node.iptables))
+    return DataPlane(IpvsDataPlane(node, FakeIpvs(), "nft", node.iptables, settings))
 
 
-def cleanup(runner: Runner, options: PlaneOptions) -> None:
-    """IPVS (when the kernel has it), kube-ipvs0, our ipsets, our chains on both backends
-    unless one is named."""
+def cleanup(runner: Runner, options: PlaneOptions, settings: IpvsConfig = DEFAULTS) -> None:
+    """IPVS (when the kernel has it; not the virtual servers in excludeCIDRs),
+    kube-ipvs0, our ipsets, our chains on both backends unless one is named."""
     backends = BACKENDS if options.iptables_backend == "auto" else (
         choose_backend(runner, options),)
     kernel = NetlinkIpvs(find_netns(runner)) if has_ipvs(runner) else _NoIpvs()
-    IpvsDataPlane(runner, kernel, backends[0]).cleanup(backends)
+    IpvsDataPlane(runner, kernel, backends[0], settings=settings).cleanup(backends)
+
+
+def configure(settings: IpvsConfig) -> Mode[IpvsRuleset]:
+    """The mode with the ``ipvs:`` settings (ProxyConfig.ipvs) applied: the scheduler
+    to the renderer, strictARP, excludeCIDRs and the timeouts to the data plane (and
+    excludeCIDRs to cleanup)."""
+    return dataclasses.replace(
+        MODE, render=lambda views: ipvs.render(views, settings.scheduler),
+        renderer=lambda: ipvs.Renderer(settings.scheduler),
+        data_plane=lambda runner, options: data_plane(runner, options, settings),
+        fake=lambda: fake(settings),
+        cleanup=lambda runner, options: cleanup(runner, options, settings))
 
 
 class _NoIpvs(NetlinkIpvs):
@@ -103,6 +123,31 @@ class _NoIpvs(NetlinkIpvs):
 
     def flush(self) -> None:
         raise DataPlaneError("the kernel has no IPVS (/proc/net/ip_vs is missing)")
+
+    def services(self) -> list[KernelService]:  # cleanup with excludeCIDRs asks first
+        raise DataPlaneError("the kernel has no IPVS (/proc/net/ip_vs is missing)")
+
+
+# VirtualServer.role (render/ipvs.py) -> the frontend kind the lab's diagram draws.
+FRONTENDS = {"cluster IP": "ClusterIP", "node port": "NodePort",
+             "external IP": "External", "load balancer IP": "LoadBalancer"}
+
+
+def virtual_servers(view: NodeView, spv: ServicePortView) -> list[VirtualServers]:
+    """``spv``'s virtual servers as the renderer writes them, grouped by frontend kind
+    (a NodePort has one per node address, all with the same real servers)."""
+    rendered = ipvs.render_family(dataclasses.replace(view, services=(spv,)))
+    grouped: dict[str, list[ipvs.VirtualServer]] = {}
+    for vs in rendered.services:
+        grouped.setdefault(FRONTENDS[vs.role], []).append(vs)
+    out = []
+    for kind, servers in grouped.items():
+        firewall = ("KUBE-SOURCE-RANGES-FIREWALL"
+                    if kind == "LoadBalancer" and spv.source_ranges else None)
+        out.append(VirtualServers(
+            kind, tuple(f"{ipvs.host(vs.ip, vs.port)}/{vs.proto}" for vs in servers),
+            servers[0].scheduler, tuple(r.target for r in servers[0].reals), firewall))
+    return out
 
 
 def kernel_support(runner: Runner) -> str | None:
@@ -116,7 +161,7 @@ def kernel_support(runner: Runner) -> str | None:
 MODE: Mode[IpvsRuleset] = Mode(
     name="ipvs",
     render=render,
-    renderer=lambda: render,  # the ruleset is sets and servers: rendering is cheap
+    renderer=ipvs.Renderer,  # memoized per port view: a partial sync renders the change
     text=text,
     trace=trace,
     trace_rules=trace_rules,
@@ -126,4 +171,6 @@ MODE: Mode[IpvsRuleset] = Mode(
     chain_names=ipvs_chain_names,
     sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
     kernel_support=kernel_support,
+    virtual_servers=virtual_servers,
+    configure=lambda config: configure(config.ipvs),
 )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from kubeproxy.config import PRIMARY
 from kubeproxy.dataplane.base import DataPlaneError, Runner
 from kubeproxy.dataplane.nftables import NftablesDataPlane
-from kubeproxy.model import IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneOptions
+from kubeproxy.model import Family, IPAddress, NamespacedName
+from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions
 from kubeproxy.nodeview import NodeView
 from kubeproxy.render import nftables
 from kubeproxy.render.names import nftables_chain_names
@@ -23,6 +24,7 @@ from kubeproxy.trace.nftables import trace_nftables
 from kubeproxy.trace.result import Packet, TraceResult
 
 FAMILIES = ("ip", "ip6")
+FAMILY_NUMBERS: dict[str, Family] = {"ip": 4, "ip6": 6}
 log = logging.getLogger("kubeproxy.modes.nftables")
 
 
@@ -57,10 +59,13 @@ class DataPlane:
     def __init__(self, plane: NftablesDataPlane, show: Callable[[], str]) -> None:
         self.plane = plane
         self._show = show
+        self.counts = PlaneCounts()  # of the last successful sync (metrics)
 
     def sync(self, ruleset: NftRuleset, changed: frozenset[NamespacedName] | None = None
              ) -> None:
-        self.plane.sync(ruleset, changed)
+        stats = self.plane.sync(ruleset, changed)
+        self.counts = PlaneCounts(cleanup_failures=tuple(
+            FAMILY_NUMBERS[f] for f in stats.cleanup_failed))
 
     def cleanup(self) -> None:
         self.plane.cleanup()
@@ -78,6 +83,11 @@ class DataPlane:
         if found is not None:
             log.warning("%s (changed from outside)", found)
         return found is None
+
+
+def plane_counts(plane: object) -> PlaneCounts:
+    """The stale-chain cleanup failures of ``plane``'s last sync (metrics)."""
+    return plane.counts if isinstance(plane, DataPlane) else PlaneCounts()
 
 
 def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
@@ -109,4 +119,6 @@ MODE: Mode[NftRuleset] = Mode(
     cleanup=cleanup,
     chain_names=nftables_chain_names,
     sync_failures_metric="sync_proxy_rules_nftables_sync_failures_total",
+    nodeport_default=(PRIMARY,),  # upstream: NodePorts on the Node's primary IPs only
+    plane_counts=plane_counts,
 )

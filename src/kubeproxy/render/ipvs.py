@@ -31,113 +31,55 @@ differ from the iptables layout and are kept (docs/ipvs.md):
   at all the virtual server has no real servers, and IPVS answers ICMP port unreachable.
 
 Rules use iptables-save's canonical spelling, so what the kernel reads back matches.
+The sets' and chains' layout and the iptables rules are in render/ipvs_tables.py.
+
+:class:`Renderer` is the same with memory for the daemon: each service port's part
+(virtual servers, set entries, addresses) is kept per port view object and what they
+add up to is patched with reference counts, so a one-service change costs that service
+(docs/ipvs.md "Syncs"). The ruleset names each service's virtual servers (``owners``),
+which is how a partial sync finds what to rewrite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
 from types import MappingProxyType
+from typing import TypeVar
 
+from kubeproxy.config import IPVS_SCHEDULERS
 from kubeproxy.model import Family, IPAddress, NamespacedName
-from kubeproxy.nodeview import ClusterIPMasquerade, EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.render.ipvs_tables import (
+    BUILTIN,
+    IPSETS,
+    JUMPS,
+    jump_rule,
+    proto_number,
+    set_name,
+    tables,
+)
 
 DUMMY = "kube-ipvs0"
-SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")
+SCHEDULERS = IPVS_SCHEDULERS  # rr (the default), wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, mh
+Key = tuple[IPAddress, str, int]  # (address, protocol, port) of a virtual server
+_T = TypeVar("_T")
 FLAG_PERSISTENT = 0x1  # IP_VS_SVC_F_PERSISTENT
 FLAG_SCHED_PORT = 0x10  # IP_VS_SVC_F_SCHED2: mh hashes the source port too (upstream)
 FLAG_NAMES = MappingProxyType({FLAG_SCHED_PORT: "mh-port"})
 
-# Set name -> (type, what it holds). The IPv6 sets are named KUBE-6-... (upstream's
-# alternate names keep the two families' sets apart).
-IPSETS: MappingProxyType[str, tuple[str, str]] = MappingProxyType({
-    "KUBE-LOOP-BACK": ("hash:ip,port,ip",
-                       "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"),
-    "KUBE-CLUSTER-IP": ("hash:ip,port",
-                        "Kubernetes service cluster ip + port for masquerade purpose"),
-    "KUBE-EXTERNAL-IP": ("hash:ip,port", "Kubernetes service external ip + port for "
-                         "masquerade and filter purpose"),
-    "KUBE-EXTERNAL-IP-LOCAL": ("hash:ip,port", "Kubernetes service external ip + port "
-                               "with externalTrafficPolicy=local"),
-    "KUBE-LOAD-BALANCER": ("hash:ip,port", "Kubernetes service lb portal"),
-    "KUBE-LOAD-BALANCER-FW": ("hash:ip,port", "Kubernetes service load balancer ip + port "
-                              "for load balancer with sourceRange"),
-    "KUBE-LOAD-BALANCER-LOCAL": ("hash:ip,port", "Kubernetes service load balancer ip + "
-                                 "port with externalTrafficPolicy=local"),
-    "KUBE-LOAD-BALANCER-SOURCE-IP": ("hash:ip,port,ip", "Kubernetes service load balancer "
-                                     "ip + port + source IP for packet filter purpose"),
-    "KUBE-LOAD-BALANCER-SOURCE-CIDR": ("hash:ip,port,net", "Kubernetes service load "
-                                       "balancer ip + port + source cidr for packet "
-                                       "filter purpose"),
-    "KUBE-NODE-PORT-TCP": ("bitmap:port", "Kubernetes nodeport TCP port for masquerade purpose"),
-    "KUBE-NODE-PORT-LOCAL-TCP": ("bitmap:port", "Kubernetes nodeport TCP port with "
-                                 "externalTrafficPolicy=local"),
-    "KUBE-NODE-PORT-UDP": ("bitmap:port", "Kubernetes nodeport UDP port for masquerade purpose"),
-    "KUBE-NODE-PORT-LOCAL-UDP": ("bitmap:port", "Kubernetes nodeport UDP port with "
-                                 "externalTrafficPolicy=local"),
-    "KUBE-NODE-PORT-SCTP-HASH": ("hash:ip,port", "Kubernetes nodeport SCTP port for "
-                                 "masquerade purpose with type 'hash ip:port'"),
-    "KUBE-NODE-PORT-LOCAL-SCTP-HASH": ("hash:ip,port", "Kubernetes nodeport SCTP port with "
-                                       "externalTrafficPolicy=local with type 'hash ip:port'"),
-    "KUBE-HEALTH-CHECK-NODE-PORT": ("bitmap:port", "Kubernetes health check node port"),
-    "KUBE-IPVS-IPS": ("hash:ip", "IPVS service addresses"),
-})
-
-# Our chains, per table (all rewritten whole on every sync: they do not grow with the
-# number of services, the ipsets do).
-CHAINS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType({
-    "nat": ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER",
-            "KUBE-MARK-MASQ"),
-    "filter": ("KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL",
-               "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER"),
-})
-# The jumps from builtin chains, in the order they stand there: (table, builtin, chain, comment)
-JUMPS: tuple[tuple[str, str, str, str], ...] = (
-    ("filter", "INPUT", "KUBE-IPVS-FILTER", "kubernetes ipvs access filter"),
-    ("filter", "INPUT", "KUBE-PROXY-FIREWALL", "kube-proxy firewall rules"),
-    ("filter", "INPUT", "KUBE-NODE-PORT", "kubernetes health check rules"),
-    ("filter", "FORWARD", "KUBE-PROXY-FIREWALL", "kube-proxy firewall rules"),
-    ("filter", "FORWARD", "KUBE-FORWARD", "kubernetes forwarding rules"),
-    ("filter", "OUTPUT", "KUBE-IPVS-OUT-FILTER", "kubernetes ipvs access filter"),
-    ("nat", "PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
-    ("nat", "OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
-    ("nat", "POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
-)
-BUILTIN = MappingProxyType({"filter": ("INPUT", "FORWARD", "OUTPUT"),
-                            "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")})
-# (set, table, chain, protocol, match flags, target): rules written when the set is not
-# empty, in this order (upstream's ipsetWithIptablesChain: a LOCAL set before its
-# masquerading sibling).
-SET_RULES: tuple[tuple[str, str, str, str, str, str], ...] = (
-    ("KUBE-LOOP-BACK", "nat", "KUBE-POSTROUTING", "", "dst,dst,src", "MASQUERADE"),
-    ("KUBE-LOAD-BALANCER", "nat", "KUBE-SERVICES", "", "dst,dst", "KUBE-LOAD-BALANCER"),
-    ("KUBE-LOAD-BALANCER-LOCAL", "nat", "KUBE-LOAD-BALANCER", "", "dst,dst", "RETURN"),
-    ("KUBE-NODE-PORT-LOCAL-TCP", "nat", "KUBE-NODE-PORT", "tcp", "dst", "RETURN"),
-    ("KUBE-NODE-PORT-TCP", "nat", "KUBE-NODE-PORT", "tcp", "dst", "KUBE-MARK-MASQ"),
-    ("KUBE-NODE-PORT-LOCAL-UDP", "nat", "KUBE-NODE-PORT", "udp", "dst", "RETURN"),
-    ("KUBE-NODE-PORT-UDP", "nat", "KUBE-NODE-PORT", "udp", "dst", "KUBE-MARK-MASQ"),
-    ("KUBE-NODE-PORT-LOCAL-SCTP-HASH", "nat", "KUBE-NODE-PORT", "sctp", "dst,dst", "RETURN"),
-    ("KUBE-NODE-PORT-SCTP-HASH", "nat", "KUBE-NODE-PORT", "sctp", "dst,dst", "KUBE-MARK-MASQ"),
-    ("KUBE-LOAD-BALANCER-FW", "filter", "KUBE-PROXY-FIREWALL", "", "dst,dst",
-     "KUBE-SOURCE-RANGES-FIREWALL"),
-    ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "filter", "KUBE-SOURCE-RANGES-FIREWALL", "",
-     "dst,dst,src", "RETURN"),
-    ("KUBE-LOAD-BALANCER-SOURCE-IP", "filter", "KUBE-SOURCE-RANGES-FIREWALL", "",
-     "dst,dst,src", "RETURN"),
-)
 _NODE_PORT_SETS = {"tcp": ("KUBE-NODE-PORT-TCP", "KUBE-NODE-PORT-LOCAL-TCP"),
                    "udp": ("KUBE-NODE-PORT-UDP", "KUBE-NODE-PORT-LOCAL-UDP"),
                    "sctp": ("KUBE-NODE-PORT-SCTP-HASH", "KUBE-NODE-PORT-LOCAL-SCTP-HASH")}
 
 
-def set_name(name: str, family: int) -> str:
-    """The family's name of one of ``IPSETS``."""
-    return name if family == 4 else "KUBE-6-" + name.removeprefix("KUBE-")
+def ip_order(ip: IPAddress) -> tuple[int, int]:
+    return (ip.version, int(ip))
 
 
-def base_set(name: str) -> str:
-    """``IPSETS``' key for a family's set name."""
-    return "KUBE-" + name.removeprefix("KUBE-6-") if name.startswith("KUBE-6-") else name
+def key_of(vs: VirtualServer) -> Key:
+    return (vs.ip, vs.proto, vs.port)
 
 
 def host(ip: IPAddress, port: int) -> str:
@@ -212,10 +154,21 @@ class FamilyIpvs:
     """One family's part: bound addresses, virtual servers, ipsets, iptables rules."""
 
     family: Family
-    addresses: tuple[IPAddress, ...]  # on kube-ipvs0, sorted
-    services: tuple[VirtualServer, ...]  # sorted by key
+    bound: frozenset[IPAddress]  # on kube-ipvs0
+    servers: Mapping[Key, VirtualServer]
+    owners: Mapping[NamespacedName, frozenset[Key]]  # each service's virtual servers
     sets: tuple[IpSet, ...]  # in IPSETS order
     tables: MappingProxyType[str, MappingProxyType[str, tuple[str, ...]]]  # table -> chain -> rules
+
+    @cached_property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        """``bound``, sorted (for printing: syncs use the set)."""
+        return tuple(sorted(self.bound, key=ip_order))
+
+    @cached_property
+    def services(self) -> tuple[VirtualServer, ...]:
+        """``servers``, sorted by address, protocol and port (for printing)."""
+        return tuple(sorted(self.servers.values(), key=lambda s: s.key))
 
     def iptables_text(self) -> str:
         """The iptables part in iptables-save format (builtin chains with our jumps)."""
@@ -241,32 +194,180 @@ class IpvsRuleset:
         return next((f for f in self.families if f.family == family), None)
 
 
-def jump_rule(jump: tuple[str, str, str, str]) -> str:
-    return f'-A {jump[1]} -m comment --comment "{jump[3]}" -j {jump[2]}'
-
-
 def render(views: Sequence[NodeView], scheduler: str = "rr") -> IpvsRuleset:
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"IPVS scheduler {scheduler!r}: one of {', '.join(SCHEDULERS)}")
-    return IpvsRuleset(tuple(render_family(v, scheduler)
-                             for v in sorted(views, key=lambda v: v.family)))
+    return Renderer(scheduler)(views)
 
 
 def render_family(view: NodeView, scheduler: str = "rr") -> FamilyIpvs:
-    sets: dict[str, set[str]] = {name: set() for name in IPSETS}
-    services: list[VirtualServer] = []
-    bound: set[IPAddress] = set()
-    node_ips = set(view.node_ips)
-    nodeports = view.nodeports.without_localhost()  # IPVS has no localhost NodePorts
-    np_addresses = view.node_ips if nodeports.match_all else nodeports.routable
-    for spv in view.services:
-        services += _port(spv, sets, bound, node_ips, np_addresses, scheduler)
-    sets["KUBE-IPVS-IPS"] = {str(ip) for ip in bound}
-    fam = view.family
-    ipsets = tuple(IpSet(set_name(n, fam), IPSETS[n][0], fam, frozenset(sets[n]))
-                   for n in IPSETS)
-    return FamilyIpvs(fam, tuple(sorted(bound)), tuple(sorted(services, key=lambda s: s.key)),
-                      ipsets, _tables(view, {n for n, e in sets.items() if e}))
+    return _FamilyRenderer(_check_scheduler(scheduler))(view)
+
+
+def _check_scheduler(scheduler: str) -> str:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"IPVS scheduler {scheduler!r}: one of {', '.join(SCHEDULERS)}")
+    return scheduler
+
+
+class Renderer:
+    """:func:`render` with memory, for a proxy that renders the same node again and again.
+
+    A service port's virtual servers, set entries and addresses depend only on its
+    ServicePortView and on the node-wide part of the view, so they are kept per
+    ServicePortView *object* (the node view cache hands back the same object for an
+    unchanged service) and re-rendered only for new ones; everything is forgotten when
+    the node-wide part changes. What all ports add up to (the virtual servers by key,
+    each set's entries, kube-ipvs0's addresses) is kept with reference counts and
+    patched by what changed, so a one-service change costs that service plus copies at
+    C speed. The result equals ``render(views)`` (tests/unit/test_ipvs_render.py).
+    """
+
+    def __init__(self, scheduler: str = "rr") -> None:
+        self.scheduler = _check_scheduler(scheduler)
+        self._families: dict[int, _FamilyRenderer] = {}
+
+    def __call__(self, views: Sequence[NodeView]) -> IpvsRuleset:
+        out = []
+        for view in sorted(views, key=lambda v: v.family):
+            memo = self._families.get(view.family)
+            if memo is None:
+                memo = self._families[view.family] = _FamilyRenderer(self.scheduler)
+            out.append(memo(view))
+        return IpvsRuleset(tuple(out))
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """What one service port adds."""
+
+    order: tuple[str, str, str, str]  # the port view's place in the view (name order)
+    owner: NamespacedName
+    servers: tuple[VirtualServer, ...]
+    entries: tuple[tuple[str, str], ...]  # (IPSETS name, entry), repeats allowed
+    bound: tuple[IPAddress, ...]  # addresses for kube-ipvs0
+    out_filter: tuple[str, ...]  # KUBE-IPVS-OUT-FILTER rules
+
+
+@dataclass(frozen=True)
+class _Env:
+    """The node-wide inputs of a port's part."""
+
+    scheduler: str
+    node_ips: frozenset[IPAddress]
+    np_addresses: tuple[IPAddress, ...]
+
+
+class _FamilyRenderer:
+    """One family's memo (see :class:`Renderer`)."""
+
+    def __init__(self, scheduler: str) -> None:
+        self.scheduler = scheduler
+        self._context: NodeView | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parts: dict[int, tuple[ServicePortView, _Part]] = {}
+        # key -> {part id: (its order, its virtual server)}: the first in name order wins
+        # when two ports claim one frontend (the kernel holds one).
+        self._claims: dict[Key, dict[int, tuple[tuple[str, ...], VirtualServer]]] = {}
+        self._servers: dict[Key, VirtualServer] = {}
+        self._by_owner: dict[NamespacedName, dict[int, _Part]] = {}
+        self._owners: dict[NamespacedName, frozenset[Key]] = {}
+        self._entries: dict[str, dict[str, int]] = {n: {} for n in IPSETS}  # entry -> refs
+        self._bound: dict[IPAddress, int] = {}
+        self._out: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._sets: dict[str, IpSet] = {}
+        self._tables: tuple[object, MappingProxyType[str, MappingProxyType[
+            str, tuple[str, ...]]]] | None = None
+
+    def __call__(self, view: NodeView) -> FamilyIpvs:
+        context = replace(view, services=())
+        if context != self._context:
+            self._context = context
+            self._reset()
+        nodeports = view.nodeports.without_localhost()  # IPVS has no localhost NodePorts
+        env = _Env(self.scheduler, frozenset(view.node_ips),
+                   tuple(view.node_ips if nodeports.match_all else nodeports.routable))
+        # Which port views are new and which are gone, by object identity, in set
+        # operations (C speed): the memo holds every view it knows, so an id it has
+        # cannot have been reused by another object.
+        parts = self._parts
+        by_id = dict(zip(map(id, view.services), view.services, strict=True))
+        dirty: set[str] = set()
+        owners: set[NamespacedName] = set()
+        for pid in parts.keys() - by_id.keys():
+            self._patch(pid, parts.pop(pid)[1], -1, dirty, owners)
+        for pid in by_id.keys() - parts.keys():
+            spv = by_id[pid]
+            parts[pid] = (spv, _port(spv, env, view.family))
+            self._patch(pid, parts[pid][1], 1, dirty, owners)
+        for owner in owners:
+            mine = self._by_owner.get(owner)
+            if mine:
+                self._owners[owner] = frozenset(key_of(vs) for p in mine.values()
+                                                for vs in p.servers)
+            else:
+                self._owners.pop(owner, None)
+        fam = view.family
+        for name in dirty | (set(IPSETS) - set(self._sets)):
+            self._sets[name] = IpSet(set_name(name, fam), IPSETS[name][0], fam,
+                                     frozenset(self._entries[name]))
+        return FamilyIpvs(fam, frozenset(self._bound), MappingProxyType(dict(self._servers)),
+                          MappingProxyType(dict(self._owners)),
+                          tuple(self._sets[n] for n in IPSETS), self._tables_for(view))
+
+    def _patch(self, pid: int, part: _Part, sign: int, dirty: set[str],
+               owners: set[NamespacedName]) -> None:
+        """Add (sign 1) or take away (-1) one port's part."""
+        mine = self._by_owner.setdefault(part.owner, {})
+        if sign > 0:
+            mine[pid] = part
+        else:
+            del mine[pid]
+            if not mine:
+                del self._by_owner[part.owner]
+        owners.add(part.owner)
+        for vs in part.servers:
+            key = key_of(vs)
+            claims = self._claims.setdefault(key, {})
+            if sign > 0:
+                claims[pid] = (part.order, vs)
+            else:
+                claims.pop(pid, None)
+            if claims:
+                self._servers[key] = min(claims.values(), key=lambda c: c[0])[1]
+            else:
+                del self._claims[key], self._servers[key]
+        for name, entry in part.entries:
+            if _count(self._entries[name], entry, sign):
+                dirty.add(name)
+        for ip in part.bound:
+            _count(self._bound, ip, sign)
+        if part.out_filter:
+            if sign > 0:
+                self._out[pid] = (part.order, part.out_filter)
+            else:
+                del self._out[pid]
+
+    def _tables_for(self, view: NodeView
+                    ) -> MappingProxyType[str, MappingProxyType[str, tuple[str, ...]]]:
+        """The iptables part, re-rendered only when its inputs changed."""
+        used = frozenset(n for n, e in self._entries.items() if e)
+        out = tuple(line for _, lines in sorted(self._out.values()) for line in lines)
+        inputs = (used, out)
+        if self._tables is None or self._tables[0] != inputs:
+            self._tables = (inputs, tables(view, used, out))
+        return self._tables[1]
+
+
+def _count(counts: dict[_T, int], item: _T, sign: int) -> bool:
+    """Count one more (sign 1) or one less (-1) reference; True when ``item`` came or
+    went (so a set whose members stay is not rebuilt)."""
+    n = counts.get(item, 0) + sign
+    if n:
+        counts[item] = n
+    else:
+        del counts[item]
+    return n == 0 or (n == 1 and sign > 0)
 
 
 def _reals(route: Route, spv: ServicePortView) -> tuple[RealServer, ...]:
@@ -282,15 +383,17 @@ def _reals(route: Route, spv: ServicePortView) -> tuple[RealServer, ...]:
     return tuple(sorted({RealServer(e.ip, e.port) for e in eps}))
 
 
-def _port(spv: ServicePortView, sets: dict[str, set[str]], bound: set[IPAddress],
-          node_ips: set[IPAddress], np_addresses: Iterable[IPAddress], scheduler: str
-          ) -> list[VirtualServer]:
+def _port(spv: ServicePortView, env: _Env, family: int) -> _Part:
+    """One port's virtual servers, set entries, bound addresses and out-filter rules."""
     proto, port = spv.protocol, spv.port
     timeout = spv.affinity_timeout or 0
+    scheduler = env.scheduler
     flags = FLAG_SCHED_PORT if scheduler == "mh" else 0
     internal = _reals(spv.internal, spv)
     external = _reals(spv.external, spv)
     local_policy = spv.external_policy_local
+    entries: list[tuple[str, str]] = []
+    bound: list[IPAddress] = []
 
     def vs(ip: IPAddress, p: int, reals: tuple[RealServer, ...], role: str) -> VirtualServer:
         return VirtualServer(ip, p, proto, scheduler, flags, timeout, reals, spv.name.service,
@@ -299,132 +402,57 @@ def _port(spv: ServicePortView, sets: dict[str, set[str]], bound: set[IPAddress]
     def entry(ip: IPAddress, p: int = port) -> str:
         return f"{ip},{proto}:{p}"
 
+    def bind(ip: IPAddress) -> None:
+        bound.append(ip)
+        entries.append(("KUBE-IPVS-IPS", str(ip)))
+
     for ep in spv.all_endpoints:  # hairpin: a local endpoint reaching itself
         if ep.local:
-            sets["KUBE-LOOP-BACK"].add(f"{ep.addr},{proto}:{ep.port},{ep.addr}")
+            entries.append(("KUBE-LOOP-BACK", f"{ep.addr},{proto}:{ep.port},{ep.addr}"))
     out = [vs(spv.cluster_ip, port, internal, "cluster IP")]
-    sets["KUBE-CLUSTER-IP"].add(entry(spv.cluster_ip))
-    bound.add(spv.cluster_ip)
+    entries.append(("KUBE-CLUSTER-IP", entry(spv.cluster_ip)))
+    bind(spv.cluster_ip)
     for ip in spv.external_ips:
-        sets["KUBE-EXTERNAL-IP-LOCAL" if local_policy else "KUBE-EXTERNAL-IP"].add(entry(ip))
+        entries.append(("KUBE-EXTERNAL-IP-LOCAL" if local_policy else "KUBE-EXTERNAL-IP",
+                        entry(ip)))
         out.append(vs(ip, port, external, "external IP"))
-        if ip not in node_ips:
-            bound.add(ip)
+        if ip not in env.node_ips:
+            bind(ip)
     for ip in spv.load_balancer_ips:
-        sets["KUBE-LOAD-BALANCER"].add(entry(ip))
+        entries.append(("KUBE-LOAD-BALANCER", entry(ip)))
         if local_policy:
-            sets["KUBE-LOAD-BALANCER-LOCAL"].add(entry(ip))
+            entries.append(("KUBE-LOAD-BALANCER-LOCAL", entry(ip)))
         if spv.source_ranges:
-            sets["KUBE-LOAD-BALANCER-FW"].add(entry(ip))
-            for cidr in spv.source_ranges:
-                sets["KUBE-LOAD-BALANCER-SOURCE-CIDR"].add(f"{entry(ip)},{cidr}")
+            entries.append(("KUBE-LOAD-BALANCER-FW", entry(ip)))
+            entries += [("KUBE-LOAD-BALANCER-SOURCE-CIDR", f"{entry(ip)},{cidr}")
+                        for cidr in spv.source_ranges]
             if spv.firewall_allows_node:  # the node reaches its LB IP from the LB IP
-                sets["KUBE-LOAD-BALANCER-SOURCE-IP"].add(f"{entry(ip)},{ip}")
+                entries.append(("KUBE-LOAD-BALANCER-SOURCE-IP", f"{entry(ip)},{ip}"))
         out.append(vs(ip, port, external, "load balancer IP"))
-        if ip not in node_ips:
-            bound.add(ip)
+        if ip not in env.node_ips:
+            bind(ip)
     if spv.node_port:
         plain, local = _NODE_PORT_SETS[proto]
         names = (plain, local) if local_policy else (plain,)
-        for ip in np_addresses:
+        for ip in env.np_addresses:
             out.append(vs(ip, spv.node_port, external, "node port"))
-            for name in names:
-                sets[name].add(entry(ip, spv.node_port) if proto == "sctp"
-                               else str(spv.node_port))
+            entries += [(name, entry(ip, spv.node_port) if proto == "sctp"
+                         else str(spv.node_port)) for name in names]
     if spv.health_check_node_port:
-        sets["KUBE-HEALTH-CHECK-NODE-PORT"].add(str(spv.health_check_node_port))
-    return out
+        entries.append(("KUBE-HEALTH-CHECK-NODE-PORT", str(spv.health_check_node_port)))
+    name = spv.name
+    return _Part((name.service.namespace, name.service.name, name.port, name.protocol),
+                 name.service, tuple(out), tuple(entries), tuple(bound),
+                 _out_filter(spv))
 
 
-def _tables(view: NodeView, used: set[str]
-            ) -> MappingProxyType[str, MappingProxyType[str, tuple[str, ...]]]:
-    """The iptables rules (upstream's writeIptablesRules), given the non-empty sets."""
-    fam = view.family
-    nat: dict[str, list[str]] = {c: [] for c in CHAINS["nat"]}
-    flt: dict[str, list[str]] = {c: [] for c in CHAINS["filter"]}
-    tables = {"nat": nat, "filter": flt}
-
-    def match(name: str, flags: str) -> str:
-        return f"-m set --match-set {set_name(name, fam)} {flags}"
-
-    def comment(name: str) -> str:
-        return f'-m comment --comment "{IPSETS[name][1]}"'
-
-    lo = "127.0.0.0/8" if fam == 4 else "::1/128"
-    svc = nat["KUBE-SERVICES"]
-    svc.append(f"-A KUBE-SERVICES -s {lo} -j RETURN")  # connections to localhost: not ours
-    for name, table, chain, proto, flags, target in SET_RULES:
-        if name in used:
-            p = f"-p {proto} " if proto else ""
-            tables[table][chain].append(
-                f"-A {chain} {p}{comment(name)} {match(name, flags)} -j {target}")
-    if "KUBE-CLUSTER-IP" in used:
-        c = comment("KUBE-CLUSTER-IP")
-        masq = view.cluster_ip_masquerade
-        if masq is ClusterIPMasquerade.ALL:
-            svc.append(f"-A KUBE-SERVICES {c} {match('KUBE-CLUSTER-IP', 'dst,dst')} "
-                       "-j KUBE-MARK-MASQ")
-        elif masq is ClusterIPMasquerade.NOT_LOCAL:
-            svc.append(f"-A KUBE-SERVICES {_not_local(view)}{c} "
-                       f"{match('KUBE-CLUSTER-IP', 'dst,dst')} -j KUBE-MARK-MASQ")
-        else:  # no detector: masquerade node traffic sourced from a service IP
-            svc.append(f"-A KUBE-SERVICES {c} {match('KUBE-CLUSTER-IP', 'src,dst')} "
-                       "-j KUBE-MARK-MASQ")
-    for name in ("KUBE-EXTERNAL-IP", "KUBE-EXTERNAL-IP-LOCAL"):
-        if name in used:
-            head = f"-A KUBE-SERVICES {comment(name)} {match(name, 'dst,dst')}"
-            if name == "KUBE-EXTERNAL-IP":
-                svc.append(f"{head} -j KUBE-MARK-MASQ")
-            svc.append(f"{head} -m addrtype --dst-type LOCAL -j ACCEPT")
-    svc.append("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT")
-    for name in ("KUBE-CLUSTER-IP", "KUBE-LOAD-BALANCER"):  # acceptIPVSTraffic
-        if name in used:
-            svc.append(f"-A KUBE-SERVICES {match(name, 'dst,dst')} -j ACCEPT")
-    nat["KUBE-LOAD-BALANCER"].append("-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ")
-    mark = f"{view.masquerade_mark:#x}"
-    nat["KUBE-POSTROUTING"] += [
-        f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
-        f"-A KUBE-POSTROUTING -j MARK --set-xmark {mark}/0x0",
-        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT"'
-        " -j MASQUERADE --random-fully"]
-    nat["KUBE-MARK-MASQ"].append(f"-A KUBE-MARK-MASQ -j MARK --set-xmark {mark}/{mark}")
-    flt["KUBE-SOURCE-RANGES-FIREWALL"].append("-A KUBE-SOURCE-RANGES-FIREWALL -j DROP")
-    for spv in view.services:  # LB IPs the node may not reach (source ranges exclude it)
-        if spv.source_ranges and not spv.firewall_allows_node:
-            for ip in spv.load_balancer_ips:
-                flt["KUBE-IPVS-OUT-FILTER"].append(
-                    f"-A KUBE-IPVS-OUT-FILTER -s {ip}/{ip.max_prefixlen} -m ipvs --vaddr "
-                    f"{ip}/{ip.max_prefixlen} --vproto {_proto_number(spv.protocol)} "
-                    f"--vport {spv.port} -j DROP")
-    flt["KUBE-FORWARD"] += [
-        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" '
-        f"-m mark --mark {mark}/{mark} -j ACCEPT",
-        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-    hc = "KUBE-HEALTH-CHECK-NODE-PORT"
-    flt["KUBE-NODE-PORT"].append(f"-A KUBE-NODE-PORT {comment(hc)} {match(hc, 'dst')} -j ACCEPT")
-    for name, flags in (("KUBE-LOAD-BALANCER", "dst,dst"), ("KUBE-CLUSTER-IP", "dst,dst"),
-                        ("KUBE-EXTERNAL-IP", "dst,dst"), ("KUBE-EXTERNAL-IP-LOCAL", "dst,dst"),
-                        (hc, "dst")):
-        flt["KUBE-IPVS-FILTER"].append(f"-A KUBE-IPVS-FILTER {match(name, flags)} -j RETURN")
-    flt["KUBE-IPVS-FILTER"].append(
-        "-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW "
-        f"{match('KUBE-IPVS-IPS', 'dst')} -j REJECT --reject-with "
-        + ("icmp-port-unreachable" if fam == 4 else "icmp6-port-unreachable"))
-    return MappingProxyType({t: MappingProxyType({c: tuple(r) for c, r in chains.items()})
-                             for t, chains in tables.items()})
-
-
-def _proto_number(proto: str) -> int:
-    return {"tcp": 6, "udp": 17, "sctp": 132}[proto]
-
-
-def _not_local(view: NodeView) -> str:
-    """How "not from a local pod" is spelled before the matches (canonical order)."""
-    det = view.local_detector
-    if det.cidrs:
-        return f"! -s {det.cidrs[0]} "
-    return f"! -i {det.interface}{'+' if det.prefix else ''} "
+def _out_filter(spv: ServicePortView) -> tuple[str, ...]:
+    """LB IPs the node may not reach (source ranges exclude it)."""
+    if not spv.source_ranges or spv.firewall_allows_node:
+        return ()
+    return tuple(f"-A KUBE-IPVS-OUT-FILTER -s {ip}/{ip.max_prefixlen} -m ipvs --vaddr "
+                 f"{ip}/{ip.max_prefixlen} --vproto {proto_number(spv.protocol)} "
+                 f"--vport {spv.port} -j DROP" for ip in spv.load_balancer_ips)
 
 
 IPTABLES_HEADER = "# IPv{family} iptables"  # starts a family's iptables-save section

@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kubeproxy.k8s.decode import (
     decode_endpoint_slice,
@@ -68,6 +68,7 @@ from kubeproxy.sources.client import (
 from kubeproxy.tracker import Kind, Model, Update
 
 log = logging.getLogger("kubeproxy.informer")
+T = TypeVar("T")
 STALL_TIMEOUT = 120.0  # seconds: 2 x kube-apiserver's bookmark interval (1 minute)
 
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
@@ -104,6 +105,11 @@ class Replace:
 class ApiClient(Protocol):
     def list_all(self, path: str, *, label_selector: str = "", field_selector: str = "",
                  page_size: int = 500, resource_version: str = "") -> tuple[list[Obj], str]:
+        ...
+
+    def list_converted(self, path: str, convert: Callable[[Obj], T], *,
+                       label_selector: str = "", field_selector: str = "",
+                       page_size: int = 500, resource_version: str = "") -> tuple[list[T], str]:
         ...
 
     def watch(self, path: str, *, resource_version: str, timeout_seconds: int,
@@ -261,23 +267,24 @@ class Informer:
         # cache can serve it (a paged one at a resourceVersion must be exact: etcd).
         page_size = 0 if rv not in ("", "0") else self.page_size
         try:
-            items, rv = self.client.list_all(res.path, label_selector=res.label_selector,
-                                             field_selector=res.field_selector,
-                                             page_size=page_size, resource_version=rv)
+            converted, rv = self.client.list_converted(
+                res.path, self._update, label_selector=res.label_selector,
+                field_selector=res.field_selector, page_size=page_size, resource_version=rv)
         except GoneError:
             self._rv_unavailable = True
             raise
         self._rv_unavailable = False
-        updates = []
-        for obj in items:
-            update = to_update(res.kind, obj)
-            if update is None:
-                log.warning("%s %s: metadata.name: missing; ignored", res.kind, object_ref(obj))
-            else:
-                updates.append(update)
+        updates = [u for u in converted if u is not None]
         self.resource_version = rv
         self.lists += 1
         self._emit(Replace(res.kind, tuple(updates)))
+
+    def _update(self, obj: Obj) -> Update | None:
+        update = to_update(self.resource.kind, obj)
+        if update is None:
+            log.warning("%s %s: metadata.name: missing; ignored", self.resource.kind,
+                        object_ref(obj))
+        return update
 
     def _watch_once(self) -> None:
         """One watch request, from the current resourceVersion to the stream's end."""

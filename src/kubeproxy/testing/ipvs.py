@@ -7,7 +7,8 @@ plane talks to, as the kernel answers it: adding a virtual server or real server
 exists fails (EEXIST), changing or deleting one that does not fails (ENOENT), a real
 server needs its virtual server and the other family is refused, schedulers must be
 ones the kernel has. Each real server carries connection counts a test sets
-(``connections``) to drive graceful termination.
+(``connections``) to drive graceful termination; ``set_timeouts`` keeps the
+connection timeouts as the kernel does (a 0 leaves one unchanged).
 
 :class:`FakeNode` is the :class:`~kubeproxy.dataplane.base.Runner` for everything else:
 ``ip`` (the dummy link and its addresses, ``-batch`` all or nothing), ``ipset``
@@ -25,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kubeproxy.dataplane.base import DataPlaneError, Result
-from kubeproxy.dataplane.ipvs import KernelDest, KernelService, Key
+from kubeproxy.dataplane.ipvs_netlink import KernelDest, KernelService, Timeouts
 from kubeproxy.model import IPAddress
-from kubeproxy.render.ipvs import SCHEDULERS, RealServer, VirtualServer
+from kubeproxy.render.ipvs import SCHEDULERS, Key, RealServer, VirtualServer
 from kubeproxy.testing.iptables import FakeIptables
 
 _OK = Result(0, "", "")
@@ -40,6 +41,7 @@ class FakeIpvs:
     # (virtual server, ip, port) -> (active, inactive) connections
     connections: dict[tuple[Key, IPAddress, int], tuple[int, int]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    timeouts: Timeouts = field(default_factory=Timeouts)  # the kernel's: 0 = its built-in default
 
     def _need(self, key: Key) -> None:
         if key not in self.services_:
@@ -110,6 +112,13 @@ class FakeIpvs:
             raise DataPlaneError(f"IPVS: real server {ip}:{port} does not exist (ENOENT)")
         self.connections.pop((key, ip, port), None)
 
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """As IPVS_CMD_SET_CONFIG: the non-zero values replace the kernel's."""
+        self.calls.append(f"set-timeouts {timeouts}")
+        self.timeouts = Timeouts(timeouts.tcp or self.timeouts.tcp,
+                                 timeouts.tcpfin or self.timeouts.tcpfin,
+                                 timeouts.udp or self.timeouts.udp)
+
     def commit(self) -> None:
         """Writes apply at once here; the data plane commits after its writes."""
 
@@ -137,10 +146,18 @@ class FakeNode:
         self.links: dict[str, set[IPAddress]] = {}
         self.sets: dict[str, _Set] = {}
         self.calls: list[tuple[tuple[str, ...], str | None]] = []
+        self._failing: set[str] = set()
+
+    def fail(self, tool: str) -> None:
+        """The next ``tool`` command (ip, ipset) fails as the kernel refusing it would."""
+        self._failing.add(tool)
 
     def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
         args = tuple(argv)
         self.calls.append((args, stdin))
+        if args[0] in self._failing:
+            self._failing.discard(args[0])
+            return Result(1, "", f"{args[0]}: injected failure\n")
         if args[0] == "ip":
             return self._ip(args[1:], stdin)
         if args[0] == "ipset":

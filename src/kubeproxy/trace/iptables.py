@@ -100,7 +100,7 @@ def trace_ruleset(
 ) -> TraceResult:
     """Trace one packet through an already parsed ruleset (parse once, trace many)."""
     routing = Routing(local_addresses)
-    return trace_journey(_Walker(ruleset, routing), packet, routing)
+    return trace_journey(TableWalker(ruleset, routing), packet, routing)
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,11 @@ class _Frame:
         return f"{self.table}/{self.chain.name}" if self.chain.builtin else self.chain.name
 
 
-class _Walker:
-    """The iptables tables of one trace, walked one hook at a time (a ChainWalker)."""
+class TableWalker:
+    """The iptables tables of one trace, walked one hook at a time (a ChainWalker).
+
+    Public: other tracers that have iptables chains around their own lookups
+    (trace/ipvs.py: its nat and filter parts) walk them with this."""
 
     def __init__(self, ruleset: Ruleset, routing: Routing) -> None:
         self._ruleset = ruleset

@@ -33,8 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from kubeproxy.render.ipvs import IPSETS, IPTABLES_HEADER, IpvsRuleset, base_set, host
-from kubeproxy.trace.iptables import _Walker
+from kubeproxy.render.ipvs import IPTABLES_HEADER, IpvsRuleset, host
+from kubeproxy.render.ipvs_tables import IPSETS, base_set
+from kubeproxy.trace.iptables import TableWalker
 from kubeproxy.trace.iptables_parse import Chain, Ruleset, parse_iptables_save
 from kubeproxy.trace.iptables_rules import Match, Tri
 from kubeproxy.trace.netfilter import End, Flow, Hook, HookRun, Routing, trace_journey
@@ -303,9 +304,9 @@ class _IpvsWalker:
 
     def __init__(self, state: State, rules: _Extended, routing: Routing) -> None:
         self.state, self.routing = state, routing
-        self.all = _Walker(rules, routing)
-        self.nat = _Walker(rules.only(frozenset({"nat"})), routing)
-        self.filter = _Walker(rules.only(frozenset({"filter"})), routing)
+        self.all = TableWalker(rules, routing)
+        self.nat = TableWalker(rules.only(frozenset({"nat"})), routing)
+        self.filter = TableWalker(rules.only(frozenset({"filter"})), routing)
 
     def run_hook(self, hook: Hook, flow: Flow, nat: bool) -> HookRun:
         if hook == "output":

@@ -67,9 +67,16 @@ cp /bin/busybox /stage2 $R/run/vmrun-init/
 exec switch_root $R /run/vmrun-init/busybox sh /run/vmrun-init/stage2
 """
 
-# Stage 2, PID 1 in the host's userspace: run the command script (run.command_script),
-# record its status unless the script recorded an error itself, power off.
+# Modules stage 2 loads before the command, as on a host prepared for kubeproxy's lab:
+# br_netfilter (its bridges' net.bridge.* sysctls; the lab does not load modules itself).
+# Everything else (veth, dummy, ip_vs, nf_conntrack ...) the kernel loads on first use.
+GUEST_MODULES = ("br_netfilter",)
+
+# Stage 2, PID 1 in the host's userspace: load GUEST_MODULES, run the command script
+# (run.command_script), record its status unless the script recorded an error itself,
+# power off.
 STAGE2 = r"""B=/run/vmrun-init/busybox
+/sbin/modprobe -a -q """ + " ".join(GUEST_MODULES) + r"""
 $B sh /run/vmrun/command.sh </dev/null >/run/vmrun/stdout 2>/run/vmrun/stderr
 rc=$?
 [ -e /run/vmrun/status ] || echo "exit $rc" > /run/vmrun/status

@@ -50,6 +50,7 @@ ENV_NAMES = frozenset(
 )  # fmt: skip
 ENV_PREFIXES = ("LC_", "KUBEPROXY_")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+GUEST_TIME_SCALE = "20"  # KUBEPROXY_TIME_SCALE in the guest (lab/processes.py)
 
 
 class UsageError(VmError):
@@ -107,6 +108,9 @@ def guest_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
     env.setdefault("PATH", DEFAULT_PATH)
     env.update(HOME="/root", USER="root", LOGNAME="root", VMRUN_GUEST="1")
+    # The emulated CPU is 20-50x slower: programs that wait for their own processes
+    # (the lab) scale their waits by this, unless the caller chose a factor.
+    env.setdefault("KUBEPROXY_TIME_SCALE", GUEST_TIME_SCALE)
     return env
 
 

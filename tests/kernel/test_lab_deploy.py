@@ -1,0 +1,306 @@
+"""deploy/ on a lab: `lab up --no-proxy`, `kubectl apply -f deploy/`, real packets.
+
+Each case brings up its own two-node lab without the lab's proxies, gives it manifests
+with real kubectl, waits for the DaemonSet's Pod to run on every node (the installed
+``kube-proxy`` console script, in the node's network namespace, its ConfigMap and
+service-account files bind-mounted in a private mount namespace) and then probes:
+
+- ``deploy/`` unmodified (in-cluster configuration): ClusterIP spread, NodePort from
+  outside, no endpoints refused; the process sees its files at the manifest's paths and
+  the host does not; ``kubectl set env`` (docs/deploy.md's way of naming the API
+  server) rolls the Pods; deleting the DaemonSet stops the processes;
+- kubeadm's own ConfigMap (``tests/unit/data/kubeadm-kube-proxy-configmap.yaml``: its
+  ``config.conf`` with ``syncPeriod: 0s`` and a ``kubeconfig.conf`` with ``tokenFile``
+  and the CA under the service-account directory, its server the node's 127.0.0.1:6443;
+  Ready by a readiness probe on ``/healthz``): the same probes;
+- the binding points at a ClusterRole without ``list endpointslices``: the proxy logs
+  the 403 and the Service is not programmed.
+
+A first case needs no lab: the mount wrapper in a network namespace of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubeproxy.jsontypes import JSON
+from kubeproxy.lab import converge, hostpods
+from kubeproxy.lab.hostpods import SA_DIR, Launch, Mount
+from kubeproxy.lab.probe import ProbeResult
+from kubeproxy.lab.processes import alive, python_env
+from kubeproxy.lab.runtime import Lab
+from tests.kernel.conftest import MakeLab, skip_reason
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBEADM_CM = ROOT / "tests" / "unit" / "data" / "kubeadm-kube-proxy-configmap.yaml"
+KUBECTL = Path("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
+WEB = ["web-1", "web-2"]
+NODES = {"node-1": "192.168.0.2", "node-2": "192.168.0.3"}
+POD_TIMEOUT = 60.0
+
+LAB = """
+kind: Node
+metadata: {name: node-1}
+---
+kind: Node
+metadata: {name: node-2}
+---
+kind: Pod
+metadata: {name: web-1, labels: {app: web}}
+spec: {nodeName: node-1, containers: [{name: web, ports: [{containerPort: 8080}]}]}
+---
+kind: Pod
+metadata: {name: web-2, labels: {app: web}}
+spec: {nodeName: node-2, containers: [{name: web, ports: [{containerPort: 8080}]}]}
+---
+kind: Pod
+metadata: {name: client}
+spec: {nodeName: node-1, containers: [{name: c}]}
+---
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: empty}
+spec:
+  selector: {app: nothing}
+  ports: [{port: 80, targetPort: 8080}]
+"""
+
+
+@pytest.fixture(autouse=True)
+def needs() -> None:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if not KUBECTL.exists():
+        pytest.skip(f"{KUBECTL} is not installed")
+
+
+def kubectl(lab: Lab, *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run([str(KUBECTL), "--kubeconfig", str(lab.kubeconfig), *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def deploy_docs() -> list[JSON]:
+    return [d for p in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+
+
+def proxy_pods(lab: Lab) -> dict[str, JSON]:
+    """node -> the running, Ready kube-proxy Pod there."""
+    items = json.loads(kubectl(lab, "get", "pods", "-n", "kube-system", "-o", "json"))["items"]
+    out = {}
+    for p in items:
+        conds = {c["type"]: c["status"] for c in p["status"].get("conditions") or []}
+        if p["status"].get("phase") == "Running" and conds.get("Ready") == "True":
+            out[p["spec"]["nodeName"]] = p
+    return out
+
+
+def wait_for_proxies(lab: Lab) -> dict[str, JSON]:
+    """Until a Ready kube-proxy Pod runs on every node and its metrics answer."""
+    deadline = time.monotonic() + POD_TIMEOUT
+    state = lab.state()
+    while True:
+        pods = proxy_pods(lab)
+        answering = {n.name for n in state.nodes if converge.proxy_sample(n.ns) is not None}
+        if set(pods) == set(NODES) and answering == set(NODES):
+            return pods
+        if time.monotonic() > deadline:
+            logs = {p.name: p.read_text()[-1500:] for p in lab.store.dir.glob("logs/kube-sys*")}
+            pytest.fail(f"kube-proxy Pods {sorted(pods)}, metrics answering {sorted(answering)}"
+                        f" after {POD_TIMEOUT:g} s; logs: {logs}")
+        time.sleep(0.3)
+
+
+def pid_of(pod: JSON) -> int:
+    return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("lab://"))
+
+
+def probes_pass(lab: Lab) -> None:
+    lab.settle()
+    spread = lab.probe("client", "web", 80, n=40)
+    assert (spread.ok, sorted(spread.backends)) == (40, WEB), spread
+    outside = lab.probe("external", "node-2", 30080, n=40)
+    assert (outside.ok, sorted(outside.backends)) == (40, WEB), outside
+    empty = lab.probe("client", "empty", 80, n=3, timeout=0.5)
+    assert (empty.ok, empty.refused) == (0, 3), empty
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host_unchanged() -> Iterator[None]:
+    """The mount points the Pods create on the host are gone once every lab is down
+    (autouse: set up before make_lab, so checked after it took the labs down)."""
+    before = {p: Path(p).exists() for p in ("/var/lib/kube-proxy", "/run/secrets", SA_DIR)}
+    yield
+    after = {p: Path(p).exists() for p in before}
+    assert after == before
+
+
+def test_unmodified_manifests_serve_the_lab(make_lab: MakeLab) -> None:
+    lab = make_lab("ktdep", LAB, proxies=False)
+    assert "--no-proxy" in subprocess.run(
+        [sys.executable, "-m", "kubeproxy", "lab", "status", "--name", lab.name],
+        env=python_env(), capture_output=True, text=True, timeout=60).stdout
+    assert {n.ns: converge.proxy_sample(n.ns) for n in lab.state().nodes} == {
+        n.ns: None for n in lab.state().nodes}  # no proxy before the DaemonSet
+    print(kubectl(lab, "apply", "-f", str(DEPLOY)))
+    pods = wait_for_proxies(lab)
+    for node, pod in pods.items():
+        assert pod["status"]["hostIP"] == pod["status"]["podIP"] == NODES[node]
+        pid = pid_of(pod)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert Path(argv[1].decode()).name == "kube-proxy"  # the venv's console script
+        assert b"--hostname-override=" + node.encode() in argv
+        env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes()
+                   .split(b"\0") if b"=" in e)  # fmt: skip
+        assert (env[b"NODE_NAME"], env[b"KUBERNETES_SERVICE_HOST"]) == (node.encode(),
+                                                                        b"127.0.0.1")
+        assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        root = Path(f"/proc/{pid}/root")
+        config = yaml.safe_load(next(d for d in deploy_docs() if d["kind"] == "ConfigMap")
+                                ["data"]["config.conf"])  # fmt: skip
+        assert yaml.safe_load((root / "var/lib/kube-proxy/config.conf").read_text()) == config
+        account = root / str(Path(SA_DIR).resolve()).lstrip("/")  # /var/run -> /run
+        assert (account / "namespace").read_text() == "kube-system"
+        assert (account / "token").read_text()
+        assert not Path("/var/lib/kube-proxy/config.conf").exists()  # only the Pod sees it
+        assert not Path(SA_DIR, "token").exists()
+    probes_pass(lab)
+    status = json.loads(kubectl(lab, "get", "ds", "-n", "kube-system", "kube-proxy", "-o",
+                                "json"))["status"]  # fmt: skip
+    assert (status["desiredNumberScheduled"], status["numberReady"]) == (2, 2)
+
+    # docs/deploy.md's way of naming the API server: the template changes, the Pods roll.
+    kubectl(lab, "-n", "kube-system", "set", "env", "daemonset/kube-proxy",
+            "KUBERNETES_SERVICE_HOST=127.0.0.1", "KUBERNETES_SERVICE_PORT=6443")  # fmt: skip
+    deadline = time.monotonic() + POD_TIMEOUT
+    while True:
+        pods = wait_for_proxies(lab)
+        generations = {p["metadata"]["labels"]["pod-template-generation"] for p in pods.values()}
+        if generations == {"2"}:
+            break
+        assert time.monotonic() < deadline, f"the DaemonSet did not roll: {generations}"
+        time.sleep(0.3)
+    after = lab.probe("external", "node-1", 30080, n=20)
+    assert (after.ok, sorted(after.backends)) == (20, WEB), after
+
+    kubectl(lab, "delete", "-f", str(DEPLOY / "kube-proxy.yaml"), "--wait=false")
+    deadline = time.monotonic() + POD_TIMEOUT
+    pids = [pid_of(p) for p in pods.values()]
+    while any(alive(p) for p in pids) or proxy_pods(lab):
+        assert time.monotonic() < deadline, "the DaemonSet's Pods outlived it"
+        time.sleep(0.2)
+    lab.down()
+
+
+def test_kubeadms_configmap_serves_the_lab(make_lab: MakeLab) -> None:
+    lab = make_lab("ktdepk", LAB, proxies=False)
+    cm = yaml.safe_load(KUBEADM_CM.read_text())
+    kubeconfig = yaml.safe_load(cm["data"]["kubeconfig.conf"])
+    kubeconfig["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:6443"
+    cm["data"]["kubeconfig.conf"] = yaml.safe_dump(kubeconfig)
+    docs = [cm if d["kind"] == "ConfigMap" else d for d in deploy_docs()]
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")  # Ready when healthz says so
+    ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"port": 10256, "path": "/healthz"}, "periodSeconds": 1}
+    kubectl(lab, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+    pods = wait_for_proxies(lab)
+    for pod in pods.values():
+        root = Path(f"/proc/{pid_of(pod)}/root")
+        seen = yaml.safe_load((root / "var/lib/kube-proxy/kubeconfig.conf").read_text())
+        assert seen["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:6443"
+        log = lab.store.log_file(f"kube-system/{pod['metadata']['name']}").read_text()
+        assert "unknown field" not in log, log
+    probes_pass(lab)
+
+
+NO_SLICES = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: proxier-without-slices}
+rules:
+- apiGroups: [""]
+  resources: [services, nodes, endpoints]
+  verbs: [list, watch, get]
+- apiGroups: ["", events.k8s.io]
+  resources: [events]
+  verbs: [create, patch, update]
+"""
+
+
+def test_a_role_without_endpointslices_programs_nothing(make_lab: MakeLab) -> None:
+    lab = make_lab("ktdepr", LAB, proxies=False)
+    docs = deploy_docs()
+    for d in docs:
+        if d["kind"] == "ClusterRoleBinding":
+            d["roleRef"]["name"] = "proxier-without-slices"
+    kubectl(lab, "apply", "-f", "-", stdin=NO_SLICES + "---\n" + yaml.safe_dump_all(docs))
+    pods = wait_for_proxies(lab)
+    log_file = lab.store.log_file("kube-system/" + pods["node-1"]["metadata"]["name"])
+    deadline = time.monotonic() + 30
+    while "403" not in log_file.read_text():
+        assert time.monotonic() < deadline, log_file.read_text()[-2000:]
+        time.sleep(0.2)
+    assert "endpointslices" in log_file.read_text()
+    assert "default/web" not in lab.node_rules("node-1")
+    result = raw_probe(lab, "client", lab.address_of("web"), 80)
+    assert result.ok == 0, result
+
+
+def raw_probe(lab: Lab, source: str, ip: str, port: int) -> ProbeResult:
+    """A probe that does not wait for the proxies first (they never catch up here)."""
+    ns = lab.namespace_of(source)
+    argv = [sys.executable, "-m", "kubeproxy.lab.probe", "--to", ip, "--port", str(port),
+            "-n", "3", "--timeout", "0.5"]  # fmt: skip
+    done = subprocess.run(lab.net.exec_argv(ns, argv), env=python_env(), capture_output=True,
+                          text=True, check=True, timeout=60)  # fmt: skip
+    return ProbeResult.from_json(json.loads(done.stdout))
+
+
+def test_mounts_are_private_to_the_process(tmp_path: Path) -> None:
+    """The wrapper alone, in a network namespace of the test's own: the program sees the
+    volume at its mount path read-only, the host sees nothing there."""
+    ns = f"kpt-{secrets.token_hex(3)}"
+    source, target = tmp_path / "vol", tmp_path / "mnt"
+    source.mkdir()
+    target.mkdir()
+    (source / "config.conf").write_text("from the ConfigMap\n")
+    script = ("cat $0/config.conf; touch $0/x 2>/dev/null && echo writable || echo read-only;"
+              " exec sleep 30")
+    launch = Launch(("sh", "-c", script, str(target)), {}, {},
+                    (Mount(str(source), str(target), True),))  # fmt: skip
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        argv = hostpods.wrapper(lambda a: ["ip", "netns", "exec", ns, *a], launch)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        seen = [proc.stdout.readline(), proc.stdout.readline()]
+        assert seen == ["from the ConfigMap\n", "read-only\n"]
+        assert list(target.iterdir()) == []  # while it runs, the host sees nothing there
+        assert os.readlink(f"/proc/{proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "delete", ns], check=True)
