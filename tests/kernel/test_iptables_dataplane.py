@@ -20,7 +20,7 @@ from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Cluster, Family, NamespacedName, parse_cidr
 from kubeproxy.pipeline import render_iptables
-from kubeproxy.render.iptables import Ruleset
+from kubeproxy.render.iptables import KUBE_FIREWALL, TOP_CHAINS, Ruleset
 from tests.builders import NODE, Obj, feature_cluster
 
 pytestmark = [
@@ -95,7 +95,8 @@ def test_full_sync_reads_back_as_rendered(netns: NetnsRunner, backend: Backend) 
 def test_partial_sync_touches_only_the_changed_service(netns: NetnsRunner,
                                                        backend: Backend) -> None:
     plane = IptablesDataPlane(netns, 4, backend)
-    plane.sync(render(feature_cluster())[4])
+    before_rs = render(feature_cluster())[4]
+    plane.sync(before_rs)
     before = chains_of(readback(netns, 4, backend)["nat"])
 
     # svc2 loses an endpoint and svc3 disappears; svc1 is unchanged.
@@ -110,9 +111,13 @@ def test_partial_sync_touches_only_the_changed_service(netns: NetnsRunner,
     gone = set(before) - set(after)
     assert gone and all(c.startswith(("KUBE-SEP-", "KUBE-SVL-", "KUBE-SVC-")) for c in gone)
     assert stats.chains_deleted == len(gone)
-    # Only svc2's chains were sent, plus the top-level chains.
+    # Only svc2's chains were sent, plus the top-level chains that changed (svc3's rules
+    # left KUBE-SERVICES); the others stay as they are.
     svc2 = {c for c, o in after_rs.owners.items() if o == NamespacedName("ns2", "svc2")}
-    assert stats.chains_written == len(svc2) + 5 + 1 + 4  # filter top, KUBE-FIREWALL, nat top
+    tops = {(t, c) for t in ("filter", "nat") for c, rules in after_rs.tables[t].items()
+            if (c in TOP_CHAINS[t] or c == KUBE_FIREWALL) and before_rs.tables[t][c] != rules}
+    assert ("nat", "KUBE-SERVICES") in tops and len(tops) < 10
+    assert stats.chains_written == len(svc2) + len(tops)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from kubeproxy.config import LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
+from kubeproxy.nodeview import NodeViewCache
 from kubeproxy.pipeline import render_iptables
-from tests.builders import Obj, endpoint, endpoint_slice, node, service
+from kubeproxy.render.iptables import Renderer, Ruleset
+from tests.builders import Obj, endpoint, endpoint_slice, feature_cluster, node, service
 
 CONFIG = ProxyConfig(hostname="node1", cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),))
 
@@ -67,3 +69,20 @@ def test_affinity_rules_precede_balancing() -> None:
     assert kinds == ["masq", "recent", "recent", "pick", "pick"]
     sep = [r for r in nat_rules(objs) if r.startswith("-A KUBE-SEP-") and "DNAT" in r]
     assert all("-m recent --set --name KUBE-SEP-" in r for r in sep)
+
+
+def test_the_memoized_renderer_keeps_each_services_chains() -> None:
+    """Renderer.by_service, patched per change, equals owners inverted from scratch."""
+    config = ProxyConfig(hostname="node1", cluster_cidrs=(parse_cidr("10.180.0.0/16", "t"),))
+    memo, cache = Renderer(), NodeViewCache(config, 4)
+    steps = [feature_cluster(), feature_cluster(endpoints_svc2=1),
+             feature_cluster(endpoints_svc2=1, with_svc3=False), feature_cluster(),
+             feature_cluster(endpoints_svc2=0)]
+    changed = None
+    for objs in steps:
+        cluster = decode_objects(objs)
+        got = memo(cache.build(cluster, changed))
+        scratch = Ruleset(got.family, got.tables, got.jumps, dict(got.owners))
+        assert got.by_service is not None
+        assert got.services() == scratch.services() and got.services()
+        changed = frozenset(s.ref for s in cluster.services) | set(got.services())

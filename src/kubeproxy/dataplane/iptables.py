@@ -193,6 +193,13 @@ def _xt_info(sock: socket.socket, family: int, table: str) -> bytes | None:
     return buf.raw[32:]
 
 
+def _tops(ruleset: Ruleset) -> list[tuple[str, str]]:
+    """(table, chain) of the top-level chains the ruleset has (named, not searched for
+    among the 100,000 per-service chains)."""
+    return [(t, c) for t in ("filter", "nat") for c in (*TOP_CHAINS[t], KUBE_FIREWALL)
+            if c in ruleset.tables[t]]
+
+
 @dataclass(frozen=True)
 class Written:
     """What a sync left in the kernel, as flush detection checks it."""
@@ -208,8 +215,10 @@ class IptablesDataPlane:
     family: int
     backend: Backend
     watch: Watch | None = None  # None: damage() reads the tables every time
-    # What we wrote last: nat chain -> owning service (for partial syncs and -X).
+    # What we wrote last: nat chain -> owning service (for partial syncs and -X), and
+    # inverted (service -> its nat chains), so a partial sync looks up only its services.
     written: dict[str, NamespacedName] = field(default_factory=dict)
+    written_by_service: dict[NamespacedName, frozenset[str]] = field(default_factory=dict)
     needs_full: bool = True
     last: Written | None = None  # for damage(); None until a sync succeeded
     # The top-level chains' rules as last written: a partial sync leaves out those that
@@ -238,24 +247,30 @@ class IptablesDataPlane:
         else:
             assert changed is not None
             services = set(changed)
-            write = {c for c, o in ruleset.owners.items() if o in services}
-            stale = {c for c, o in self.written.items()
-                     if o in services and c not in ruleset.owners}
+            write = {c for svc in services for c in ruleset.chains_of(svc)}
+            stale = {c for svc in services for c in self.written_by_service.get(svc, ())
+                     if c not in ruleset.owners}
         payload, stats = self._payload(ruleset, write, stale, jumps, full)
         if payload:
             check(self.runner, [self._bins[2], "-w", "--noflush", "--counters"], payload)
         if full and any(j[2] == KUBE_FIREWALL for j in ruleset.jumps):
             # Localhost NodePorts: let DNAT from 127.0.0.1 to pods route (IPv4 only).
             check(self.runner, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"])
-        self.written = dict(ruleset.owners)
-        self.tops = {(t, c): rules for t in ("filter", "nat")
-                     for c, rules in ruleset.tables[t].items()
-                     if c in TOP_CHAINS[t] or c == KUBE_FIREWALL}
+        if full:
+            self.written = dict(ruleset.owners)
+            self.written_by_service = dict(ruleset.services())
+        else:
+            for chain in stale:
+                del self.written[chain]
+            self.written.update((c, ruleset.owners[c]) for c in write)
+            for svc in services:
+                self.written_by_service.pop(svc, None)
+                if chains := ruleset.chains_of(svc):
+                    self.written_by_service[svc] = chains
+        self.tops = {(t, c): ruleset.tables[t][c] for t, c in _tops(ruleset)}
         self.needs_full = False
         self.last = Written(
-            {(t, c): len(rules) for t in ("filter", "nat")
-             for c, rules in ruleset.tables[t].items()
-             if c in TOP_CHAINS[t] or c == KUBE_FIREWALL},
+            {(t, c): len(ruleset.tables[t][c]) for t, c in _tops(ruleset)},
             tuple(j[:3] for j in ruleset.jumps), self._fingerprint())
         return stats
 
@@ -313,7 +328,7 @@ class IptablesDataPlane:
         out = ["*mangle", f":{KUBE_PROXY_CANARY} - [0:0]", "COMMIT"] if full else []
         for table in ("filter", "nat"):
             chains = ruleset.tables[table]
-            top = [c for c in chains if (c in TOP_CHAINS[table] or c == KUBE_FIREWALL)
+            top = [c for t, c in _tops(ruleset) if t == table
                    and (full or self.tops.get((table, c)) != chains[c])]
             body = top + (sorted(write) if table == "nat" else [])
             dead = sorted(stale) if table == "nat" else []
@@ -376,6 +391,7 @@ class IptablesDataPlane:
                                      *(f"-X {c}" for c in ours), "COMMIT"]) + "\n"
                 check(self.runner, [restore, "-w", "--noflush"], payload)
         self.written = {}
+        self.written_by_service = {}
         self.needs_full = True
         self.last = None
 

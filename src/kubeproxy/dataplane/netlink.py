@@ -138,7 +138,7 @@ class NetlinkTransport:
             return
         sock = self._socket()
         batch = _Batch()
-        what: dict[int, str] = {}
+        what: dict[int, str | wire.RuleWhat] = {}
         subsys = wire.NFNL_SUBSYS_NFTABLES
         start = time.perf_counter()
         try:
@@ -171,7 +171,7 @@ class NetlinkTransport:
             raise DataPlaneError(f"nftables transaction not sent: {err}") from err
         finally:
             batch.close()
-        errors = [(what.get(seq, f"message {seq}"), code)
+        errors = [(str(what.get(seq, f"message {seq}")), code)
                   for seq, code in self._replies(probe) if code]
         self.kernel_seconds = time.perf_counter() - sent
         if errors:

@@ -133,6 +133,22 @@ class Ruleset:
     tables: dict[str, dict[str, list[str]]]
     jumps: tuple[tuple[str, str, str, str], ...]
     owners: dict[str, NamespacedName] = field(default_factory=dict)  # nat chain -> service
+    # owners inverted: service -> its nat chains (built on first use, or handed over by
+    # the memoizing Renderer, which keeps it up to date at the cost of the change).
+    by_service: dict[NamespacedName, frozenset[str]] | None = None
+
+    def chains_of(self, service: NamespacedName) -> frozenset[str]:
+        """The nat chains ``service`` owns."""
+        return self.services().get(service, frozenset())
+
+    def services(self) -> dict[NamespacedName, frozenset[str]]:
+        """Every service's nat chains (``owners`` inverted)."""
+        if self.by_service is None:
+            inverted: dict[NamespacedName, set[str]] = {}
+            for chain, owner in self.owners.items():
+                inverted.setdefault(owner, set()).add(chain)
+            self.by_service = {svc: frozenset(cs) for svc, cs in inverted.items()}
+        return self.by_service
 
     def save_text(self, *, tables: Iterable[str] = ("mangle", "filter", "nat")) -> str:
         """The whole ruleset in iptables-save format: builtin chains with our jumps, our
@@ -190,12 +206,14 @@ class Renderer:
         self._parts: dict[int, tuple[ServicePortView, _Part]] = {}
         self._chains: dict[str, list[str]] = {}  # every port's own nat chains
         self._owners: dict[str, NamespacedName] = {}
+        self._by_service: dict[NamespacedName, frozenset[str]] = {}  # _owners inverted
 
     def __call__(self, view: NodeView) -> Ruleset:
         r = _Renderer(view)
         context = (replace(view, services=()), r.comments)
         if context != self._context:
             self._context, self._parts, self._chains, self._owners = context, {}, {}, {}
+            self._by_service = {}
         known, parts, new = self._parts, {}, []
         for spv in view.services:
             hit = known.get(id(spv))
@@ -203,14 +221,25 @@ class Renderer:
                 hit = (spv, r.part(spv))
                 new.append(hit[1])
             parts[id(spv)] = hit
+        dropped: dict[NamespacedName, set[str]] = {}
+        added: dict[NamespacedName, set[str]] = {}
         for key, (_, part) in known.items():  # gone or re-rendered: drop its chains
             if parts.get(key) is not known[key]:
                 for chain in part.chains:
                     del self._chains[chain]
-                    del self._owners[chain]
+                    dropped.setdefault(self._owners.pop(chain), set()).add(chain)
         for part in new:
             self._chains.update(part.chains)
             self._owners.update(part.owners)
+            for chain, owner in part.owners.items():
+                added.setdefault(owner, set()).add(chain)
+        for svc in dropped.keys() | added.keys():
+            chains = (self._by_service.get(svc, frozenset()) - dropped.get(svc, set())
+                      ) | added.get(svc, set())
+            if chains:
+                self._by_service[svc] = chains
+            else:
+                self._by_service.pop(svc, None)
         self._parts = parts
         r.fixed_chains()
         tables = {"nat": r.nat, "filter": r.filter}
@@ -220,7 +249,9 @@ class Renderer:
         r.nodeports_tail()
         r.nat = {**self._chains, **r.nat}
         r.owners = dict(self._owners)
-        return r.ruleset()
+        ruleset = r.ruleset()
+        ruleset.by_service = dict(self._by_service)  # values are immutable: a shallow copy
+        return ruleset
 
 
 @lru_cache(maxsize=1024)
