@@ -48,6 +48,7 @@ from kubeproxy import modes
 from kubeproxy.apiserver.resources import ENDPOINTSLICES, NODES, SERVICES
 from kubeproxy.apiserver.server import ApiServer, NetnsListener, ServerConfig
 from kubeproxy.apiserver.store import Store
+from kubeproxy.dataplane.base import SubprocessRunner
 from kubeproxy.netns_thread import call_in_netns
 
 NODE_IP = "192.168.0.2"
@@ -345,14 +346,20 @@ def table(results: list[Result]) -> str:
                      for row in rows)
 
 
+def default_modes() -> list[str]:
+    """The registered modes this benchmark can run here: the daemon runs without a
+    cgroup (Mode.needs_cgroup) on this machine's kernel (Mode.kernel_support)."""
+    return [name for name in modes.NAMES if not modes.get(name).needs_cgroup
+            and modes.get(name).kernel_support(SubprocessRunner()) is None]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--services", type=int, action="append",
                    help="services already in the cluster (repeatable; default 1000, 10000)")
     p.add_argument("--changes", type=int, default=20, help="single-object changes per run")
     p.add_argument("--mode", action="append", choices=modes.NAMES,
-                   help="repeatable; default iptables and nftables (the daemon runs here "
-                   "without a cgroup, and this kernel may lack IPVS)")
+                   help="repeatable; default every mode that can run here (default_modes)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     args = p.parse_args()
     if os.geteuid() != 0:
@@ -363,7 +370,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     for n in args.services or [1000, 10_000]:
-        for mode in args.mode or ["iptables", "nftables"]:
+        for mode in args.mode or default_modes():
             result = run(mode, n, args.changes)
             results.append(result)
             if args.json:
