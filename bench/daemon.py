@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import selectors
 import signal
 import socket
 import statistics
@@ -55,7 +56,7 @@ NODE_IP = "192.168.0.2"
 LISTENER = "10.200.0.1"  # a real endpoint: a TCP listener on an address in the netns
 API_PORT = 6443
 ENDPOINTS = 10
-PROBE_TIMEOUT = 0.025  # seconds; also the resolution of "service deleted"
+PROBE_TIMEOUT = 0.025  # seconds a connect may take to count as "ok"/"refused"
 START_TIMEOUT = 900.0  # seconds for the daemon's first full sync
 Obj = dict[str, Any]
 
@@ -129,40 +130,81 @@ def serve(ns: str) -> socket.socket:
     return sock
 
 
-def outcome(ns: str, ip: str) -> str:
-    """ok, refused or timeout: what a connect to ip:80 meets now. A connect that the
-    rules send to the listener completes in well under PROBE_TIMEOUT; one that no rule
-    catches goes out to nowhere and times out."""
-    def attempt() -> str:
-        with socket.socket() as s:
-            s.settimeout(PROBE_TIMEOUT)
-            try:
-                s.connect((ip, 80))
-            except ConnectionRefusedError:
-                return "refused"
-            except TimeoutError:
-                return "timeout"
-            except OSError as err:
-                if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM):
-                    return "unreachable"
-                raise
-            return "ok"
-    return call_in_netns(ns, attempt)
+@dataclass
+class Probe:
+    """One connect to ip:80: when its SYN left, and what it met (None: not yet)."""
+
+    sent: float
+    sock: socket.socket
+    outcome: str | None = None
+
+
+def _meets(err: int) -> str | None:
+    """What a connect's error means: ok, refused, unreachable; None: still going."""
+    if err == 0:
+        return "ok"
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM):
+        return "unreachable"
+    if err in (errno.EINPROGRESS, errno.EALREADY):
+        return None
+    raise OSError(err, os.strerror(err))
 
 
 def wait_for(ns: str, ip: str, want: str, deadline: float,
              alive: Callable[[], bool] = lambda: True) -> float:
-    """When a connect to ip first meets ``want``. The polling interval grows with the
-    wait (0.5 ms, up to 2% of the time waited so far, at most 5 ms): fine resolution for
-    fast changes, and a poller that does not steal the CPU from a slow sync."""
-    start = time.monotonic()
-    while True:
-        if outcome(ns, ip) == want:
-            return time.monotonic()
-        now = time.monotonic()
-        if now > deadline or not alive():
-            raise TimeoutError(f"{ip}: not {want} in time (last: {outcome(ns, ip)})")
-        time.sleep(min(0.005, max(0.0005, 0.02 * (now - start))))  # bounded by deadline
+    """When the kernel first sent a connect to ip:80 where ``want`` says: ``ok`` (a
+    rule led it to the listener), ``refused`` (REJECT: no endpoints) or ``timeout``
+    (no rule: it goes out to nowhere). Non-blocking connects go out one after another,
+    not waiting for each other, at an interval that grows with the wait (0.5 ms, up to
+    2% of the time waited so far, at most 5 ms: fine resolution for fast changes, and a
+    prober that does not steal the CPU from a slow sync); each is judged when it
+    completes or after PROBE_TIMEOUT, and the answer is the send time of the first one
+    that met ``want`` (the SYN goes through the rules in the connect call). So the
+    resolution is the interval, not the probe's timeout."""
+    return call_in_netns(ns, lambda: _first(ip, want, deadline, alive))
+
+
+def _first(ip: str, want: str, deadline: float, alive: Callable[[], bool]) -> float:
+    start = next_send = time.monotonic()
+    probes: list[Probe] = []  # in send order; resolved ones leave from the front
+    last: str | None = None
+    poller = selectors.DefaultSelector()
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= next_send:
+                sock = socket.socket()
+                sock.setblocking(False)
+                probe = Probe(time.monotonic(), sock)
+                probe.outcome = _meets(sock.connect_ex((ip, 80)))
+                if probe.outcome is None:
+                    poller.register(sock, selectors.EVENT_WRITE, probe)
+                probes.append(probe)
+                next_send = now + min(0.005, max(0.0005, 0.02 * (now - start)))
+            for key, _ in poller.select(max(0.0, next_send - time.monotonic())):
+                probe = key.data
+                probe.outcome = _meets(probe.sock.getsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_ERROR)) or "timeout"
+            now = time.monotonic()
+            for probe in probes:
+                if probe.outcome is None and now - probe.sent > PROBE_TIMEOUT:
+                    probe.outcome = "timeout"
+            while probes and probes[0].outcome is not None:
+                probe = probes.pop(0)
+                if probe.sock in poller.get_map():
+                    poller.unregister(probe.sock)
+                probe.sock.close()
+                if probe.outcome == want:
+                    return probe.sent
+                last = probe.outcome
+            if now > deadline or not alive():
+                raise TimeoutError(f"{ip}: not {want} in time (last: {last})")
+    finally:
+        for probe in probes:
+            probe.sock.close()
+        poller.close()
 
 
 # The cycle of single-object changes: (kind, the change to Service i, what a connect

@@ -17,7 +17,7 @@ import pytest
 
 from kubeproxy.config import ProxyConfig
 from kubeproxy.dataplane.base import DataPlaneError
-from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend
+from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend, edit
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Family, NamespacedName, parse_cidr
 from kubeproxy.nodeview import build_node_view
@@ -449,3 +449,39 @@ def test_cleanup_forgets_what_was_written() -> None:
     plane.sync(rules_for(feature_cluster()))
     plane.cleanup()
     assert plane.damage() is None, "nothing of ours is expected any more"
+
+
+# -- top-level chains edited in place ---------------------------------------------------
+
+
+def test_edit_deletes_what_went_and_inserts_what_came_at_its_place() -> None:
+    old = ["-A C -j A", "-A C -j B", "-A C -j D", "-A C -j E"]
+    new = ["-A C -j A", "-A C -j X", "-A C -j B", "-A C -j E"]
+    assert edit("C", old, new) == ["-D C -j D", "-I C 2 -j X"]
+    # A rule at the end goes in at len + 1, which iptables accepts.
+    assert edit("C", old, [*old, "-A C -j F"]) == ["-I C 5 -j F"]
+
+
+@pytest.mark.parametrize("old,new", [
+    (["-A C -j A", "-A C -j B", "-A C -j D"], ["-A C -j B", "-A C -j A", "-A C -j D"]),
+    (["-A C -j A", "-A C -j A", "-A C -j B"], ["-A C -j A", "-A C -j A"]),
+    (["-A C -j A", "-A C -j B"], ["-A C -j X", "-A C -j Y"]),
+], ids=["order changed", "a rule twice", "most of the chain changed"])
+def test_edit_gives_up_where_a_rewrite_is_right(old: list[str], new: list[str]) -> None:
+    assert edit("C", old, new) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_sync_edits_kube_services_in_place(backend: Backend) -> None:
+    """svc3 goes: its KUBE-SERVICES rules are deleted one by one, the chain is not
+    declared (which would flush it), and the kernel holds exactly the new render."""
+    fake = FakeIptables()
+    plane = IptablesDataPlane(fake, 4, backend)
+    plane.sync(rules_for(feature_cluster()))
+    after = rules_for(feature_cluster(with_svc3=False))
+    n = len(fake.restores())
+    plane.sync(after, {SVC3})
+    restore = fake.restores()[n]
+    nat = restore[restore.index("*nat"):]
+    assert ":KUBE-SERVICES " not in nat and "\n-D KUBE-SERVICES " in nat
+    assert tables(plane.save()) == tables(after.save_text(tables=("filter", "nat")))

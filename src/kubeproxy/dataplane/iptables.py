@@ -6,7 +6,10 @@ Each sync (1) feeds one ``iptables-restore --noflush`` transaction per family ho
 
 * every top-level chain (KUBE-SERVICES, KUBE-NODEPORTS, ...), declared and so created
   if missing, or flushed, then rewritten whole; and the empty KUBE-PROXY-CANARY chain
-  of the mangle, filter and nat tables (declared: created if missing);
+  of the mangle, filter and nat tables (declared: created if missing). A partial sync
+  sends only the top-level chains that changed, and edits a large one in place
+  (``-D`` the rules that went, ``-I`` at their positions those that came: :func:`edit`)
+  instead of rewriting its 10,000 rules for a one-service change;
 * the per-service chains (KUBE-SVC-/SVL-/EXT-/FW-/SEP-) of the services that changed
   since the last successful sync, or of all services on a full sync;
 * ``-X`` for chains that are no longer wanted (on a full sync: any per-service chain
@@ -321,34 +324,48 @@ class IptablesDataPlane:
                  ) -> tuple[str, SyncStats]:
         """The restore input. A full one writes every top-level chain and the canaries;
         a partial one only the changed services' chains and the top-level chains whose
-        rules differ from what was last written, and leaves out a table with nothing to
+        rules differ from what was last written (edited in place where that is shorter:
+        :func:`edit`), and leaves out a table with nothing to
         write (with ``--noflush`` what is not named stays as it is; a legacy kernel
         rewrites every table named, ~1 s for nat at 10,000 services). Empty: nothing."""
         stats = SyncStats(chains_deleted=len(stale))
         out = ["*mangle", f":{KUBE_PROXY_CANARY} - [0:0]", "COMMIT"] if full else []
         for table in ("filter", "nat"):
             chains = ruleset.tables[table]
-            top = [c for t, c in _tops(ruleset) if t == table
-                   and (full or self.tops.get((table, c)) != chains[c])]
+            top, edits = [], []
+            for t, c in _tops(ruleset):
+                old = self.tops.get((t, c))
+                if t != table or (not full and old == chains[c]):
+                    continue
+                lines = None if full or old is None else edit(c, old, chains[c])
+                if lines is None:
+                    top.append(c)
+                else:
+                    edits.append(lines)
             body = top + (sorted(write) if table == "nat" else [])
             dead = sorted(stale) if table == "nat" else []
-            if not full and not body and not dead:
+            if not full and not body and not dead and not edits:
                 continue
             # Declared, never written: the canary, and any jump target without rules.
             empty = sorted({KUBE_PROXY_CANARY} | {j[2] for j in ruleset.jumps
                                                   if j[0] == table} - set(chains))
             out.append(f"*{table}")
             out.extend(f":{c} - [0:0]" for c in [*body, *empty, *dead])
+            written = 0
             for chain in body:
                 out.extend(chains[chain])
-                stats.rules_written += len(chains[chain])
-            stats.rules_by_table[table] = sum(len(chains[c]) for c in body)
+                written += len(chains[chain])
+            for lines in edits:  # after the chains their new rules jump to are declared
+                out.extend(lines)
+                written += sum(1 for line in lines if line.startswith("-I "))
+            stats.rules_written += written
+            stats.rules_by_table[table] = written
             # Missing jumps at the top of their builtin chain, last first: table order.
             out.extend("-I " + jump_rule(j)[len("-A "):].replace(" ", " 1 ", 1)
                        for j in reversed(jumps) if j[0] == table)
             out.extend(f"-X {c}" for c in dead)
             out.append("COMMIT")
-            stats.chains_written += len(body)
+            stats.chains_written += len(body) + len(edits)
         text = "\n".join(out) + "\n" if out else ""
         stats.bytes = len(text)
         return text, stats
@@ -394,6 +411,32 @@ class IptablesDataPlane:
         self.written_by_service = {}
         self.needs_full = True
         self.last = None
+
+
+def edit(chain: str, old: list[str], new: list[str]) -> list[str] | None:
+    """Restore lines that turn ``chain``'s rules ``old`` (what the kernel holds) into
+    ``new`` in place: ``-D`` each rule that went, then ``-I`` each that came at its
+    position in ``new``, in order, so the kernel ends with ``new`` in ``new``'s order.
+    None when rewriting the chain is the better way: the rules kept changed order, a
+    rule is there twice, or most of the chain changed.
+
+    The chain is not declared, so it is not flushed: a one-service change of a
+    10,000-rule KUBE-SERVICES sends two lines instead of 10,000 (iptables-restore
+    parses every rule it is given: ~0.2 s at that size). A ``-D`` of a rule the kernel
+    does not hold fails the whole restore, which is then retried as a full sync.
+    """
+    olds, news = set(old), set(new)
+    if len(olds) != len(old) or len(news) != len(new):
+        return None
+    gone = [line for line in old if line not in news]
+    came = [(i, line) for i, line in enumerate(new) if line not in olds]
+    if 2 * (len(gone) + len(came)) > len(new):
+        return None
+    if [line for line in old if line in news] != [line for line in new if line in olds]:
+        return None
+    head = f"-A {chain} "
+    return ([f"-D {line[3:]}" for line in gone]
+            + [f"-I {chain} {i + 1} {line[len(head):]}" for i, line in came])
 
 
 def _has_jump(text: str, builtin: str, target: str) -> bool:
