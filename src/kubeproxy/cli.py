@@ -23,6 +23,7 @@ from kubeproxy import flags, modes
 from kubeproxy.config import (
     ConfigError,
     ProxyConfig,
+    cluster_with_bind_address,
     parse_lb_algorithm,
 )
 from kubeproxy.k8s import ManifestError, decode_objects, load_manifests
@@ -84,7 +85,7 @@ def load_cluster(files: Sequence[Path]) -> Cluster:
 
 def cmd_render(args: argparse.Namespace) -> int:
     config = build_config(args)
-    cluster = load_cluster(args.files)
+    cluster = cluster_with_bind_address(load_cluster(args.files), config)
     mode = modes.for_config(config)
     sys.stdout.write(mode.text(mode.render(node_views(cluster, config)), config.hostname))
     return 0
@@ -94,7 +95,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from kubeproxy.trace.result import Packet
 
     config = build_config(args)
-    cluster = load_cluster(args.files)
+    cluster = cluster_with_bind_address(load_cluster(args.files), config)
     try:
         src = ipaddress.ip_address(args.src)
         dst = ipaddress.ip_address(args.dst)
@@ -133,7 +134,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from kubeproxy.dataplane.base import SubprocessRunner
 
     config = build_config(args)
-    cluster = load_cluster(args.files)
+    cluster = cluster_with_bind_address(load_cluster(args.files), config)
     mode = modes.for_config(config)
     plane = mode.data_plane(SubprocessRunner(), _plane_options(args, config))
     plane.sync(mode.render(node_views(cluster, config)))

@@ -7,6 +7,7 @@ given explicitly on the command line win over the file.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from kubeproxy import modes
-from kubeproxy.model import FieldError, IPAddress, IPNetwork, parse_cidr
+from kubeproxy.model import Cluster, FieldError, IPAddress, IPNetwork, Node, parse_cidr
 
 
 class ConfigError(ValueError):
@@ -110,8 +111,16 @@ class ProxyConfig:
     # `cgroupPath`, ours: upstream has no such setting). "" = the cgroup2 root.
     cgroup_path: str = ""
     ipvs: IpvsConfig = IpvsConfig()  # the ipvs mode's own settings
+    # bindAddress when it is not 0.0.0.0 / :: (upstream's detectNodeIPs): this node's
+    # primary IP, ahead of the Node's own addresses. Nothing binds a socket to it.
+    bind_address: IPAddress | None = None
+    # configSyncPeriod: how often the informers re-deliver every object they hold
+    # (upstream's informer resync); 0 = never.
+    config_sync_period: float = 15 * 60.0
 
     def __post_init__(self) -> None:
+        if self.config_sync_period < 0:
+            raise ConfigError("configSyncPeriod: must be >= 0")
         if self.mode not in modes.NAMES:
             raise ConfigError(f"mode: {self.mode!r} is not one of {', '.join(modes.NAMES)}")
         if not 0 <= self.masquerade_bit <= 31:
@@ -136,6 +145,47 @@ class ProxyConfig:
     def nodeport_cidrs(self) -> tuple[IPNetwork, ...]:
         return tuple(parse_cidr(v, "nodePortAddresses") for v in self.nodeport_addresses
                      if v != PRIMARY)
+
+
+def primary_ip_override(text: str) -> IPAddress | None:
+    """``bindAddress`` -> the primary-IP override; None for 0.0.0.0 / :: (no override).
+    Upstream's validation: it must be an IP address (``ParseIPSloppy``: leading zeros
+    in IPv4 octets are read as decimal)."""
+    value = text.strip()
+    try:
+        ip: IPAddress = ipaddress.ip_address(value)
+    except ValueError:
+        try:  # ParseIPSloppy: 010.001.002.003 is 10.1.2.3
+            octets = [int(o, 10) for o in value.split(".")]
+            if len(octets) != 4 or not all(0 <= o <= 255 for o in octets):
+                raise ValueError(value)
+            ip = ipaddress.IPv4Address(".".join(map(str, octets)))
+        except ValueError:
+            raise ConfigError(f"bindAddress: {text!r} is not a valid textual "
+                              f"representation of an IP address") from None
+    return None if ip.is_unspecified else ip
+
+
+def with_bind_address(node: Node, bind: IPAddress | None) -> Node:
+    """The Node as this proxy sees it: ``bind`` (bindAddress) first, so it is the
+    primary IP of its family (upstream's detectNodeIPs: bindAddress, when not
+    unspecified, overrides the Node's first IP of that family; the other family keeps
+    the Node's). The node view takes a family's first address as its primary IP
+    (nodePortAddresses ``primary``) and matches loadBalancerSourceRanges against the
+    node's IPs."""
+    if bind is None or node.addresses[:1] == (bind,):
+        return node
+    return replace(node, addresses=(bind, *(ip for ip in node.addresses if ip != bind)))
+
+
+def cluster_with_bind_address(cluster: Cluster, config: ProxyConfig) -> Cluster:
+    """Every Node of a cluster read from files, as :func:`with_bind_address` (only
+    this node's matters; the others are left as they are)."""
+    if config.bind_address is None:
+        return cluster
+    nodes = tuple(with_bind_address(n, config.bind_address) if n.name == config.hostname
+                  else n for n in cluster.nodes)
+    return replace(cluster, nodes=nodes)
 
 
 def _check_iface(name: str, setting: str) -> None:

@@ -26,6 +26,17 @@ servers (server.py). SIGTERM / SIGINT put a stop marker on the queue (a SimpleQu
 whose put is safe in a signal handler); the main thread then stops the informers and
 servers and returns. Rules stay in place on exit, as upstream's do; ``--cleanup``
 removes them.
+
+Every ``configSyncPeriod`` (default 15 minutes; 0: never) the main thread asks each
+informer to re-deliver every object it holds as an update (``Informer.resync``),
+as upstream's informers do on their resync period. The updates come through the
+queue like any other, after the informer's earlier ones, and are folded the same way:
+an object that did not change changes nothing in the tracker (no sync), an invalid
+one is reported again.
+
+``bindAddress`` (when not 0.0.0.0 / ::) is this node's primary IP: every version of
+this node's Node is folded with that address first (config.with_bind_address), which
+is what the node view reads as the family's primary IP. Nothing binds to it.
 """
 
 from __future__ import annotations
@@ -36,17 +47,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
 from kubeproxy import modes
-from kubeproxy.config import ConfigError, ProxyConfig
+from kubeproxy.config import ConfigError, ProxyConfig, with_bind_address
 from kubeproxy.conntrack import stale_udp_flows
 from kubeproxy.dataplane.base import DataPlaneError, Runner, SubprocessRunner
 from kubeproxy.dataplane.conntrack import ConntrackCleaner
 from kubeproxy.healthcheck import HealthCheckServers, desired_servers
-from kubeproxy.model import Family, InvalidObject, NamespacedName
+from kubeproxy.model import Family, InvalidObject, NamespacedName, Node
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.nodeview import NodeView
 from kubeproxy.proxier import Proxier
@@ -107,11 +118,14 @@ class Daemon:
                  metrics: Metrics, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, conntrack: Runner | None = None,
                  healthcheck_addresses: Sequence[str] | None = None,
-                 intact: Callable[[], bool] | None = None) -> None:
+                 intact: Callable[[], bool] | None = None,
+                 resync: Callable[[], int] | None = None) -> None:
         """``conntrack``: runs ``conntrack -D`` for stale UDP flows (None: no cleanup).
         ``healthcheck_addresses``: where health-check node ports listen (None: the
         node's addresses). ``intact``: the data plane's ``intact()`` (None: no flush
-        detection)."""
+        detection). ``resync``: has the informers re-deliver what they hold (through
+        :meth:`emit`) and says how many objects; called every
+        ``config.config_sync_period`` seconds (None or 0: never)."""
         self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self.tracker = Tracker(config.hostname, report=_report_invalid)
         self.loop = SyncLoop(self.tracker, proxier, clock,
@@ -128,6 +142,12 @@ class Daemon:
         self._clock = clock
         self._wall = wall
         self._last_updated: float | None = None
+        self._bind_address = config.bind_address
+        self._resync = resync if config.config_sync_period > 0 else None
+        self.resync_period = config.config_sync_period
+        self.next_resync: float | None = (clock() + self.resync_period
+                                          if self._resync is not None else None)
+        self.resyncs = 0  # resyncs done (tests, logs)
 
     def emit(self, item: Update | Replace) -> None:
         """Called by the informer threads."""
@@ -140,21 +160,40 @@ class Daemon:
     def run(self) -> None:
         """Until stop(): fold events, sync when due, publish health."""
         try:
-            while True:
-                for item in self._wait():
-                    if isinstance(item, _Stop):
-                        return
-                    self._fold(item)
-                result = self.loop.run_if_due()
-                if result is not None:
-                    self._record(result)
-                    if result.report is not None:
-                        self._after_sync(dict(result.report.views),
-                                         None if result.full else result.changes.services)
-                self._check_intact()
-                self._publish()
+            while self.step(self._wait()):
+                pass
         finally:
             self.health_checks.close()
+
+    def step(self, items: Sequence[Item]) -> bool:
+        """One turn of the main loop over a batch of queued items; False at a stop."""
+        for item in items:
+            if isinstance(item, _Stop):
+                return False
+            self._fold(item)
+        self._resync_if_due()
+        result = self.loop.run_if_due()
+        if result is not None:
+            self._record(result)
+            if result.report is not None:
+                self._after_sync(dict(result.report.views),
+                                 None if result.full else result.changes.services)
+        self._check_intact()
+        self._publish()
+        return True
+
+    def _resync_if_due(self) -> None:
+        """configSyncPeriod: the informers re-deliver what they hold (onto the queue,
+        behind what they emitted before, so folded in order on the next turn)."""
+        if self._resync is None or self.next_resync is None:
+            return
+        now = self._clock()
+        if now < self.next_resync:
+            return
+        count = self._resync()
+        self.resyncs += 1
+        self.next_resync = now + self.resync_period
+        log.debug("resync: %d objects re-delivered", count)
 
     def _after_sync(self, views: dict[Family, NodeView],
                     changed: frozenset[NamespacedName] | None) -> None:
@@ -189,7 +228,7 @@ class Daemon:
     def _wait(self) -> list[Item]:
         """The queued items: blocks until the first one, the next sync or the next
         flush check."""
-        deadlines = [self.loop.next_run()]
+        deadlines = [self.loop.next_run(), self.next_resync]
         if self._intact is not None:
             deadlines.append(self.loop.next_check())
         due = min((d for d in deadlines if d is not None), default=None)
@@ -197,22 +236,31 @@ class Daemon:
 
     def _fold(self, item: Update | Replace) -> None:
         if isinstance(item, Replace):
-            changed = self.tracker.replace(item.kind, item.updates)
+            changed = self.tracker.replace(item.kind, [self._seen(u) for u in item.updates])
             if not self.loop.ready:
                 log.info("initial %s list: %d objects", item.kind, len(item.updates))
             self.loop.initial_list_done(item.kind)
         else:
-            changed = self.tracker.update(item)
+            changed = self.tracker.update(self._seen(item))
         if changed:
             self.loop.trigger()
             self.metrics.set_queued(self._wall())
+
+    def _seen(self, update: Update) -> Update:
+        """The update as this proxy sees it: a Node with bindAddress as its primary IP."""
+        if update.kind != "Node" or self._bind_address is None:
+            return update
+        assert update.obj is None or isinstance(update.obj, Node)
+        if update.obj is None:
+            return update
+        return replace(update, obj=with_bind_address(update.obj, self._bind_address))
 
     def _record(self, result: SyncResult) -> None:
         wall = self._wall()
         self.metrics.record_sync(result, wall)
         if result.ok:
             self._last_updated = wall
-        log_sync(result, self.loop.min_sync_period)
+        log_sync(result)
 
     def _publish(self) -> None:
         node = self.tracker.node
@@ -221,7 +269,7 @@ class Daemon:
         self.metrics.set_pending(*self.tracker.pending)
 
 
-def log_sync(result: SyncResult, retry: float) -> None:
+def log_sync(result: SyncResult) -> None:
     """One line per sync: kind, services changed, duration."""
     kind = "full" if result.full else "partial"
     names = sorted(str(n) for n in result.changed)
@@ -229,7 +277,7 @@ def log_sync(result: SyncResult, retry: float) -> None:
     changed = f"{len(names)} changed" + (f" ({shown})" if names else "")
     if not result.ok:
         log.warning("%s sync failed after %.3fs (%s): %s; retrying in %.1fs as a full sync",
-                    kind, result.duration, changed, result.error, retry)
+                    kind, result.duration, changed, result.error, result.retry_in)
     elif result.skipped:
         log.debug("sync skipped: changes cancelled out")
     else:
@@ -281,14 +329,17 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
     health = Health(2 * config.sync_period)
     metrics = Metrics(config.mode, plane=lambda: mode.plane_counts(plane))
     metrics.configz = options.configz
+    informers: list[Informer] = []
     daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner,
-                    intact=plane.intact)
+                    intact=plane.intact, resync=lambda: sum(i.resync() for i in informers))
     endpoints = _endpoints(config, health, metrics)
     log.info("kubeproxy run: node %s, mode %s, API server %s", config.hostname, config.mode,
              access.server)
-    informers = [Informer(client, res, daemon.emit, watch_timeout=options.watch_timeout,
-                          stall_timeout=options.watch_stall_timeout)
-                 for res in resources(config.hostname)]
+    if config.bind_address is not None:
+        log.info("primary IP (bindAddress): %s", config.bind_address)
+    informers += [Informer(client, res, daemon.emit, watch_timeout=options.watch_timeout,
+                           stall_timeout=options.watch_stall_timeout)
+                  for res in resources(config.hostname)]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         del signum, frame

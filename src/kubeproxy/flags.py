@@ -78,18 +78,19 @@ FLAGS: tuple[Flag, ...] = (
          "apiserver (default 10)", ("clientConnection.burst",)),
     Flag(("--kube-api-qps",), "float", "QPS to use while talking with kubernetes apiserver "
          "(default 5)", ("clientConnection.qps",)),
+    # Every period each informer re-delivers every object it holds as an update
+    # (upstream's informer resync); 0 (ours) turns it off, upstream refuses 0.
     Flag(("--config-sync-period",), "duration", "How often configuration from the apiserver "
-         "is refreshed. Must be greater than 0. (default 15m0s)", ("configSyncPeriod",),
-         effect="informers do not re-deliver their cache on a period (upstream's resync "
-         "re-delivers unchanged objects, which change no rule)"),
+         "is refreshed. Must be greater than 0. (default 15m0s)", ("configSyncPeriod",)),
     # --- the node and the servers ---
     Flag(("--hostname-override",), "str", "If non-empty, will be used as the name of the Node "
          "that kube-proxy is running on. Applies with --config too.", ("hostnameOverride",)),
+    # Upstream's detectNodeIPs: not 0.0.0.0 / :: -> this node's primary IP (and so the
+    # primary family), ahead of the Node's addresses; no socket is bound to it.
     Flag(("--bind-address",), "str", "Overrides kube-proxy's idea of what its node's primary "
-         "IP is (default 0.0.0.0).", ("bindAddress",),
-         effect="the primary IPs come from the Node object; upstream falls back to "
-         "bindAddress only for a Node that lists no address, which the node view does not "
-         "do yet"),
+         "IP is. Note that the name is a historical artifact, and kube-proxy does not "
+         "actually bind any sockets to this IP. (default 0.0.0.0)", ("bindAddress",),
+         metavar="IP"),
     Flag(("--healthz-bind-address",), "str", "The IP address and port for the health check "
          "server to serve on (default 0.0.0.0:10256); empty disables it.",
          ("healthzBindAddress",), metavar="IP:PORT"),

@@ -292,7 +292,12 @@ def section(fields: Mapping[str, object]) -> str:
 
 def proxy_settings(fields: Mapping[str, object]) -> dict[str, Any]:
     """Defaulted fields -> ProxyConfig keyword arguments (the conversion)."""
-    from kubeproxy.config import ipvs_config, parse_cidr_list, parse_detect_local_mode
+    from kubeproxy.config import (
+        ipvs_config,
+        parse_cidr_list,
+        parse_detect_local_mode,
+        primary_ip_override,
+    )
 
     sec = section(fields)
     kw: dict[str, Any] = {
@@ -312,6 +317,8 @@ def proxy_settings(fields: Mapping[str, object]) -> dict[str, Any]:
         "metrics_bind_address": fields["metricsBindAddress"],
         "kubeconfig": fields["clientConnection.kubeconfig"],
         "ipvs": ipvs_config(fields),  # ipvs.{scheduler,strictARP,excludeCIDRs,*Timeout}
+        "bind_address": primary_ip_override(str(fields["bindAddress"] or "0.0.0.0")),
+        "config_sync_period": _seconds(fields["configSyncPeriod"]),
     }
     if fields["hostnameOverride"]:
         kw["hostname"] = str(fields["hostnameOverride"]).strip().lower()

@@ -23,8 +23,12 @@ The rules:
   *partial*: the data plane gets only the services changed since the previous run; with
   none changed, the data plane is not called at all (upstream's cadence: partial runs
   every ``sync_period``, a full one every hour or after a failure).
-* A failed run (DataPlaneError) is retried ``min_sync_period`` after it started, and the
-  retry is full: the changes the failed run took from the tracker are covered that way.
+* A failed run (DataPlaneError) is retried, full (the changes the failed run took from
+  the tracker are covered that way), with a back-off: 1 s (or ``min_sync_period`` if
+  longer) after it started, doubling with each failure in a row up to ``sync_period``
+  (upstream retries after ``sync_period``; a back-off repairs a passing failure sooner
+  without a hot loop when ``min_sync_period`` is 0). A trigger still runs at
+  ``min_sync_period``, as upstream's runner does.
 * Flush detection: between runs, once rules were written, the caller asks the data plane
   whether they are still intact (``DataPlane.intact()``) at :meth:`SyncLoop.next_check`,
   every ``check_period`` (1 s) after the last check or successful run, and reports the
@@ -47,6 +51,7 @@ from kubeproxy.tracker import Changes, Kind, Tracker
 
 Clock = Callable[[], float]  # monotonic seconds
 FULL_SYNC_PERIOD = 3600.0  # upstream's proxyutil.FullSyncPeriod
+RETRY_FIRST = 1.0  # seconds before the first retry of a failed run (then doubling)
 CHECK_PERIOD = 1.0  # how often the data plane is asked whether its rules are intact
 
 
@@ -78,6 +83,7 @@ class SyncResult:
     service_count: int  # services rendered (all of them, on partial syncs too)
     report: SyncReport | None = None  # None when the run failed or was skipped
     error: str | None = None
+    retry_in: float | None = None  # failed: seconds from its start to the retry
 
     @property
     def ok(self) -> bool:
@@ -115,6 +121,8 @@ class SyncLoop:
         self._last_full: float | None = None
         self._wanted = False  # a trigger since the last run started
         self._needs_full = True
+        self._failures = 0  # failed runs in a row
+        self._retry_at: float | None = None  # after a failure: when to run again
         self.oldest_pending: float | None = None  # first trigger not yet written (healthz)
         self.last_success: float | None = None  # end of the last successful run
 
@@ -151,12 +159,14 @@ class SyncLoop:
         due = self._last_start + self.sync_period
         if self._wanted:
             due = min(due, self._last_start + self.min_sync_period)
+        if self._retry_at is not None:
+            due = min(due, self._retry_at)
         return due
 
     def next_check(self) -> float | None:
         """When the data plane should next be asked whether its rules are intact; None
         before anything was written and while a full run is wanted anyway."""
-        if self.last_success is None or (self._needs_full and self._wanted):
+        if self.last_success is None or self._needs_full:
             return None
         return max(self.last_success, self._last_check or 0.0) + self.check_period
 
@@ -200,13 +210,19 @@ class SyncLoop:
             report = self._proxier.sync(cluster, None if full else changes.services)
         except DataPlaneError as err:
             self._needs_full = True
-            self._wanted = True  # retried min_sync_period after this start
-            return SyncResult(start, self._clock() - start, full, changes, count, error=str(err))
+            self._failures += 1
+            retry_in = min(self.sync_period, max(self.min_sync_period, RETRY_FIRST)
+                           * 2 ** (self._failures - 1))
+            self._retry_at = start + retry_in
+            return SyncResult(start, self._clock() - start, full, changes, count,
+                              error=str(err), retry_in=retry_in)
         self._succeeded(start, full)
         return SyncResult(start, self._clock() - start, full, changes, count, report)
 
     def _succeeded(self, start: float, full: bool) -> None:
         self._needs_full = False
+        self._failures = 0
+        self._retry_at = None
         if full:
             self._last_full = start
         self.oldest_pending = None

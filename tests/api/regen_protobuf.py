@@ -27,6 +27,7 @@ ROOTS = (
     "k8s.io.api.apps.v1.DaemonSet", "k8s.io.api.rbac.v1.ClusterRole",
     "k8s.io.api.rbac.v1.ClusterRoleBinding", "k8s.io.api.rbac.v1.Role",
     "k8s.io.api.rbac.v1.RoleBinding", "k8s.io.api.authentication.v1.TokenRequest",
+    "k8s.io.api.authorization.v1.SelfSubjectAccessReview",
 )
 # Messages with their own JSON form (protobuf.py converts them); not walked into.
 SPECIAL = {
@@ -162,7 +163,8 @@ def descriptors(binary: str) -> dict[str, list[Field]]:
 
 SHORT = (("k8s.io.api.core.v1.", "core."), ("k8s.io.api.discovery.v1.", "disc."),
          ("k8s.io.apimachinery.pkg.apis.meta.v1.", "meta."), ("k8s.io.api.apps.v1.", "apps."),
-         ("k8s.io.api.rbac.v1.", "rbac."), ("k8s.io.api.authentication.v1.", "authn."))
+         ("k8s.io.api.rbac.v1.", "rbac."), ("k8s.io.api.authentication.v1.", "authn."),
+         ("k8s.io.api.authorization.v1.", "authz."))
 
 
 def short(name: str) -> str:

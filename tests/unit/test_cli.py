@@ -131,3 +131,17 @@ def test_version_loads_neither_the_daemon_nor_the_metrics_library() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"kubeproxy v{__version__} (kube-proxy's command line)", "[]"]
+
+
+def test_bind_address_is_the_primary_ip_of_render() -> None:
+    """nftables mode opens NodePorts on the primary IP (upstream's default): the Node's
+    first address, or --bind-address where given (upstream's detectNodeIPs)."""
+    def nodeport_ips(*extra: str) -> str:
+        done = kubeproxy("render", "-f", SEED, "--hostname-override", "node-1",
+                         "--proxy-mode", "nftables", *extra)
+        assert done.returncode == 0, done.stderr
+        text = done.stdout
+        return text[text.index("set nodeport-ips"):].split("elements = {", 1)[1].split("}")[0]
+    assert nodeport_ips().strip() == "192.168.49.2"
+    assert nodeport_ips("--bind-address", "192.168.49.77").strip() == "192.168.49.77"
+    assert nodeport_ips("--bind-address", "0.0.0.0").strip() == "192.168.49.2"

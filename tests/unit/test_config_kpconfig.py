@@ -128,8 +128,8 @@ def test_no_effect_flags_are_logged() -> None:
     (["--kube-api-content-type", "application/vnd.kubernetes.protobuf"], True),
     (["--show-hidden-metrics-for-version", "1.32"], True),  # nothing is hidden
     (["--profiling"], False),
-    (["--config-sync-period", "1m"], False),
-    (["--bind-address", "192.168.0.2"], False),
+    (["--config-sync-period", "1m"], True),  # informer resync (daemon.py)
+    (["--bind-address", "192.168.0.2"], True),  # the primary IP override (config.py)
 ], ids=lambda v: v[0] if isinstance(v, list) else str(v))
 def test_which_flags_say_they_have_no_effect(flag: list[str], honoured: bool) -> None:
     notes = flags.effective(run_args(*flag)).notes

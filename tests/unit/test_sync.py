@@ -142,7 +142,8 @@ def rig(**kw: float) -> Rig:
     clock = FakeClock()
     tracker = Tracker(NODE)
     plane = StrictDataPlane(clock)
-    loop = SyncLoop(tracker, plane, clock, min_sync_period=MIN, sync_period=PERIOD, **kw)
+    loop = SyncLoop(tracker, plane, clock, **{"min_sync_period": MIN, "sync_period": PERIOD,
+                                              **kw})
     return Rig(clock, tracker, plane, loop)
 
 
@@ -223,19 +224,41 @@ def test_upstream_cadence_partial_every_sync_period_full_every_hour() -> None:
         <= FULL_SYNC_PERIOD + PERIOD
 
 
-def test_a_failed_sync_is_retried_after_min_period_as_a_full_one() -> None:
-    r = started()
-    r.plane.fail = 2
+def test_a_failed_sync_is_retried_as_a_full_one_with_a_back_off() -> None:
+    r = started(min_sync_period=0.0)
+    r.plane.fail = 3
     r.clock.now += 5
     r.feed(svc("c", "172.30.0.43"))
     r.advance(0)
     assert r.results[-1].error is not None and "iptables-restore" in r.results[-1].error
-    assert r.loop.next_run() == r.plane.calls[-1].at + MIN
-    r.advance(MIN)
-    assert not r.results[-1].ok, "second failure"
-    r.advance(MIN)
-    assert r.kinds() == ["full", "ns1/c", "full", "full"]
+    # min_sync_period 0 does not make a hot loop: 1 s, then 2 s, then 4 s.
+    for retry_in in (1.0, 2.0, 4.0):
+        start = r.plane.calls[-1].at
+        assert r.results[-1].retry_in == retry_in
+        assert r.loop.next_run() == start + retry_in
+        r.advance(retry_in - 0.01)
+        assert r.plane.calls[-1].at == start, "not retried before the back-off"
+        r.advance(0.01)
+    assert r.kinds() == ["full", "ns1/c", "full", "full", "full"]
     assert r.results[-1].ok and r.results[-1].full
+    assert r.results[-1].retry_in is None
+
+
+def test_the_back_off_is_capped_at_sync_period_and_a_trigger_still_runs() -> None:
+    r = started()
+    r.plane.fail = 100
+    r.clock.now += 5
+    r.feed(svc("c", "172.30.0.43"))
+    r.advance(200)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(r.plane.calls[1:])]
+    assert gaps[:5] == [1.0, 2.0, 4.0, 8.0, 16.0] and set(gaps[5:]) == {PERIOD}
+    # A change does not wait for the retry: it runs (full) as soon as min_sync_period
+    # allows, as upstream's runner does.
+    assert r.clock.now - r.plane.calls[-1].at > MIN
+    now = r.clock.now
+    r.feed(svc("d", "172.30.0.44"))
+    r.advance(0)
+    assert r.plane.calls[-1].at == now and r.plane.calls[-1].changed is None
 
 
 def test_a_node_change_makes_the_next_sync_full() -> None:

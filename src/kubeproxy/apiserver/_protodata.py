@@ -21,6 +21,17 @@ authn.TokenRequest: 1:metadata:meta.ObjectMeta 2:spec:authn.TokenRequestSpec
 authn.TokenRequestSpec: 1:audiences:[]s 3:boundObjectRef:authn.BoundObjectReference
     4:expirationSeconds:i
 authn.TokenRequestStatus: 1:token:s 2:expirationTimestamp:time
+authz.FieldSelectorAttributes: 1:rawSelector:s 2:requirements:[]meta.FieldSelectorRequirement
+authz.LabelSelectorAttributes: 1:rawSelector:s 2:requirements:[]meta.LabelSelectorRequirement
+authz.NonResourceAttributes: 1:path:s 2:verb:s
+authz.ResourceAttributes: 1:namespace:s 2:verb:s 3:group:s 4:version:s 5:resource:s
+    6:subresource:s 7:name:s 8:fieldSelector:authz.FieldSelectorAttributes
+    9:labelSelector:authz.LabelSelectorAttributes
+authz.SelfSubjectAccessReview: 1:metadata:meta.ObjectMeta
+    2:spec:authz.SelfSubjectAccessReviewSpec 3:status:authz.SubjectAccessReviewStatus
+authz.SelfSubjectAccessReviewSpec: 1:resourceAttributes:authz.ResourceAttributes
+    2:nonResourceAttributes:authz.NonResourceAttributes
+authz.SubjectAccessReviewStatus: 1:allowed:b 2:reason:s 3:evaluationError:s 4:denied:b
 core.AWSElasticBlockStoreVolumeSource: 1:volumeID:s 2:fsType:s 3:partition:i 4:readOnly:b
 core.Affinity: 1:nodeAffinity:core.NodeAffinity 2:podAffinity:core.PodAffinity
     3:podAntiAffinity:core.PodAntiAffinity
@@ -315,6 +326,7 @@ meta.Condition: 1:type:s 2:status:s 3:observedGeneration:i 4:lastTransitionTime:
 meta.DeleteOptions: 1:gracePeriodSeconds:i 2:preconditions:meta.Preconditions
     3:orphanDependents:b 4:propagationPolicy:s 5:dryRun:[]s
     6:ignoreStoreReadErrorWithClusterBreakingPotential:b
+meta.FieldSelectorRequirement: 1:key:s 2:operator:s 3:values:[]s
 meta.LabelSelector: 1:matchLabels:{}s 2:matchExpressions:[]meta.LabelSelectorRequirement
 meta.LabelSelectorRequirement: 1:key:s 2:operator:s 3:values:[]s
 meta.ManagedFieldsEntry: 1:manager:s 2:operation:s 3:apiVersion:s 4:time:time 6:fieldsType:s

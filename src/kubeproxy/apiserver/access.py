@@ -6,8 +6,9 @@ is asking (a verified client certificate, else a bearer token whose ServiceAccou
 Pod are looked up in the store, else anonymous for the public paths only: 401
 otherwise), rbac.py decides whether that user may do what the route and method say
 (403 otherwise). `token_request` validates a TokenRequest, finds the ServiceAccount (and
-the Pod it binds to) and signs the token. Both read the store through the Hub, under
-its lock; neither does any other I/O.
+the Pod it binds to) and signs the token. `self_subject_access_review` answers
+`kubectl auth can-i` (SelfSubjectAccessReview) for the caller with the same authorizer.
+All read the store through the Hub, under its lock; none does any other I/O.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ log = logging.getLogger("kubeproxy.apiserver")
 
 
 def check(hub: Hub, config: auth.AuthConfig, now: float, route: routes.Route | None,
-          req: Request) -> None:
-    """Return when ``req`` may proceed; raise the 401 or 403 ApiError otherwise."""
+          req: Request) -> rbac.UserInfo:
+    """Who is asking, when ``req`` may proceed; raise the 401 or 403 ApiError otherwise."""
     user = authenticate(hub, config, now, req)
-    if isinstance(route, routes.ResourceRoute):
+    if isinstance(route, routes.Review):
+        verb = "create" if req.method == "POST" else req.method.lower()
+        attrs = rbac.Attributes(user, verb, True, route.group, route.plural)
+    elif isinstance(route, routes.ResourceRoute):
         watching = route.watch_prefix or (route.name is None and _watch_param(req))
         attrs = rbac.request_attributes(user, req.method, req.path, route.resource,
                                         namespace=route.namespace, name=route.name,
@@ -41,6 +45,7 @@ def check(hub: Hub, config: auth.AuthConfig, now: float, route: routes.Route | N
     decision = hub.call(lambda s: rbac.authorize(attrs, s.policy()))
     if not decision.allowed:
         raise rbac.forbidden(attrs, decision.reason)
+    return user
 
 
 def _watch_param(req: Request) -> bool:
@@ -104,3 +109,42 @@ def token_request(hub: Hub, config: auth.AuthConfig, now: float,
             "spec": spec,
             "status": {"token": issued.token,
                        "expirationTimestamp": timestamp(issued.expires)}}
+
+
+_SAR_ATTRIBUTES = {  # ResourceAttributes field -> rbac.Attributes field
+    "namespace": "namespace", "verb": "verb", "group": "api_group",
+    "resource": "resource", "subresource": "subresource", "name": "name",
+}
+
+
+def self_subject_access_review(hub: Hub, user: rbac.UserInfo | None, body: Any) -> Obj:
+    """POST selfsubjectaccessreviews: may the caller do what the spec says? Answered by
+    the same authorizer as every request (``user`` None: no authorization configured,
+    every answer is yes, as kube-apiserver's AlwaysAllow)."""
+    if not isinstance(body, dict):
+        raise errors.bad_request("the body of a SelfSubjectAccessReview must be a JSON object")
+    spec = body.get("spec")
+    spec = spec if isinstance(spec, dict) else {}
+    resource, non_resource = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+    if (resource is None) == (non_resource is None) or not isinstance(
+            resource if resource is not None else non_resource, dict):
+        which = "nonResourceAttributes" if non_resource is not None else "resourceAttributes"
+        raise errors.invalid("SelfSubjectAccessReview", "", [errors.Cause(
+            f"spec.{which}", "Invalid value: exactly one of nonResourceAttributes or "
+            "resourceAttributes must be specified")], "authorization.k8s.io")
+    status: Obj = {"allowed": True}
+    if user is not None:
+        if resource is not None:
+            kw = {ours: str(resource.get(theirs) or "") for theirs, ours in
+                  _SAR_ATTRIBUTES.items()}
+            attrs = rbac.Attributes(user, resource_request=True, **kw)
+        else:
+            assert isinstance(non_resource, dict)
+            attrs = rbac.Attributes(user, str(non_resource.get("verb") or ""), False,
+                                    path=str(non_resource.get("path") or ""))
+        decision = hub.call(lambda s: rbac.authorize(attrs, s.policy()))
+        status = {"allowed": decision.allowed}
+        if decision.reason:
+            status["reason"] = decision.reason
+    return {"kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}

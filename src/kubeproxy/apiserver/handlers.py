@@ -16,6 +16,9 @@ With `ApiConfig.auth` set, every request is first authenticated (auth.py: client
 certificate, service-account token, anonymous only for health and version) and then
 authorized (rbac.py) before any of the above: 401 / 403 as kube-apiserver answers.
 `serviceaccounts/NAME/token` (POST a TokenRequest) issues service-account tokens.
+Writes of Roles, ClusterRoles and their bindings are checked for privilege escalation
+(escalation.py) with the caller's identity, and `selfsubjectaccessreviews` (POST, never
+stored) answers `kubectl auth can-i` with the same authorizer.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kubeproxy.apiserver import (
     codec,
     discovery,
     errors,
+    escalation,
     openapi,
     openapi_pb,
     patch,
@@ -40,6 +44,7 @@ from kubeproxy.apiserver import (
 )
 from kubeproxy.apiserver.errors import ApiError
 from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.rbac import RBAC_GROUP, UserInfo
 from kubeproxy.apiserver.resources import GROUP_VERSIONS, Resource
 from kubeproxy.apiserver.store import Store
 
@@ -134,21 +139,40 @@ class Api:
     def handle(self, req: Request) -> Response | Stream:
         try:
             route = routes.parse(req.path)
+            user = None
             if self.config.auth is not None:
-                self._check_access(self.config.auth, route, req)
+                user = self._check_access(self.config.auth, route, req)
             if route is None:
                 raise errors.route_not_found()
             if isinstance(route, routes.Fixed):
                 return self._fixed(route, req)
-            return self._resource(route, req)
+            if isinstance(route, routes.Review):
+                return self._review(route, req, user)
+            return self._resource(route, req, user)
         except ApiError as exc:
             return status_response(exc)
 
     # ---- authentication, authorization, tokens (access.py) ------------------------------
 
     def _check_access(self, config: auth.AuthConfig, route: routes.Route | None,
-                      req: Request) -> None:
-        access.check(self.hub, config, self.clock(), route, req)
+                      req: Request) -> UserInfo:
+        return access.check(self.hub, config, self.clock(), route, req)
+
+    def _review(self, route: routes.Review, req: Request, user: UserInfo | None) -> Response:
+        """POST selfsubjectaccessreviews (kubectl auth can-i): answered, never stored."""
+        if req.method != "POST":
+            raise errors.method_not_allowed(req.method, req.path)
+        body = codec.parse_body(req.body, req.headers.get("content-type"))
+        doc = access.self_subject_access_review(self.hub, user, body)
+        return Response(201, codec.encode(doc))
+
+    @staticmethod
+    def _guard(store: Store, user: UserInfo | None, route: routes.ResourceRoute, obj: Obj,
+               old: Obj | None) -> None:
+        """RBAC escalation prevention for writes of RBAC objects (escalation.py)."""
+        if user is not None and route.resource.group == RBAC_GROUP:
+            escalation.check_write(user, route.resource.plural, route.namespace or "", obj,
+                                   old, store.policy())
 
     def _token(self, route: routes.ResourceRoute, req: Request) -> Response:
         """POST serviceaccounts/NAME/token: a TokenRequest answered with status.token."""
@@ -203,7 +227,8 @@ class Api:
 
     # ---- resources ----------------------------------------------------------------------
 
-    def _resource(self, route: routes.ResourceRoute, req: Request) -> Response | Stream:
+    def _resource(self, route: routes.ResourceRoute, req: Request,
+                  user: UserInfo | None = None) -> Response | Stream:
         res, method = route.resource, req.method
         all_namespaces = res.namespaced and route.namespace is None
         if route.name is None:
@@ -213,7 +238,7 @@ class Api:
             if all_namespaces:
                 raise errors.method_not_allowed(method, req.path)
             if method == "POST":
-                return self._create(route, req)
+                return self._create(route, req, user)
             if method == "DELETE":
                 return self._delete_collection(route, req)
         elif route.watch_prefix:
@@ -225,9 +250,9 @@ class Api:
         elif method in ("GET", "HEAD"):
             return self._get(route, req)
         elif method == "PUT":
-            return self._update(route, req)
+            return self._update(route, req, user)
         elif method == "PATCH":
-            return self._patch(route, req)
+            return self._patch(route, req, user)
         elif method == "DELETE" and route.subresource is None:
             return self._delete(route, req)
         raise errors.method_not_allowed(method, req.path)
@@ -334,15 +359,22 @@ class Api:
             raise errors.bad_request("the namespace of the provided object does not match the "
                                      "namespace sent on the request")
 
-    def _create(self, route: routes.ResourceRoute, req: Request) -> Response:
+    def _create(self, route: routes.ResourceRoute, req: Request,
+                user: UserInfo | None = None) -> Response:
         res = route.resource
         decoded = self._decode(res, req)
         self._check_namespace(route, decoded.obj)
         dry = _dry_run(req.query.get("dryRun"))
-        obj = self.hub.call(lambda s: s.create(res, route.namespace, decoded.obj, dry_run=dry))
+
+        def run(s: Store) -> Obj:
+            self._guard(s, user, route, decoded.obj, None)
+            return s.create(res, route.namespace, decoded.obj, dry_run=dry)
+
+        obj = self.hub.call(run)
         return self._ok(res, req, obj, 201, decoded.warnings)
 
-    def _update(self, route: routes.ResourceRoute, req: Request) -> Response:
+    def _update(self, route: routes.ResourceRoute, req: Request,
+                user: UserInfo | None = None) -> Response:
         res = route.resource
         decoded = self._decode(res, req)
         self._check_namespace(route, decoded.obj)
@@ -351,12 +383,18 @@ class Api:
             raise errors.bad_request(f"the name of the object ({sent}) does not match the name "
                                      f"on the URL ({route.name})")
         dry = _dry_run(req.query.get("dryRun"))
-        obj = self.hub.call(lambda s: s.update(res, route.namespace, route.name or "",
-                                               decoded.obj, subresource=route.subresource,
-                                               dry_run=dry))
+
+        def run(s: Store) -> Obj:
+            self._guard(s, user, route, decoded.obj, s.find(res, route.namespace,
+                                                            route.name or ""))
+            return s.update(res, route.namespace, route.name or "", decoded.obj,
+                            subresource=route.subresource, dry_run=dry)
+
+        obj = self.hub.call(run)
         return self._ok(res, req, obj, 200, decoded.warnings)
 
-    def _patch(self, route: routes.ResourceRoute, req: Request) -> Response:
+    def _patch(self, route: routes.ResourceRoute, req: Request,
+               user: UserInfo | None = None) -> Response:
         res, name = route.resource, route.name or ""
         media = (req.headers.get("content-type") or "").split(";")[0].strip().lower()
         apply_patch = _PATCHERS.get(media)
@@ -367,12 +405,14 @@ class Api:
         dry = _dry_run(req.query.get("dryRun"))
         warnings: list[str] = []
 
-        def patched(current: Obj) -> Obj:
-            decoded = codec.decode_object(res, apply_patch(current, document, res), directive)
-            warnings.extend(decoded.warnings)
-            return decoded.obj
-
         def run(store: Store) -> tuple[Obj, int]:
+            def patched(current: Obj) -> Obj:
+                decoded = codec.decode_object(res, apply_patch(current, document, res),
+                                              directive)
+                warnings.extend(decoded.warnings)
+                self._guard(store, user, route, decoded.obj, current)
+                return decoded.obj
+
             if media == "application/apply-patch+yaml":
                 if not _last(req.query, "fieldManager"):
                     raise errors.bad_request("PATCH requests with apply patch type must specify "
@@ -386,6 +426,7 @@ class Api:
                                                   directive)
                     warnings.extend(created.warnings)
                     self._check_namespace(route, created.obj)
+                    self._guard(store, user, route, created.obj, None)
                     return store.create(res, route.namespace, created.obj, dry_run=dry), 201
             return store.patch(res, route.namespace, name, patched,
                                subresource=route.subresource, dry_run=dry), 200

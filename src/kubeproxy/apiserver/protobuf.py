@@ -34,6 +34,7 @@ from typing import Any
 from kubeproxy.apiserver import errors
 from kubeproxy.apiserver._protodata import PROTO_TEXT
 from kubeproxy.apiserver.resources import RESOURCES, SUBRESOURCE_KINDS
+from kubeproxy.apiserver.routes import REVIEWS
 
 MAGIC = b"k8s\x00"
 MEDIA_TYPE = "application/vnd.kubernetes.protobuf"
@@ -197,6 +198,7 @@ _KINDS: Mapping[tuple[str, str], str] = {
     **{(r.api_version, r.kind): r.definition for r in RESOURCES},
     **{(r.api_version, "DeleteOptions"): "meta.DeleteOptions" for r in RESOURCES},
     **{(f"{k.group}/{k.version}", k.kind): k.definition for k in SUBRESOURCE_KINDS.values()},
+    **{(f"{g}/{v}", kind): definition for (g, v, _), (kind, definition) in REVIEWS.items()},
 }
 
 

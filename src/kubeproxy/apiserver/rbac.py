@@ -17,7 +17,9 @@ themselves out by deleting a binding.
 decision is pure. The denial is a 403 phrased exactly as kube-apiserver phrases it
 (`forbidden`), since clients and users grep for it. The bootstrap roles and bindings the
 store starts with are the table `BOOTSTRAP` (upstream's bootstrappolicy, the part the
-lab needs: cluster-admin, discovery, public info, and kube-proxy's system:node-proxier).
+lab needs: cluster-admin, discovery, basic-user (self reviews), public info, and
+kube-proxy's system:node-proxier). Writes of RBAC objects are further guarded against
+privilege escalation, and aggregated ClusterRoles filled in, by escalation.py.
 """
 
 from __future__ import annotations
@@ -147,17 +149,24 @@ def _rules_of(ref: Obj, namespace: str, policy: Policy, errors: list[str]
     return rules or ()
 
 
+def bindings_for(user: UserInfo, namespace: str, policy: Policy
+                 ) -> list[tuple[Obj, str]]:
+    """(binding, the namespace its Role is looked up in) of every ClusterRoleBinding and,
+    for a namespace, RoleBinding there whose subjects include ``user``."""
+    scoped = [(b, "") for b in policy.cluster_bindings]
+    if namespace:
+        scoped += [(b, namespace) for b in policy.bindings.get(namespace, ())]
+    return [(b, ns) for b, ns in scoped
+            if any(_subject_matches(s, user) for s in b.get("subjects") or [])]
+
+
 def authorize(a: Attributes, policy: Policy) -> Decision:
     if MASTERS in a.user.groups:
         return Decision(True)
     errors: list[str] = []
-    scoped = [(b, "") for b in policy.cluster_bindings]
-    if a.resource_request and a.namespace:
-        scoped += [(b, a.namespace) for b in policy.bindings.get(a.namespace, ())]
-    for binding, namespace in scoped:
-        if not any(_subject_matches(s, a.user) for s in binding.get("subjects") or []):
-            continue
-        for rule in _rules_of(binding.get("roleRef") or {}, namespace, policy, errors):
+    namespace = a.namespace if a.resource_request else ""
+    for binding, ns in bindings_for(a.user, namespace, policy):
+        for rule in _rules_of(binding.get("roleRef") or {}, ns, policy, errors):
             if rule_allows(rule, a):
                 return Decision(True)
     return Decision(False, "RBAC: " + ", ".join(errors) if errors else "")
@@ -201,6 +210,14 @@ BOOTSTRAP_CLUSTER_ROLES: Mapping[str, tuple[Obj, ...]] = {
                           "verbs": ["get"]},),
     # Health and version, for everyone including unauthenticated callers.
     "system:public-info-viewer": ({"nonResourceURLs": _PUBLIC_INFO, "verbs": ["get"]},),
+    # What every user may ask about themselves (kubectl auth can-i, auth whoami).
+    "system:basic-user": (
+        {"apiGroups": ["authorization.k8s.io"],
+         "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"],
+         "verbs": ["create"]},
+    ),
     # kube-proxy: upstream's rules (ClusterRole system:node-proxier).
     "system:node-proxier": (
         {"apiGroups": [""], "resources": ["endpoints", "services"], "verbs": ["list", "watch"]},
@@ -215,6 +232,7 @@ BOOTSTRAP_CLUSTER_ROLE_BINDINGS: Mapping[str, tuple[tuple[str, str], ...]] = {
     # binding (named after its ClusterRole) -> subjects (kind, name)
     "cluster-admin": (("Group", MASTERS),),
     "system:discovery": (("Group", AUTHENTICATED),),
+    "system:basic-user": (("Group", AUTHENTICATED),),
     "system:public-info-viewer": (("Group", AUTHENTICATED), ("Group", UNAUTHENTICATED)),
     "system:node-proxier": (("User", "system:kube-proxy"),),
 }

@@ -39,7 +39,25 @@ class Fixed:
     extra: str = ""  # the group-version path of an OpenAPI v3 document
 
 
-Route = ResourceRoute | Fixed
+@dataclass(frozen=True)
+class Review:
+    """A create-only virtual resource, answered at once and never stored (upstream's
+    SelfSubjectAccessReview: ``kubectl auth can-i``)."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    definition: str  # its protobuf message (_protodata.py)
+
+
+# (group, version, plural) -> (kind, protobuf message) of every review answered.
+REVIEWS: dict[tuple[str, str, str], tuple[str, str]] = {
+    ("authorization.k8s.io", "v1", "selfsubjectaccessreviews"):
+        ("SelfSubjectAccessReview", "authz.SelfSubjectAccessReview"),
+}
+
+Route = ResourceRoute | Fixed | Review
 
 
 def parse(path: str) -> Route | None:
@@ -63,6 +81,8 @@ def parse(path: str) -> Route | None:
         return None
     if not rest:
         return Fixed("resources", group, version)
+    if len(rest) == 1 and (group, version, rest[0]) in REVIEWS:
+        return Review(group, version, rest[0], *REVIEWS[(group, version, rest[0])])
     return _resource(group, version, rest)
 
 

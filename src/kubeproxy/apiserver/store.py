@@ -20,6 +20,13 @@ finalizer is left (`reap`, driven by the server with the injected clock), or at 
 a second delete with gracePeriodSeconds=0. The clock and the random source (UIDs,
 generateName suffixes) are injected, so unit tests are exact.
 
+Two controllers' work is done here, at once, inside the write that calls for it: every
+namespace gets a `default` ServiceAccount when it is created (and gets it back when it
+is deleted), as kube-controller-manager's ServiceAccount controller does; and every
+ClusterRole with an `aggregationRule` is rewritten (MODIFIED) to hold the rules of the
+ClusterRoles its selectors match whenever a ClusterRole changes (the clusterrole
+aggregation controller; escalation.py).
+
 `dump` / `Store.restore` carry the state across a process restart (the lab's API server
 keeps a snapshot file): the objects, the resourceVersion counter and pending deletions.
 The history is not kept, as etcd compacts: a restored store can serve watches from its
@@ -43,7 +50,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from kubeproxy.apiserver import errors, rbac, resources, services
+from kubeproxy.apiserver import errors, escalation, rbac, resources, services
 from kubeproxy.apiserver.errors import ApiError
 from kubeproxy.apiserver.kinds import STRATEGIES
 from kubeproxy.apiserver.resources import Resource
@@ -54,6 +61,7 @@ Obj = dict[str, Any]
 Clock = Callable[[], float]
 
 PROTECTED_NAMESPACES = ("default", "kube-system", "kube-public")
+DEFAULT_SERVICE_ACCOUNT = "default"  # made in every namespace (the SA controller's)
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 SNAPSHOT_VERSION = 1
 _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # upstream's generateName alphabet
@@ -155,6 +163,8 @@ class Store:
         self._held: dict[tuple[str, str], tuple[frozenset[str], frozenset[int]]] | None = None
         self._ip_count: Counter[str] = Counter()
         self._port_count: Counter[int] = Counter()
+        self._aggregating = False  # _aggregate is writing: no nested aggregation
+        self._emptying: set[str] = set()  # namespaces whose contents are being deleted
         for name in INITIAL_NAMESPACES:
             self.create(resources.NAMESPACES, None, {"metadata": {"name": name}})
         self._bootstrap_rbac()  # upstream's bootstrap RBAC policy
@@ -202,6 +212,9 @@ class Store:
         store._held = None  # the allocations are counted again from these objects
         store._deadlines = deadlines
         store._bootstrap_rbac()  # a snapshot older than RBAC lacks them (upstream: reconciled)
+        for _, name in list(store._objects[resources.NAMESPACES.key]):
+            store._default_service_account(name)  # as the ServiceAccount controller would
+        store._aggregate()
         return store
 
     def _bootstrap_rbac(self) -> None:
@@ -210,6 +223,39 @@ class Store:
             res = resources.BY_KEY[key]
             if ("", body["metadata"]["name"]) not in self._objects[key]:
                 self.create(res, None, body)
+
+    def _default_service_account(self, namespace: str) -> None:
+        """The ServiceAccount controller's job: every namespace has a `default` one."""
+        namespaced = self._objects[resources.SERVICEACCOUNTS.key]
+        if ("", namespace) in self._objects[resources.NAMESPACES.key] and \
+                namespace not in self._emptying and \
+                (namespace, DEFAULT_SERVICE_ACCOUNT) not in namespaced:
+            self.create(resources.SERVICEACCOUNTS, namespace,
+                        {"metadata": {"name": DEFAULT_SERVICE_ACCOUNT}})
+
+    def _aggregate(self) -> None:
+        """The ClusterRole aggregation controller's job, done at once: every ClusterRole
+        with an aggregationRule holds the rules of the ClusterRoles it selects
+        (escalation.aggregated_rules); repeated until nothing changes, since an
+        aggregated role may itself be selected by another."""
+        if self._aggregating:
+            return
+        self._aggregating = True
+        try:
+            roles = self._objects[resources.CLUSTERROLES.key]
+            for _ in range(len(roles) + 1):
+                by_name = {name: obj for (_, name), obj in roles.items()}
+                stale = [(obj, rules) for obj in by_name.values()
+                         if (rules := escalation.aggregated_rules(obj, by_name)) is not None
+                         and rules != (obj.get("rules") or [])]
+                if not stale:
+                    return
+                for obj, rules in stale:
+                    new = copy.deepcopy(obj)
+                    new["rules"] = copy.deepcopy(rules)
+                    self._commit(resources.CLUSTERROLES, "MODIFIED", new, obj)
+        finally:
+            self._aggregating = False
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -356,7 +402,15 @@ class Store:
         if len(self._history) >= self.config.history:
             self._floor = self._history.popleft().rv
         self._history.append(Change(self._rv, res.key, kind, obj, prev))
-        return copy.deepcopy(obj)
+        out = copy.deepcopy(obj)
+        if res is resources.CLUSTERROLES:
+            self._aggregate()
+        elif res is resources.NAMESPACES and kind == "ADDED":
+            self._default_service_account(key[1])
+        elif (res is resources.SERVICEACCOUNTS and kind == "DELETED"
+              and key[1] == DEFAULT_SERVICE_ACCOUNT):
+            self._default_service_account(key[0])  # the controller puts it back
+        return out
 
     def _invalid(self, res: Resource, obj: Obj, causes: Causes) -> ApiError:
         return errors.invalid(res.kind, obj.get("metadata", {}).get("name", ""), causes, res.group)
@@ -523,12 +577,16 @@ class Store:
         return max(0, int(requested))
 
     def _delete_namespace_contents(self, namespace: str) -> None:
-        for res in resources.RESOURCES:
-            if not res.namespaced:
-                continue
-            for key in [k for k in self._objects[res.key] if k[0] == namespace]:
-                obj = copy.deepcopy(self._objects[res.key][key])
-                self._commit(res, "DELETED", obj, self._objects[res.key][key])
+        self._emptying.add(namespace)
+        try:
+            for res in resources.RESOURCES:
+                if not res.namespaced:
+                    continue
+                for key in [k for k in self._objects[res.key] if k[0] == namespace]:
+                    obj = copy.deepcopy(self._objects[res.key][key])
+                    self._commit(res, "DELETED", obj, self._objects[res.key][key])
+        finally:
+            self._emptying.discard(namespace)
 
     def reap(self) -> int:
         """Remove objects whose grace period is over and that have no finalizers left."""

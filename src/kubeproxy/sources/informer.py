@@ -34,6 +34,13 @@ BOOKMARK on a quiet watch about once a minute), so a quiet but healthy watch is 
 taken for a hung one; a server with a faster heartbeat (the lab's: 0.2 s) can be given a
 tighter bound.
 
+Resync (upstream's informer resync period, kube-proxy's ``configSyncPeriod``): the
+informer keeps what it last delivered of each object (its cache, as client-go's
+indexer); :meth:`Informer.resync` delivers every one of them again as an update. The
+cache is changed and the items are emitted under one lock, so a resync's updates
+never overtake an event the informer emitted before them. Who calls it, and when, is
+the consumer's business (daemon.py: every configSyncPeriod, on its own clock).
+
 Raw objects are decoded here, at the edge (:func:`to_update`): the consumer only ever
 sees model objects; an invalid one arrives as an update with ``error`` set and no object.
 ``stop()`` wakes the thread out of a quiet watch by closing its stream.
@@ -45,7 +52,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -203,6 +210,10 @@ class Informer:
         self.resource_version = ""
         self._rv_unavailable = False  # the last list got 410: next, a consistent read
         self.lists = 0  # completed lists (the first one and every relist)
+        # What was last delivered of each object (for resync); guarded by _emit_lock,
+        # which is also held while emitting, so the queue's order is the cache's.
+        self._cache: dict[NamespacedName, Update] = {}
+        self._emit_lock = threading.Lock()
         self.stalls = 0  # watches given up for showing no life within stall_timeout
 
     def start(self) -> Informer:
@@ -253,6 +264,16 @@ class Informer:
                 log.exception("%s informer failed; relisting", kind)
             self._stop.wait(self._backoff.next())
 
+    def resync(self) -> int:
+        """Deliver every object held again, as an update (in key order); how many.
+        Safe from any thread. Nothing before the first list."""
+        with self._emit_lock:
+            held = sorted(self._cache.values(), key=lambda u: u.key)
+            for update in held:
+                self._emit(replace(update, trigger_time=None) if update.trigger_time
+                           else update)
+        return len(held)
+
     def relist_resource_version(self) -> str:
         """client-go's choice: "0" first (the watch cache), then "not older than" the
         last seen, "" (a consistent read) after the list itself got 410."""
@@ -277,7 +298,9 @@ class Informer:
         updates = [u for u in converted if u is not None]
         self.resource_version = rv
         self.lists += 1
-        self._emit(Replace(res.kind, tuple(updates)))
+        with self._emit_lock:
+            self._cache = {u.key: u for u in updates}
+            self._emit(Replace(res.kind, tuple(updates)))
 
     def _update(self, obj: Obj) -> Update | None:
         update = to_update(self.resource.kind, obj)
@@ -325,7 +348,12 @@ class Informer:
                 log.warning("%s %s: metadata.name: missing; ignored", self.resource.kind,
                             object_ref(obj))
             else:
-                self._emit(update)
+                with self._emit_lock:
+                    if update.obj is None and update.error is None:
+                        self._cache.pop(update.key, None)
+                    else:
+                        self._cache[update.key] = update
+                    self._emit(update)
         if isinstance(rv, str) and rv:
             self.resource_version = rv
         self._backoff.reset()
