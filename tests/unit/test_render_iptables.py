@@ -72,7 +72,8 @@ def test_affinity_rules_precede_balancing() -> None:
 
 
 def test_the_memoized_renderer_keeps_each_services_chains() -> None:
-    """Renderer.by_service, patched per change, equals owners inverted from scratch."""
+    """Renderer.by_service and its rule counts, patched per change, equal owners
+    inverted and rules counted from scratch."""
     config = ProxyConfig(hostname="node1", cluster_cidrs=(parse_cidr("10.180.0.0/16", "t"),))
     memo, cache = Renderer(), NodeViewCache(config, 4)
     steps = [feature_cluster(), feature_cluster(endpoints_svc2=1),
@@ -85,4 +86,8 @@ def test_the_memoized_renderer_keeps_each_services_chains() -> None:
         scratch = Ruleset(got.family, got.tables, got.jumps, dict(got.owners))
         assert got.by_service is not None
         assert got.services() == scratch.services() and got.services()
+        # Its rule counts, kept as it went, are what the tables hold.
+        assert got.rules and all(got.rule_count(t) == scratch.rule_count(t)
+                                 == sum(map(len, got.tables[t].values())) > 0
+                                 for t in ("filter", "nat"))
         changed = frozenset(s.ref for s in cluster.services) | set(got.services())

@@ -347,8 +347,9 @@ class IptablesDataPlane:
             if not full and not body and not dead and not edits:
                 continue
             # Declared, never written: the canary, and any jump target without rules.
-            empty = sorted({KUBE_PROXY_CANARY} | {j[2] for j in ruleset.jumps
-                                                  if j[0] == table} - set(chains))
+            empty = sorted(c for c in {KUBE_PROXY_CANARY, *(j[2] for j in ruleset.jumps
+                                                            if j[0] == table)}
+                           if c not in chains)
             out.append(f"*{table}")
             out.extend(f":{c} - [0:0]" for c in [*body, *empty, *dead])
             written = 0

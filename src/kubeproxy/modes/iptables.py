@@ -98,7 +98,7 @@ class DataPlane:
                     self.runner, family, self.backend, self.watch)
             stats = plane.sync(ruleset, changed)
             self.counts[family] = {
-                t: (sum(map(len, ruleset.tables[t].values())), stats.rules_by_table.get(t, 0))
+                t: (ruleset.rule_count(t), stats.rules_by_table.get(t, 0))
                 for t in ("filter", "nat")}
 
     def intact(self) -> bool:
