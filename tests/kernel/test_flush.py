@@ -149,14 +149,14 @@ def test_flushed_rules_are_restored(lab: Lab, mode: str) -> None:
         for command in case.commands:
             argv = [ipt if word == "IPT" else word for word in command]
             assert lab.exec("node-1", argv) == 0, f"{case.name}: {argv} failed"
-        broken = node_rules(lab, save)
         restored = eventually(lambda: node_rules(lab, save) == before,
                               RESTORE_DEADLINE)
         assert restored is not None, (f"{case.name}: not restored within "
                                       f"{RESTORE_DEADLINE}s\n{proxy_log(lab)[-3000:]}")
         times.append((case.name, restored - started))
-        assert broken != before or case.name.endswith("CANARY"), \
-            f"{case.name}: the command did not change the rules"
+        # The proxy saw the damage (a command that changed nothing warns of nothing).
+        # What the kernel held in between is not compared: a check right after the
+        # commands repairs it within ~0.1 s, faster than a read could be sure to see.
         def warned_again(before: int = warnings) -> bool:
             return proxy_log(lab).count(WARNING) > before
 

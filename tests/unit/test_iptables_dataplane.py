@@ -420,7 +420,11 @@ def test_damage_reads_the_tables_only_when_the_fingerprint_moved(backend: Backen
     assert fake.run([f"iptables-{backend}", "-w", *case.args]).returncode == 0
     n = len(fake.calls)
     found = plane.damage()
-    assert saves(fake, n) == ["mangle", "filter", "nat"][:len(saves(fake, n))]
+    read = saves(fake, n)
+    if backend == "legacy":  # a fingerprint per table: only the one that moved is read
+        assert read == [case.args[1]]
+    else:  # one generation for all: read in order, up to the first damage found
+        assert read and read == ["mangle", "filter", "nat"][:len(read)]
     if case.found is None:
         assert found is None
         n = len(fake.calls)

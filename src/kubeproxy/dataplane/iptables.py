@@ -29,7 +29,9 @@ services: reading the nat table back costs ~0.9 s on the legacy backend at that 
 tables are not read while a cheap *fingerprint* (:class:`Watch`) is unchanged since our
 last write: the x_tables GET_INFO of mangle, filter and nat (entry count and size, a
 getsockopt without the rules) on legacy, the nf_tables generation id on nft. When it
-moved, one ``iptables-save -t TABLE`` per table checks what we wrote: the
+moved, one ``iptables-save -t TABLE`` per table that moved (on legacy, someone else's
+write to filter does not make us read nat; nft has one id for all) checks what we
+wrote: the
 KUBE-PROXY-CANARY chain of each table (upstream's canary), the rule count of each
 top-level chain (``-F KUBE-SERVICES``), the jumps from the builtin chains (``-t nat -F``).
 If all is there the change was someone else's and the new fingerprint is accepted.
@@ -49,7 +51,7 @@ import os
 import re
 import shlex
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -118,11 +120,15 @@ class SyncStats:
     rules_by_table: dict[str, int] = field(default_factory=dict)  # written, per table
 
 
-class Watch(Protocol):
-    """A cheap fingerprint of a family's tables on one backend: equal fingerprints mean
-    nothing was written in between (:class:`KernelWatch`; the fake kernel is its own)."""
+Fingerprint = Mapping[str, object]  # table (CANARY_TABLES) -> what moves when it is written
 
-    def fingerprint(self, family: int, backend: Backend) -> object:
+
+class Watch(Protocol):
+    """A cheap fingerprint of a family's tables on one backend, per table: an equal one
+    means that table was not written in between (:class:`KernelWatch`; the fake kernel
+    is its own). Where the backend has one counter for all (nft), every table has it."""
+
+    def fingerprint(self, family: int, backend: Backend) -> Fingerprint:
         """Raises DataPlaneError when it cannot be read."""
 
 
@@ -141,15 +147,16 @@ class KernelWatch:
             self._netns.append(find_netns(self.runner))
         return self._netns[0]
 
-    def fingerprint(self, family: int, backend: Backend) -> object:
+    def fingerprint(self, family: int, backend: Backend) -> Fingerprint:
         if backend == "nft":
             if self._nft is None:
                 self._nft = NetlinkTransport(self._where())
-            return self._nft.generation()
+            generation = self._nft.generation()
+            return dict.fromkeys(CANARY_TABLES, generation)
         sock = self._sockets.get(family)
         if sock is None:
             sock = self._sockets[family] = self._open(family)
-        return tuple(_xt_info(sock, family, table) for table in CANARY_TABLES)
+        return {table: _xt_info(sock, family, table) for table in CANARY_TABLES}
 
     def _open(self, family: int) -> socket.socket:
         af = socket.AF_INET if family == 4 else socket.AF_INET6
@@ -209,7 +216,7 @@ class Written:
 
     rules: dict[tuple[str, str], int]  # (table, top-level chain) -> rule count
     jumps: tuple[tuple[str, str, str], ...]  # (table, builtin chain, our chain)
-    fingerprint: object  # the watch's, right after the sync; None without a watch
+    fingerprint: Fingerprint | None  # the watch's, right after the sync; None without one
 
 
 @dataclass
@@ -277,7 +284,7 @@ class IptablesDataPlane:
             tuple(j[:3] for j in ruleset.jumps), self._fingerprint())
         return stats
 
-    def _fingerprint(self) -> object:
+    def _fingerprint(self) -> Fingerprint | None:
         return None if self.watch is None else self.watch.fingerprint(self.family,
                                                                       self.backend)
 
@@ -293,15 +300,20 @@ class IptablesDataPlane:
             now = None  # cannot tell: read the tables
         if now is not None and now == last.fingerprint:
             return None
-        found = self._check(last)
+        # Only the tables that moved are read (on legacy, someone else's write to filter
+        # does not cost a read of our 100,000-rule nat table).
+        was = last.fingerprint
+        tables = CANARY_TABLES if now is None or was is None else tuple(
+            t for t in CANARY_TABLES if now.get(t) != was.get(t))
+        found = self._check(last, tables)
         if found is None and now is not None:
             self.last = replace(last, fingerprint=now)  # someone else's change
         return found
 
-    def _check(self, last: Written) -> str | None:
-        """Read each table once and compare with ``last``."""
+    def _check(self, last: Written, tables: Iterable[str]) -> str | None:
+        """Read each of ``tables`` once and compare with ``last``."""
         name = f"IPv{self.family} {self.backend}"
-        for table in CANARY_TABLES:
+        for table in tables:
             res = self.runner.run([self._bins[1], "-t", table])
             text = "\n" + res.stdout if res.returncode == 0 else ""
             if f"\n:{KUBE_PROXY_CANARY} " not in text:

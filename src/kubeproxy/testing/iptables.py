@@ -165,11 +165,16 @@ class FakeIptables:
         self.sysctls: dict[str, str] = {}
         self._tables: dict[tuple[Backend, int], dict[str, Table]] = {}
         self._failures: dict[str, Result] = {}
-        self._writes: dict[tuple[Backend, int], int] = {}
+        self._writes: dict[tuple[Backend, int, str], int] = {}
 
-    def fingerprint(self, family: int, backend: Backend) -> object:
-        """Moves with every write to a table of this family and backend."""
-        return self._writes.get((backend, family), 0)
+    def fingerprint(self, family: int, backend: Backend) -> dict[str, object]:
+        """Per table, what moves with every write to it (legacy: x_tables counts per
+        table); on nft one generation counter moves with a write to any table."""
+        tables = ("mangle", "filter", "nat")
+        writes = {t: self._writes.get((backend, family, t), 0) for t in tables}
+        if backend == "nft":
+            return dict.fromkeys(tables, sum(writes.values()))
+        return dict(writes)
 
     # -- inspection, for tests ---------------------------------------------------------
 
@@ -248,8 +253,8 @@ class FakeIptables:
 
     def _store(self, tool: _Tool, table: Table) -> None:
         self._tables.setdefault((tool.backend, tool.family), {})[table.name] = table
-        self._writes[(tool.backend, tool.family)] = self._writes.get(
-            (tool.backend, tool.family), 0) + 1
+        key = (tool.backend, tool.family, table.name)
+        self._writes[key] = self._writes.get(key, 0) + 1
 
     # -- sysctl, iptables-save ----------------------------------------------------------
 
