@@ -1,4 +1,4 @@
-"""Partial syncs edit large top-level chains in place; the kernel ends with the render.
+"""Syncs write what differs; the kernel ends with the render.
 
 A partial sync turns KUBE-SERVICES (and the other top-level chains) into the new
 render with ``-D`` and positional ``-I`` lines instead of rewriting the chain
@@ -6,7 +6,9 @@ render with ``-D`` and positional ``-I`` lines instead of rewriting the chain
 to one to three of its services (appearing and going, endpoints coming and going,
 types and policies changing); after each partial sync, what ``iptables-save`` reads
 back must equal the render, order included, on both backends. A fixed sequence checks
-that single changes are sent as edits.
+that single changes are sent as edits. Full syncs compare with what the kernel holds
+and write the difference: nothing after a restart, the damaged chains after damage
+from outside.
 """
 
 from __future__ import annotations
@@ -171,3 +173,34 @@ def test_single_changes_are_edits(netns: str) -> None:
         # leaves nat as it is (only filter's REJECT goes).
         assert edited == 2
         plane.cleanup()
+
+
+@pytest.mark.parametrize("backend", ["legacy", "nft"])
+def test_full_syncs_write_what_differs_from_the_kernel(netns: str, backend: Backend) -> None:
+    """A restarted proxy with its rules intact writes nothing to filter and nat; after
+    damage from outside, a full sync writes the damaged chains and the kernel holds the
+    render again."""
+    runner = Recording(netns)
+    ruleset = rules(tuple(Spec(2, "NodePort", i % 2 == 0) for i in range(SERVICES)))
+    IptablesDataPlane(runner, 4, backend).sync(ruleset)
+    runner.payloads.clear()
+    IptablesDataPlane(runner, 4, backend).sync(ruleset)  # a restart
+    (payload,) = runner.payloads
+    assert "*nat" not in payload and "*filter" not in payload, payload
+    ipt = ["ip", "netns", "exec", netns, f"iptables-{backend}", "-w"]
+    for damage in (["-t", "nat", "-F", "KUBE-SERVICES"], ["-t", "nat", "-F"],
+                   ["-t", "filter", "-F"], ["-t", "nat", "-D", "KUBE-MARK-MASQ", "1"]):
+        subprocess.run([*ipt, *damage], check=True)
+        runner.payloads.clear()
+        IptablesDataPlane(runner, 4, backend).sync(ruleset)
+        (payload,) = runner.payloads
+        got = readback(runner, backend)
+        for table in ("filter", "nat"):
+            want = [line for line in ruleset.save_text(tables=(table,)).splitlines()
+                    if line.startswith((":", "-A"))]
+            assert got[table] == want, f"{table} after {damage}"
+        if damage[-1] == "KUBE-SERVICES":  # only it is written, not the other 100 chains
+            nat = payload[payload.index("*nat"):]
+            assert [line for line in nat.splitlines() if line.startswith(":")] == [
+                ":KUBE-SERVICES - [0:0]"], payload
+    IptablesDataPlane(runner, 4, backend).cleanup()

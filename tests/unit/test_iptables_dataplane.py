@@ -17,7 +17,13 @@ import pytest
 
 from kubeproxy.config import ProxyConfig
 from kubeproxy.dataplane.base import DataPlaneError
-from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane, detect_backend, edit
+from kubeproxy.dataplane.iptables import (
+    Backend,
+    IptablesDataPlane,
+    detect_backend,
+    edit,
+    is_ours,
+)
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Family, NamespacedName, parse_cidr
 from kubeproxy.nodeview import build_node_view
@@ -146,7 +152,9 @@ def test_first_full_sync_removes_stale_chains_of_a_previous_process(backend: Bac
 
     stale = {"KUBE-SVC-STALESTALESTALE", "KUBE-SEP-STALESTALESTALE"} | owned(big, SVC3)
     assert deleted(nat) == stale
-    assert service_chains(declared(nat)) == set(small.owners) | stale
+    # What the kernel already holds as rendered (svc1's and svc2's chains) is not
+    # written again: the full sync compares and writes the difference.
+    assert service_chains(declared(nat)) == stale and not service_chains(written(nat))
     readback = tables(fresh.save())
     assert ":OTHER-CHAIN - [0:0]" in readback["nat"]
     readback["nat"].remove(":OTHER-CHAIN - [0:0]")
@@ -283,12 +291,15 @@ def test_failed_restore_keeps_the_rules_and_forces_a_full_sync(case: Failure,
     assert fake.snapshot() == before
     assert plane.needs_full
 
-    # The next sync, though asked to be partial, rewrites every service.
+    # The next sync, though asked to be partial, is full: it compares every chain
+    # with the kernel and writes those that differ (svc2's), whatever was asked.
     after = rules_for(feature_cluster(endpoints_svc2=1))
     n = len(fake.restores())
-    plane.sync(after, {SVC2})
+    plane.sync(after, {SVC1})
     nat = last_restore(fake, n)["nat"]
-    assert service_chains(written(nat)) == set(after.owners)
+    differ = {c for c in after.owners if good.tables["nat"].get(c) != after.tables["nat"][c]}
+    assert differ and differ <= owned(after, SVC2)
+    assert service_chains(written(nat)) == differ
     assert deleted(nat) == set(good.owners) - set(after.owners) != set()
     assert tables(plane.save()) == tables(after.save_text(tables=("filter", "nat")))
     assert not plane.needs_full
@@ -489,3 +500,48 @@ def test_partial_sync_edits_kube_services_in_place(backend: Backend) -> None:
     nat = restore[restore.index("*nat"):]
     assert ":KUBE-SERVICES " not in nat and "\n-D KUBE-SERVICES " in nat
     assert tables(plane.save()) == tables(after.save_text(tables=("filter", "nat")))
+
+
+# -- full syncs write what differs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_sync_of_intact_rules_leaves_filter_and_nat_alone(backend: Backend) -> None:
+    """The hourly full sync, or a restart, with the kernel holding the render: only the
+    (small) mangle canary is declared; the 10,000-rule nat table is not rewritten."""
+    fake = FakeIptables()
+    ruleset = rules_for(feature_cluster())
+    IptablesDataPlane(fake, 4, backend).sync(ruleset)
+    n = len(fake.restores())
+    IptablesDataPlane(fake, 4, backend).sync(ruleset)
+    assert set(last_restore(fake, n)) == {"mangle"}
+    assert tables(fake.save_text(backend=backend)) == tables(ruleset.save_text())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("outside", [
+    ("-t", "nat", "-F", "KUBE-SERVICES"),
+    ("-t", "nat", "-F"),
+    ("-t", "nat", "-D", "KUBE-MARK-MASQ", "-j", "MARK", "--set-xmark", "0x4000/0x4000"),
+], ids=["flush KUBE-SERVICES", "flush nat", "delete a rule"])
+def test_a_repair_writes_what_was_damaged_and_reads_nothing_again(
+        backend: Backend, outside: tuple[str, ...]) -> None:
+    """damage() reads the table that moved; the full sync that follows reuses that read
+    (its fingerprint has not moved) and writes only the chains that differ."""
+    fake = FakeIptables()
+    ruleset = rules_for(feature_cluster())
+    plane = IptablesDataPlane(fake, 4, backend, watch=fake)
+    plane.sync(ruleset)
+    kernel = fake.chains("nat", backend=backend)
+    assert fake.run([f"iptables-{backend}", "-w", *outside]).returncode == 0
+    damaged = {c for c, rules in fake.chains("nat", backend=backend).items()
+               if rules != kernel[c] and is_ours(c)}  # builtin chains: their jumps
+    assert damaged and plane.damage() is not None
+    n, reads = len(fake.restores()), len(fake.calls)
+    plane.sync(ruleset)
+    assert [argv[-1] for argv, _ in fake.calls[reads:] if argv[0].endswith("-save")] == \
+        (["filter"] if backend == "legacy" else []), "nat is not read twice"
+    nat = last_restore(fake, n)["nat"]
+    assert written(nat) | declared(nat) >= damaged - {"KUBE-PROXY-CANARY"}
+    assert {c for c in written(nat) if c in kernel} <= damaged
+    assert tables(fake.save_text(backend=backend)) == tables(ruleset.save_text())

@@ -51,6 +51,7 @@ import os
 import re
 import shlex
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -203,6 +204,38 @@ def _xt_info(sock: socket.socket, family: int, table: str) -> bytes | None:
     return buf.raw[32:]
 
 
+SEEN_FOR = 10.0  # seconds a table damage() read stands for what the kernel holds
+
+
+@dataclass(frozen=True)
+class Held:
+    """What the kernel holds, per table: chain -> its rules, and the set of rule lines."""
+
+    chains: dict[str, dict[str, list[str]]]
+    rules: dict[str, set[str]]
+
+
+def _parse_save(text: str) -> tuple[dict[str, list[str]], set[str]]:
+    """iptables-save text of one table -> (chain -> its rules, every rule line)."""
+    chains: dict[str, list[str]] = {}
+    lines = text.splitlines()
+    for line in lines:
+        if line.startswith(":"):
+            chains[line[1:line.index(" ")] if " " in line else line[1:]] = []
+        elif line.startswith("-A "):
+            end = line.find(" ", 3)
+            chains.setdefault(line[3:end if end > 0 else len(line)], []).append(line)
+    return chains, {line for line in lines if line.startswith("-A ")}
+
+
+def _declared(ruleset: Ruleset, table: str) -> set[str]:
+    """Chains of ``table`` that must exist without rules of their own: the canary, and
+    any jump target the ruleset has no rules for."""
+    chains = ruleset.tables[table]
+    return {c for c in (KUBE_PROXY_CANARY, *(j[2] for j in ruleset.jumps if j[0] == table))
+            if c not in chains}
+
+
 def _tops(ruleset: Ruleset) -> list[tuple[str, str]]:
     """(table, chain) of the top-level chains the ruleset has (named, not searched for
     among the 100,000 per-service chains)."""
@@ -234,6 +267,9 @@ class IptablesDataPlane:
     # The top-level chains' rules as last written: a partial sync leaves out those that
     # did not change (most changes only touch one service's own chains).
     tops: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # Tables damage() read: table -> (its fingerprint then, the text, when), so that the
+    # full sync repairing what it found need not read them again.
+    _seen: dict[str, tuple[object, str, float]] = field(default_factory=dict)
 
     @property
     def _bins(self) -> tuple[str, str, str]:
@@ -241,26 +277,44 @@ class IptablesDataPlane:
 
     def sync(self, ruleset: Ruleset, changed: Iterable[NamespacedName] | None = None
              ) -> SyncStats:
-        """Apply ``ruleset``; only the chains of ``changed`` services unless None (full)."""
+        """Apply ``ruleset``; only the chains of ``changed`` services unless None (full).
+
+        A full sync reads what the kernel holds and writes what differs from the
+        ruleset: every chain whose rules differ (a flushed KUBE-SERVICES, a chain
+        missing), ``-X`` for per-service chains nobody wants, the canaries and jumps
+        that are missing. With nothing else changed it leaves the large nat table alone
+        (a legacy kernel rewrites a table named in a restore: ~1.5 s at 10,000
+        services), so an hourly full sync, a restart and a repair cost what they
+        change. Rules are compared in iptables-save's spelling, which is how they are
+        rendered (tests/kernel/test_iptables_dataplane.py reads them back)."""
         full = changed is None or self.needs_full
         self.needs_full = True  # until this sync succeeds
         jumps: list[tuple[str, str, str, str]] = []
+        missing: dict[str, set[str]] | None = None  # full: chains to create
+        tops = self.tops
         if full:
-            existing, rules = self._existing()
-            write = set(ruleset.owners)
-            stale = existing - write
+            kernel = self._kernel()
+            nat = ruleset.tables["nat"]
+            held = kernel.chains["nat"]
+            write = {c for c in ruleset.owners if held.get(c) != nat[c]}
+            stale = {c for c in held
+                     if c.startswith(SERVICE_CHAIN_PREFIXES) and c not in ruleset.owners}
+            tops = {(t, c): kernel.chains[t][c] for t, c in _tops(ruleset)
+                    if c in kernel.chains[t]}
             # The jumps from builtin chains into ours, where missing, go in the same
             # restore. Partial syncs do not look: a `-C` costs a read of the whole table
             # (1 s for nat at 10,000 services on legacy), and a jump removed from outside
             # is found by flush detection (damage), which makes the next sync full.
-            jumps = [j for j in ruleset.jumps if jump_rule(j) not in rules[j[0]]]
+            jumps = [j for j in ruleset.jumps if jump_rule(j) not in kernel.rules[j[0]]]
+            missing = {t: {c for c in _declared(ruleset, t) if c not in kernel.chains[t]}
+                       for t in ("filter", "nat")}
         else:
             assert changed is not None
             services = set(changed)
             write = {c for svc in services for c in ruleset.chains_of(svc)}
             stale = {c for svc in services for c in self.written_by_service.get(svc, ())
                      if c not in ruleset.owners}
-        payload, stats = self._payload(ruleset, write, stale, jumps, full)
+        payload, stats = self._payload(ruleset, write, stale, jumps, tops, missing)
         if payload:
             check(self.runner, [self._bins[2], "-w", "--noflush", "--counters"], payload)
         if full and any(j[2] == KUBE_FIREWALL for j in ruleset.jumps):
@@ -305,16 +359,20 @@ class IptablesDataPlane:
         was = last.fingerprint
         tables = CANARY_TABLES if now is None or was is None else tuple(
             t for t in CANARY_TABLES if now.get(t) != was.get(t))
-        found = self._check(last, tables)
+        found = self._check(last, tables, now)
         if found is None and now is not None:
             self.last = replace(last, fingerprint=now)  # someone else's change
         return found
 
-    def _check(self, last: Written, tables: Iterable[str]) -> str | None:
-        """Read each of ``tables`` once and compare with ``last``."""
+    def _check(self, last: Written, tables: Iterable[str], now: Fingerprint | None
+               ) -> str | None:
+        """Read each of ``tables`` once and compare with ``last``; keep what was read
+        under the fingerprint ``now`` for the repair (_kernel)."""
         name = f"IPv{self.family} {self.backend}"
         for table in tables:
             res = self.runner.run([self._bins[1], "-t", table])
+            if res.returncode == 0 and now is not None:
+                self._seen[table] = (now.get(table), res.stdout, time.monotonic())
             text = "\n" + res.stdout if res.returncode == 0 else ""
             if f"\n:{KUBE_PROXY_CANARY} " not in text:
                 return f"iptables ({name}) {table} table: chain {KUBE_PROXY_CANARY} is gone"
@@ -332,36 +390,40 @@ class IptablesDataPlane:
         return None
 
     def _payload(self, ruleset: Ruleset, write: set[str], stale: set[str],
-                 jumps: list[tuple[str, str, str, str]], full: bool
-                 ) -> tuple[str, SyncStats]:
-        """The restore input. A full one writes every top-level chain and the canaries;
-        a partial one only the changed services' chains and the top-level chains whose
-        rules differ from what was last written (edited in place where that is shorter:
-        :func:`edit`), and leaves out a table with nothing to
-        write (with ``--noflush`` what is not named stays as it is; a legacy kernel
-        rewrites every table named, ~1 s for nat at 10,000 services). Empty: nothing."""
+                 jumps: list[tuple[str, str, str, str]], tops: dict[tuple[str, str], list[str]],
+                 missing: dict[str, set[str]] | None) -> tuple[str, SyncStats]:
+        """The restore input: the chains in ``write`` and ``stale`` (``-X``), the
+        top-level chains whose rules differ from ``tops`` (what the kernel holds: as
+        last written, or as read on a full sync; edited in place where that is shorter:
+        :func:`edit`), and ``jumps``. A full sync (``missing`` given) also declares the
+        mangle canary and, per table, the empty chains the kernel lacks; a partial one
+        declares the empty chains of each table it writes. A table with nothing to
+        write is left out (with ``--noflush`` what is not named stays as it is; a
+        legacy kernel rewrites every table named, ~1.5 s for nat at 10,000 services).
+        Empty: nothing to do."""
         stats = SyncStats(chains_deleted=len(stale))
-        out = ["*mangle", f":{KUBE_PROXY_CANARY} - [0:0]", "COMMIT"] if full else []
+        out = [] if missing is None else ["*mangle", f":{KUBE_PROXY_CANARY} - [0:0]", "COMMIT"]
         for table in ("filter", "nat"):
             chains = ruleset.tables[table]
             top, edits = [], []
             for t, c in _tops(ruleset):
-                old = self.tops.get((t, c))
-                if t != table or (not full and old == chains[c]):
+                old = tops.get((t, c))
+                if t != table or old == chains[c]:
                     continue
-                lines = None if full or old is None else edit(c, old, chains[c])
+                lines = None if old is None else edit(c, old, chains[c])
                 if lines is None:
                     top.append(c)
                 else:
                     edits.append(lines)
             body = top + (sorted(write) if table == "nat" else [])
             dead = sorted(stale) if table == "nat" else []
-            if not full and not body and not dead and not edits:
-                continue
+            new_jumps = [j for j in jumps if j[0] == table]
             # Declared, never written: the canary, and any jump target without rules.
-            empty = sorted(c for c in {KUBE_PROXY_CANARY, *(j[2] for j in ruleset.jumps
-                                                            if j[0] == table)}
-                           if c not in chains)
+            empty = sorted((_declared(ruleset, table) if missing is None else missing[table])
+                           - set(body))
+            if not body and not dead and not edits and not new_jumps \
+                    and (missing is None or not empty):
+                continue
             out.append(f"*{table}")
             out.extend(f":{c} - [0:0]" for c in [*body, *empty, *dead])
             written = 0
@@ -375,7 +437,7 @@ class IptablesDataPlane:
             stats.rules_by_table[table] = written
             # Missing jumps at the top of their builtin chain, last first: table order.
             out.extend("-I " + jump_rule(j)[len("-A "):].replace(" ", " 1 ", 1)
-                       for j in reversed(jumps) if j[0] == table)
+                       for j in reversed(new_jumps))
             out.extend(f"-X {c}" for c in dead)
             out.append("COMMIT")
             stats.chains_written += len(body) + len(edits)
@@ -383,18 +445,25 @@ class IptablesDataPlane:
         stats.bytes = len(text)
         return text, stats
 
-    def _existing(self) -> tuple[set[str], dict[str, set[str]]]:
-        """Our per-service chains in nat, and every rule line of filter and nat."""
-        rules: dict[str, set[str]] = {}
-        chains: set[str] = set()
+    def _kernel(self) -> Held:
+        """What filter and nat hold now: every chain's rules, and every rule line. A
+        table damage() read moments ago is not read again if its fingerprint has not
+        moved since (a repair right after a flush at 10,000 services saves ~1 s)."""
+        try:
+            now = self._fingerprint()
+        except DataPlaneError:
+            now = None
+        held = Held({}, {})
         for table in ("filter", "nat"):
-            text = check(self.runner, [self._bins[1], "-t", table])
-            rules[table] = {line for line in text.splitlines() if line.startswith("-A ")}
-            if table == "nat":
-                chains = {m.group(1) for line in text.splitlines()
-                          if (m := _CHAIN_LINE.match(line))
-                          and m.group(1).startswith(SERVICE_CHAIN_PREFIXES)}
-        return chains, rules
+            seen = self._seen.get(table)
+            if seen is not None and now is not None and seen[0] == now.get(table) \
+                    and time.monotonic() - seen[2] < SEEN_FOR:
+                text = seen[1]
+            else:
+                text = check(self.runner, [self._bins[1], "-t", table])
+            held.chains[table], held.rules[table] = _parse_save(text)
+        self._seen.clear()
+        return held
 
     def save(self) -> str:
         """What the kernel holds now (iptables-save of filter and nat)."""
