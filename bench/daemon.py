@@ -59,6 +59,7 @@ NODE_IP = "192.168.0.2"
 LISTENER = "10.200.0.1"  # a real endpoint: a TCP listener on an address in the netns
 API_PORT = 6443
 ENDPOINTS = 10
+BACKLOG = 65535  # the listener's accept queue (the namespace's somaxconn is raised to it)
 PROBE_TIMEOUT = 0.025  # seconds a connect may take to count as "ok"/"refused"
 START_TIMEOUT = 900.0  # seconds for the daemon's first full sync
 Obj = dict[str, Any]
@@ -112,6 +113,9 @@ def namespace() -> Iterator[str]:
         # A node has a default route: the route lookup before DNAT needs one for a
         # ClusterIP. It leads nowhere (the peer is in this namespace and answers no ARP).
         sh("ip", "-n", name, "route", "add", "default", "dev", "eth0")
+        # Room for every probe's connection until the listener accepts it: a full
+        # accept queue drops SYNs, which a probe would take for "no rule".
+        sh("ip", "netns", "exec", name, "sysctl", "-q", "-w", f"net.core.somaxconn={BACKLOG}")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
@@ -119,7 +123,7 @@ def namespace() -> Iterator[str]:
 
 def serve(ns: str) -> socket.socket:
     """A listener on LISTENER:8080 inside the namespace that accepts and closes."""
-    sock = call_in_netns(ns, lambda: socket.create_server((LISTENER, 8080), backlog=512))
+    sock = call_in_netns(ns, lambda: socket.create_server((LISTENER, 8080), backlog=BACKLOG))
 
     def loop() -> None:
         while True:

@@ -35,13 +35,16 @@ class Proxier:
         self.views: dict[Family, NodeViewCache] = {}
         self.render = mode.renderer()
 
-    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None, *,
+             write_all: bool = False) -> SyncReport:
+        """Recompute the views of the ``changed`` services (all: None) and write them,
+        or everything with ``write_all`` (sync.Syncer)."""
         families = sorted(self.families | set(self._families(cluster, changed)))
         with paused_gc():
             caches = [self._cache(f) for f in families]
             views = {c.family: c.build(cluster, changed) for c in caches}
             ruleset = self.render(list(views.values()))
-        self.plane.sync(ruleset, changed)
+        self.plane.sync(ruleset, None if write_all else changed)
         self.families.update(families)
         return SyncReport(no_local={c.family: c.no_local for c in caches}, views=views)
 

@@ -7,6 +7,21 @@ and another test session's labs are never touched. The session ends by failing i
 ``kpl-`` namespace, a lab process (pod server, agent, a lab's API server or proxy), a
 lab cgroup (``kpl-<lab>``, socket-LB modes) or a lab file of this session's labs is still
 there after it (they are removed, then reported).
+
+``KUBEPROXY_TEST_PROXIES`` (issue 11's "done when") changes where a test lab's proxies
+come from, for every lab ``make_lab`` brings up with proxies (the default):
+
+- unset or ``lab``: the lab's own ``kubeproxy run`` per node;
+- ``deploy``: ``lab up --no-proxy``, then the unmodified deploy/ manifests applied with
+  real kubectl, the ConfigMap's ``mode`` set to the test's mode;
+- ``kubeadm``: the same with kubeadm's own ConfigMap
+  (tests/unit/data/kubeadm-kube-proxy-configmap.yaml, its kubeconfig.conf naming the
+  API server as a lab node reaches it) in place of deploy/'s.
+
+``make_lab`` returns once every node's DaemonSet Pod runs and its proxy has synced
+(kubeproxy.lab.deploy.wait_until_served). A lab option no configuration field carries
+(``lb_algorithm``) becomes this project's flag on the DaemonSet's command. Modules that
+drive the lab's own proxy processes (``OWN_PROXIES``) skip under the switch, saying why.
 """
 
 from __future__ import annotations
@@ -19,7 +34,8 @@ import shutil
 import string
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +44,7 @@ import pytest
 from kubeproxy import modes
 from kubeproxy.dataplane.base import SubprocessRunner
 from kubeproxy.lab import cgroups
+from kubeproxy.lab import deploy as lab_deploy
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import python_env
@@ -45,6 +62,14 @@ def skip_reason() -> str | None:
     if not _core_runs("run", "--help"):
         return "the core's `python -m kubeproxy run` (the proxy daemon) is not available"
     return None
+
+
+def kubectl_skip_reason() -> str | None:
+    """Why a test that drives a lab with real kubectl cannot run here, or None."""
+    reason = skip_reason()
+    if reason is None and not KUBECTL.exists():
+        reason = f"{KUBECTL} is not installed"
+    return reason
 
 
 def _core_runs(*argv: str) -> bool:
@@ -79,6 +104,20 @@ def mode_tag(mode: str) -> str:
 
 MakeLab = Callable[..., Lab]
 
+
+def lab_yaml(nodes: Sequence[str], pods: Sequence[tuple[str, str, str | None, int | None]]
+             ) -> str:  # fmt: skip
+    """A test lab's Nodes and Pods: each pod (name, node, app label or None, the port it
+    serves or None), in YAML. Services and the rest are appended by the test."""
+    docs = [f"kind: Node\nmetadata: {{name: {node}}}\n" for node in nodes]
+    for name, node, app, port in pods:
+        labels = f", labels: {{app: {app}}}" if app else ""
+        ports = f", ports: [{{containerPort: {port}}}]" if port else ""
+        docs.append(f"kind: Pod\nmetadata: {{name: {name}{labels}}}\n"
+                    f"spec: {{nodeName: {node}, containers: [{{name: c{ports}}}]}}\n")
+    return "---\n".join(docs)
+
+
 # Test labs are named kt<what><mode><session>: the session suffix keeps two test sessions
 # on one machine (several people work here) from taking down each other's labs, and lets
 # the leftover check below look at this session's labs only.
@@ -91,15 +130,87 @@ def session_lab(name: str) -> str:
     return name + SESSION
 
 
-@pytest.fixture(scope="module")
-def make_lab() -> Iterator[MakeLab]:
-    """make_lab(name, yaml_text, **UpOptions) -> a running Lab, downed after the module."""
-    labs: list[Lab] = []
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBEADM_CM = ROOT / "tests" / "unit" / "data" / "kubeadm-kube-proxy-configmap.yaml"
+KUBECTL = Path("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
+PROXIES_ENV = "KUBEPROXY_TEST_PROXIES"
+PROXY_SOURCES = ("lab", "deploy", "kubeadm")  # where a test lab's proxies come from
 
-    def make(name: str, text: str, **options: Any) -> Lab:
+# Modules that drive the lab's own proxy processes, which a lab served by deploy/ has
+# not: they skip under KUBEPROXY_TEST_PROXIES=deploy|kubeadm, with this reason.
+OWN_PROXIES = {
+    "test_lab_faults": "restarts the lab's own proxies (Lab.restart_proxies)",
+    "test_flush": "reads the lab's own proxy log (logs/proxy-node-1.log)",
+}
+
+
+def proxy_source() -> str:
+    """KUBEPROXY_TEST_PROXIES: where this session's test labs get their proxies."""
+    value = os.environ.get(PROXIES_ENV) or "lab"
+    if value not in PROXY_SOURCES:
+        raise pytest.UsageError(f"{PROXIES_ENV}={value!r}: one of {', '.join(PROXY_SOURCES)}")
+    return value
+
+
+def kubectl(lab: Lab, *args: str, stdin: str | None = None) -> str:
+    """Real kubectl (1.33) against the lab's kubeconfig; asserts it succeeded."""
+    done = subprocess.run([str(KUBECTL), "--kubeconfig", str(lab.kubeconfig), *args],
+                          input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def deploy_documents(source: str, mode: str, lb_algorithm: str) -> list[Any]:
+    """deploy/ as the switch gives it to a lab: ``mode`` in the ConfigMap (kubeadm's
+    for ``kubeadm``), a non-default load-balancing algorithm as our flag."""
+    docs = lab_deploy.manifests(DEPLOY)
+    if source == "kubeadm":
+        docs = lab_deploy.with_configmap(docs, lab_deploy.kubeadm_configmap(KUBEADM_CM))
+    docs = lab_deploy.with_config(docs, mode=mode)
+    if lb_algorithm != UpOptions.lb_algorithm:
+        docs = lab_deploy.with_args(docs, [f"--lb-algorithm={lb_algorithm}"])
+    return docs
+
+
+def _serve_from_deploy(lab: Lab, source: str, options: UpOptions) -> None:
+    kubectl(lab, "apply", "-f", "-",
+            stdin=lab_deploy.dump(deploy_documents(source, options.mode, options.lb_algorithm)))
+    lab_deploy.wait_until_served(lab)
+
+
+def _skip_under_switch(module: str, options: UpOptions) -> None:
+    """Skip (with the reason) what a lab served by deploy/ cannot run."""
+    if module in OWN_PROXIES:
+        pytest.skip(f"{PROXIES_ENV}={proxy_source()}: {module} {OWN_PROXIES[module]}")
+    if modes.get(options.mode).needs_cgroup:
+        pytest.skip(f"{PROXIES_ENV}={proxy_source()}: {options.mode} mode's proxy needs the "
+                    "lab's per-node cgroup flags, which a DaemonSet's one template lacks")
+    if not KUBECTL.exists():
+        pytest.skip(f"{PROXIES_ENV}={proxy_source()}: {KUBECTL} is not installed")
+
+
+@pytest.fixture(scope="module")
+def make_lab(request: pytest.FixtureRequest) -> Iterator[MakeLab]:
+    """make_lab(name, yaml_text, **UpOptions) -> a running Lab, downed after the module.
+
+    With proxies (the default) and KUBEPROXY_TEST_PROXIES=deploy|kubeadm, the lab comes
+    up with --no-proxy and deploy/ brings its proxies (see the module docstring)."""
+    labs: list[Lab] = []
+    source = proxy_source()
+    module = request.module.__name__.rpartition(".")[2]
+
+    def make(name: str, text: str, **kwargs: Any) -> Lab:
+        options = UpOptions(**kwargs)
+        from_deploy = options.proxies and source != "lab"
+        if from_deploy:
+            _skip_under_switch(module, options)
+            options = replace(options, proxies=False)
         lab = Lab(session_lab(name))
         labs.append(lab)
-        lab.up(load_documents([(name, text)]), UpOptions(**options))
+        lab.up(load_documents([(name, text)]), options)
+        if from_deploy:
+            _serve_from_deploy(lab, source, options)
         return lab
 
     try:

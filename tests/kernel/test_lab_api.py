@@ -29,7 +29,7 @@ import yaml
 from kubeproxy.lab.probe import ProbeResult
 from kubeproxy.lab.processes import python_env
 from kubeproxy.lab.runtime import Lab
-from tests.kernel.conftest import MakeLab, mode_tag
+from tests.kernel.conftest import MakeLab, lab_yaml, mode_tag
 
 pytestmark = pytest.mark.kernel
 
@@ -37,25 +37,9 @@ KUBECTL_DIR = Path("/usr/lib/google-cloud-sdk/bin")
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
 VERSIONS = ("1.27", "1.33")
 
-LAB = """
-kind: Node
-metadata: {name: node-1}
----
-kind: Node
-metadata: {name: node-2}
----
-kind: Pod
-metadata: {name: my-app-1, labels: {app: my-app}}
-spec: {nodeName: node-1, containers: [{name: web, image: nginx, ports: [{containerPort: 8080}]}]}
----
-kind: Pod
-metadata: {name: my-app-2, labels: {app: my-app}}
-spec: {nodeName: node-2, containers: [{name: web, image: nginx, ports: [{containerPort: 8080}]}]}
----
-kind: Pod
-metadata: {name: client}
-spec: {nodeName: node-1, containers: [{name: shell, image: busybox}]}
-"""
+LAB = lab_yaml(["node-1", "node-2"], [("my-app-1", "node-1", "my-app", 8080),
+                                      ("my-app-2", "node-2", "my-app", 8080),
+                                      ("client", "node-1", None, None)])
 
 
 def service_yaml(name: str, app: str) -> str:

@@ -12,7 +12,9 @@ service-account files bind-mounted in a private mount namespace) and then probes
 - kubeadm's own ConfigMap (``tests/unit/data/kubeadm-kube-proxy-configmap.yaml``: its
   ``config.conf`` with ``syncPeriod: 0s`` and a ``kubeconfig.conf`` with ``tokenFile``
   and the CA under the service-account directory, its server the node's 127.0.0.1:6443;
-  Ready by a readiness probe on ``/healthz``): the same probes;
+  Ready by a readiness probe on ``/healthz``): the same probes; then the lab agent
+  restarts and each node still runs one kube-proxy (the earlier agent's are stopped,
+  the Pods started again);
 - the binding points at a ClusterRole without ``list endpointslices``: the proxy logs
   the 403 and the Service is not programmed.
 
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,40 +38,29 @@ import yaml
 
 from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import converge, hostpods
+from kubeproxy.lab import deploy as lab_deploy
+from kubeproxy.lab.deploy import proxy_pods
 from kubeproxy.lab.hostpods import SA_DIR, Launch, Mount
 from kubeproxy.lab.probe import ProbeResult
-from kubeproxy.lab.processes import alive, python_env
+from kubeproxy.lab.processes import AGENT_MODULE, alive, cmdline, kill, python_env, spawn
 from kubeproxy.lab.runtime import Lab
-from tests.kernel.conftest import MakeLab, skip_reason
+from tests.kernel.conftest import (
+    DEPLOY,
+    KUBEADM_CM,
+    MakeLab,
+    kubectl,
+    kubectl_skip_reason,
+    lab_yaml,
+)
 
 pytestmark = pytest.mark.kernel
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-KUBEADM_CM = ROOT / "tests" / "unit" / "data" / "kubeadm-kube-proxy-configmap.yaml"
-KUBECTL = Path("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
 WEB = ["web-1", "web-2"]
 NODES = {"node-1": "192.168.0.2", "node-2": "192.168.0.3"}
 POD_TIMEOUT = 60.0
 
-LAB = """
-kind: Node
-metadata: {name: node-1}
----
-kind: Node
-metadata: {name: node-2}
----
-kind: Pod
-metadata: {name: web-1, labels: {app: web}}
-spec: {nodeName: node-1, containers: [{name: web, ports: [{containerPort: 8080}]}]}
----
-kind: Pod
-metadata: {name: web-2, labels: {app: web}}
-spec: {nodeName: node-2, containers: [{name: web, ports: [{containerPort: 8080}]}]}
----
-kind: Pod
-metadata: {name: client}
-spec: {nodeName: node-1, containers: [{name: c}]}
+LAB = lab_yaml(list(NODES), [("web-1", "node-1", "web", 8080), ("web-2", "node-2", "web", 8080),
+                            ("client", "node-1", None, None)]) + """
 ---
 kind: Service
 metadata: {name: web}
@@ -87,49 +79,20 @@ spec:
 
 @pytest.fixture(autouse=True)
 def needs() -> None:
-    reason = skip_reason()
+    reason = kubectl_skip_reason()
     if reason:
         pytest.skip(reason)
-    if not KUBECTL.exists():
-        pytest.skip(f"{KUBECTL} is not installed")
-
-
-def kubectl(lab: Lab, *args: str, stdin: str | None = None) -> str:
-    done = subprocess.run([str(KUBECTL), "--kubeconfig", str(lab.kubeconfig), *args],
-                          input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert done.returncode == 0, f"kubectl {' '.join(args)}: {done.stderr}"
-    return done.stdout
 
 
 def deploy_docs() -> list[JSON]:
-    return [d for p in sorted(DEPLOY.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
-
-
-def proxy_pods(lab: Lab) -> dict[str, JSON]:
-    """node -> the running, Ready kube-proxy Pod there."""
-    items = json.loads(kubectl(lab, "get", "pods", "-n", "kube-system", "-o", "json"))["items"]
-    out = {}
-    for p in items:
-        conds = {c["type"]: c["status"] for c in p["status"].get("conditions") or []}
-        if p["status"].get("phase") == "Running" and conds.get("Ready") == "True":
-            out[p["spec"]["nodeName"]] = p
-    return out
+    return lab_deploy.manifests(DEPLOY)
 
 
 def wait_for_proxies(lab: Lab) -> dict[str, JSON]:
     """Until a Ready kube-proxy Pod runs on every node and its metrics answer."""
-    deadline = time.monotonic() + POD_TIMEOUT
-    state = lab.state()
-    while True:
-        pods = proxy_pods(lab)
-        answering = {n.name for n in state.nodes if converge.proxy_sample(n.ns) is not None}
-        if set(pods) == set(NODES) and answering == set(NODES):
-            return pods
-        if time.monotonic() > deadline:
-            logs = {p.name: p.read_text()[-1500:] for p in lab.store.dir.glob("logs/kube-sys*")}
-            pytest.fail(f"kube-proxy Pods {sorted(pods)}, metrics answering {sorted(answering)}"
-                        f" after {POD_TIMEOUT:g} s; logs: {logs}")
-        time.sleep(0.3)
+    pods = lab_deploy.wait_for_pods(lab, POD_TIMEOUT)
+    assert set(pods) == set(NODES)
+    return pods
 
 
 def pid_of(pod: JSON) -> int:
@@ -215,11 +178,8 @@ def test_unmodified_manifests_serve_the_lab(make_lab: MakeLab) -> None:
 
 def test_kubeadms_configmap_serves_the_lab(make_lab: MakeLab) -> None:
     lab = make_lab("ktdepk", LAB, proxies=False)
-    cm = yaml.safe_load(KUBEADM_CM.read_text())
-    kubeconfig = yaml.safe_load(cm["data"]["kubeconfig.conf"])
-    kubeconfig["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:6443"
-    cm["data"]["kubeconfig.conf"] = yaml.safe_dump(kubeconfig)
-    docs = [cm if d["kind"] == "ConfigMap" else d for d in deploy_docs()]
+    cm = lab_deploy.kubeadm_configmap(KUBEADM_CM)
+    docs = lab_deploy.with_configmap(deploy_docs(), cm)
     ds = next(d for d in docs if d["kind"] == "DaemonSet")  # Ready when healthz says so
     ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
         "httpGet": {"port": 10256, "path": "/healthz"}, "periodSeconds": 1}
@@ -232,6 +192,33 @@ def test_kubeadms_configmap_serves_the_lab(make_lab: MakeLab) -> None:
         log = lab.store.log_file(f"kube-system/{pod['metadata']['name']}").read_text()
         assert "unknown field" not in log, log
     probes_pass(lab)
+
+    # The lab agent (kubelet) restarts: each node still runs one kube-proxy, not two.
+    before = {node: pid_of(pod) for node, pod in pods.items()}
+    restart_agent(lab)
+    deadline = time.monotonic() + POD_TIMEOUT
+    while True:
+        pods = wait_for_proxies(lab)
+        if not {pid_of(p) for p in pods.values()} & set(before.values()):
+            break
+        assert time.monotonic() < deadline, f"the Pods were not started again: {pods}"
+        time.sleep(0.3)
+    assert not any(alive(pid) for pid in before.values())
+    for node in lab.state().nodes:
+        proxies = [p for p in lab.net.pids(node.ns) if "--hostname-override=" in
+                   " ".join(cmdline(p))]  # fmt: skip
+        assert proxies == [pid_of(pods[node.name])], (node.name, proxies)
+    probes_pass(lab)
+
+
+def restart_agent(lab: Lab) -> None:
+    """Stop the lab's agent (its Pods' processes live on) and start another."""
+    state = lab.state()
+    assert state.processes.agent is not None
+    kill([state.processes.agent])
+    argv = [sys.executable, "-m", AGENT_MODULE, "--name", lab.name, "--base", str(lab.store.base)]
+    agent = spawn(argv, lab.store.log_file("agent")).pid
+    lab.store.save(replace(state, processes=replace(state.processes, agent=agent)))
 
 
 NO_SLICES = """

@@ -14,29 +14,15 @@ import time
 import pytest
 
 from kubeproxy.lab.runtime import Lab
-from tests.kernel.conftest import MakeLab, mode_tag
+from tests.kernel.conftest import MakeLab, lab_yaml, mode_tag
 
 pytestmark = pytest.mark.kernel
 
 WEB = ["web-1", "web-2"]
 NODE_GW = "10.244.1.1"  # node-1's cbr0: a local address of the node, not in its Node object
 
-LAB = """
-apiVersion: v1
-kind: Node
-metadata: {name: node-1}
----
-kind: Pod
-metadata: {name: web-1, labels: {app: web}}
-spec: {nodeName: node-1, containers: [{name: web, ports: [{containerPort: 8080}]}]}
----
-kind: Pod
-metadata: {name: web-2, labels: {app: web}}
-spec: {nodeName: node-1, containers: [{name: web, ports: [{containerPort: 8080}]}]}
----
-kind: Pod
-metadata: {name: client, labels: {app: client}}
-spec: {nodeName: node-1, containers: [{name: c}]}
+LAB = lab_yaml(["node-1"], [("web-1", "node-1", "web", 8080), ("web-2", "node-1", "web", 8080),
+                           ("client", "node-1", "client", None)]) + """
 ---
 kind: Service
 metadata: {name: web-np}

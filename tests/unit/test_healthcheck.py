@@ -244,7 +244,8 @@ class ViewProxier:
         self.config = config
         self.views: dict[Family, NodeView] = {}
 
-    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None, *,
+             write_all: bool = False) -> SyncReport:
         self.views = {4: build_node_view(cluster, self.config, 4)}
         return SyncReport(views=self.views)  # the daemon follows the views a sync wrote
 

@@ -29,7 +29,8 @@ MIN, PERIOD = 1.0, 30.0
 @dataclass
 class Call:
     at: float
-    changed: frozenset[NamespacedName] | None  # None: full
+    changed: frozenset[NamespacedName] | None  # None: full, recomputed from scratch
+    write_all: bool = False  # full: everything written, only ``changed`` recomputed
 
 
 @dataclass
@@ -50,18 +51,19 @@ class StrictDataPlane:
         self.checks.append(self.clock.now)
         return not self.flushed
 
-    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None) -> SyncReport:
+    def sync(self, cluster: Cluster, changed: frozenset[NamespacedName] | None, *,
+             write_all: bool = False) -> SyncReport:
         if self.calls:
             assert self.clock.now - self.calls[-1].at >= MIN, "synced faster than minSyncPeriod"
-        self.calls.append(Call(self.clock.now, changed))
-        if changed is not None:
+        self.calls.append(Call(self.clock.now, changed, write_all))
+        if changed is not None and not write_all:
             assert changed, "a partial sync must name the services it rewrites"
             assert any(c.changed is None for c in self.calls), "partial before any full sync"
         if self.fail:
             self.fail -= 1
             raise DataPlaneError("iptables-restore: line 7 failed")
         want = state_of(cluster)
-        if changed is None:
+        if changed is None or write_all:
             self.kernel = want
             self.flushed = False
         else:
@@ -134,8 +136,8 @@ class Rig:
         self.clock.now = max(self.clock.now, end)
 
     def kinds(self) -> list[str]:
-        return ["full" if c.changed is None else ",".join(sorted(map(str, c.changed)))
-                for c in self.plane.calls]
+        return ["full" if c.changed is None or c.write_all
+                else ",".join(sorted(map(str, c.changed))) for c in self.plane.calls]
 
 
 def rig(**kw: float) -> Rig:
@@ -258,7 +260,9 @@ def test_the_back_off_is_capped_at_sync_period_and_a_trigger_still_runs() -> Non
     now = r.clock.now
     r.feed(svc("d", "172.30.0.44"))
     r.advance(0)
-    assert r.plane.calls[-1].at == now and r.plane.calls[-1].changed is None
+    last = r.plane.calls[-1]
+    assert last.at == now and last.write_all
+    assert last.changed == frozenset({NamespacedName("ns1", "d")})
 
 
 def test_a_node_change_makes_the_next_sync_full() -> None:
@@ -367,6 +371,21 @@ def test_a_flush_is_found_and_repaired_by_a_full_sync(after: float) -> None:
     assert r.plane.calls[1].at - r.plane.calls[0].at >= MIN, "minSyncPeriod still holds"
     r.advance(5)
     assert r.kinds() == ["full", "full"] and not r.plane.flushed
+    # The views are still right: the repair writes everything, recomputing nothing.
+    assert r.plane.calls[1].write_all and r.plane.calls[1].changed == frozenset()
+
+
+def test_only_the_first_run_a_node_change_and_the_hourly_run_recompute_from_scratch() -> None:
+    r = started(full_sync_period=PERIOD * 4)
+    r.clock.now += 5
+    r.feed(nd(zone="z1"))  # recomputed: node-level input
+    r.advance(1)
+    r.plane.flush()  # repaired: written whole, not recomputed
+    r.advance(CHECK_PERIOD + MIN)
+    r.advance(PERIOD * 4)  # the hourly run
+    scratch = [c.changed is None for c in r.plane.calls]
+    assert [c.changed is None or c.write_all for c in r.plane.calls] == [True] * 4
+    assert scratch == [True, True, False, True], r.plane.calls
 
 
 def test_a_partial_sync_does_not_hide_a_flush() -> None:

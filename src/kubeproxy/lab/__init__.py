@@ -24,6 +24,8 @@ The pieces, pure first:
 ``kubelet``    Pods bound to lab nodes -> namespaces, IPs, servers, pod status
 ``agent``      the per-lab process: kubelet, scheduler, LB and endpoint controllers
 ``converge``   waiting until the API's state is in every node's rules (bounded)
+``deploy``     deploy/ on a lab started without proxies: the manifests, edited for a
+               test's mode or kubeadm's ConfigMap, applied; waiting until they serve
 ``nsconnect``  HTTP to 127.0.0.1 inside a node namespace (the proxies' /metrics)
 ``processes``  starting the lab's processes detached, recognising and stopping them
 ``runtime``    ``Lab``: up, down, change, probe

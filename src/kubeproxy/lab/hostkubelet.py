@@ -21,6 +21,14 @@ Theory of operation
   DELETEd with gracePeriodSeconds=0; one gone from the API (or replaced: another UID)
   is stopped. Processes are always killed by their own PID.
 
+An agent that stops leaves its Pods' processes running (they are started detached, as
+a container outlives a kubelet restart). So that a restarted agent does not start each
+Pod a second time, every process carries ``KUBEPROXY_LAB_POD=<its pod directory>`` in
+its environment and its PID is kept in ``<lab>/pods/<pod>.pid``; the first ``sync`` of
+a new ``HostPods`` stops every recorded process that still carries its mark (checked in
+``/proc/<pid>/environ``, so a reused PID is never touched), and then starts afresh the
+Pods the API still has, as the lab kubelet does with a left-over pod namespace.
+
 Nothing wakes the agent when a process exits, so ``next_deadline`` asks to be woken
 within ``POLL`` seconds while any runs, and at once when one has exited (the agent only
 makes a pass when a deadline is due, so the polling itself costs no pass); a probe due
@@ -46,11 +54,12 @@ from kubeproxy.lab.hostpods import HttpProbe, PodFacts
 from kubeproxy.lab.layout import NodePlan
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import kill, python_env
-from kubeproxy.lab.state import LabStore
+from kubeproxy.lab.state import LabStore, write_atomic
 
 log = logging.getLogger("kubeproxy.lab.kubelet")
 POLL = 1.0  # seconds between checks that the processes still run
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 10.0, 300.0, 600.0  # kubelet's
+POD_MARK = "KUBEPROXY_LAB_POD"  # in a Pod process's environment: its pod directory
 
 
 class Proc(Protocol):
@@ -160,6 +169,7 @@ class HostPods:
         self.starter = starter
         self.prober = prober
         self.running: dict[str, HostPod] = {}
+        self.cleaned = False  # an earlier agent's processes were looked for
 
     def next_deadline(self) -> float | None:
         now = self.clock()
@@ -175,6 +185,9 @@ class HostPods:
 
     def sync(self, pods: Sequence[JSON]) -> Result:
         out = Result()
+        if not self.cleaned:
+            out.local += self.stop_leftovers()
+            self.cleaned = True
         by_key = {_key(p): p for p in pods}
         for key, hp in list(self.running.items()):
             obj = by_key.get(key)
@@ -229,6 +242,27 @@ class HostPods:
     def pod_dir(self, key: str) -> Path:
         return self.store.dir / "pods" / key.replace("/", "_")
 
+    def pid_file(self, key: str) -> Path:
+        return self.pod_dir(key).with_name(self.pod_dir(key).name + ".pid")
+
+    def stop_leftovers(self) -> int:
+        """Stop the Pod processes an earlier agent of this lab started (recorded, and
+        still marked with their pod directory); returns how many were stopped."""
+        stopped = []
+        for record in sorted((self.store.dir / "pods").glob("*.pid")):
+            pod_dir = str(record.with_name(record.name.removesuffix(".pid")))
+            try:
+                pid = int(record.read_text())
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _environ(pid).get(POD_MARK) == pod_dir:
+                log.info("pod process %d (%s): left by an earlier agent; stopping it", pid,
+                         Path(pod_dir).name)  # fmt: skip
+                stopped.append(pid)
+            record.unlink(missing_ok=True)
+        kill(stopped)
+        return len(stopped)
+
     def _spawn(self, key: str, obj: JSON) -> Proc:
         facts = self._facts(obj)
         pod_dir = self.pod_dir(key)
@@ -239,10 +273,12 @@ class HostPods:
         argv = hostpods.wrapper(lambda a: self.net.exec_argv(node.ns, a), launch)
         base = python_env()
         env: dict[str, str] = {k: base[k] for k in ("PATH", "PYTHONPATH", "LANG") if k in base}
-        env |= {"HOSTNAME": facts.node, **launch.env}
+        env |= {"HOSTNAME": facts.node, **launch.env, POD_MARK: str(pod_dir)}
         log.info("pod %s: running %s on %s (host network)", key, " ".join(launch.argv),
                  facts.node)  # fmt: skip
-        return self.starter(argv, env, self.store.log_file(key))
+        proc = self.starter(argv, env, self.store.log_file(key))
+        write_atomic(self.pid_file(key), str(proc.pid))
+        return proc
 
     def _start(self, key: str, obj: JSON) -> None:
         container = ((obj.get("spec") or {}).get("containers") or [{}])[0]
@@ -291,6 +327,7 @@ class HostPods:
         status["phase"] = "Succeeded" if code == 0 else "Failed"
         written = self._write(obj, status)
         del self.running[key]
+        self.pid_file(key).unlink(missing_ok=True)
         return written
 
     def _report(self, obj: JSON, hp: HostPod) -> int:
@@ -326,6 +363,7 @@ class HostPods:
             kill([hp.proc.pid])
         hp.proc.poll()
         shutil.rmtree(self.pod_dir(key), ignore_errors=True)
+        self.pid_file(key).unlink(missing_ok=True)
 
     def stop_all(self) -> None:
         for key in list(self.running):
@@ -350,6 +388,16 @@ def _not_ready(status: JSON) -> JSON:
     for cs in status.get("containerStatuses") or []:
         cs["ready"] = False
     return status
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A process's environment ({} when it is gone or unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (e.decode(errors="replace").partition("=") for e in raw.split(b"\0") if e)
+    return {k: v for k, _, v in pairs}
 
 
 def _uid(obj: JSON) -> str:
