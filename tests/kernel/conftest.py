@@ -35,6 +35,7 @@ import string
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,18 @@ def kubectl_skip_reason() -> str | None:
     if reason is None and not KUBECTL.exists():
         reason = f"{KUBECTL} is not installed"
     return reason
+
+
+@contextmanager
+def scratch_namespace() -> Iterator[str]:
+    """A network namespace of the test's own (``kpt-...``), deleted after, also on
+    failure: for data-plane tests that need a kernel but no lab."""
+    name = f"kpt-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def _core_runs(*argv: str) -> bool:

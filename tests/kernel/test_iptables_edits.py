@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.nodeview import build_node_view
 from kubeproxy.render.iptables import Ruleset, render
 from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
+from tests.kernel.conftest import scratch_namespace
 
 pytestmark = [
     pytest.mark.kernel,
@@ -93,12 +93,8 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    name = f"kpt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_namespace() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def readback(runner: Recording, backend: Backend) -> dict[str, list[str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.pipeline import render_iptables
 from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
+from tests.kernel.conftest import scratch_namespace
 
 pytestmark = [
     pytest.mark.kernel,
@@ -97,12 +97,8 @@ def clusters(draw: st.DrawFn) -> tuple[list[Obj], ProxyConfig]:
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    name = f"kpt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_namespace() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,

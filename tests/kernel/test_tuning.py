@@ -4,7 +4,6 @@ nf_conntrack_max and hashsize are never written here)."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from kubeproxy.dataplane.base import NetnsRunner
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.modes.iptables import cleanup
+from tests.kernel.conftest import scratch_namespace
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,12 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"kpt-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with scratch_namespace() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def in_ns(ns: str, code: str) -> str:
