@@ -256,3 +256,32 @@ def test_parser_refuses_what_it_does_not_know() -> None:
         parse_rule("ip daddr . ip saddr 1.2.3.4")
     with pytest.raises(ScriptError):
         parse_script("flush ruleset\n")
+
+
+def test_the_memoized_renderer_renders_only_what_changed() -> None:
+    """Unchanged port views (the same objects, from the node view cache) get the same
+    objects back; a changed Service, and every Service after a node-wide change, are
+    rendered again; the result equals a render from scratch each time."""
+    from dataclasses import replace
+
+    from kubeproxy.nodeview import NodeViewCache
+    from tests.builders import feature_cluster
+
+    config = ProxyConfig(hostname=NODE, cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),))
+    memo, cache = nftables.Renderer(), NodeViewCache(config, 4)
+    first = memo([cache.build(decode_objects(feature_cluster()), None)]).families[0]
+    before = {svc: first.objects(svc) for svc in first.services}
+    changed = decode_objects(feature_cluster(endpoints_svc2=1))
+    svc2 = next(s.ref for s in changed.services if s.name == "svc2")
+    views = [cache.build(changed, frozenset({svc2}))]
+    again = memo(views).families[0]
+    after = {svc: again.objects(svc) for svc in again.services}
+    assert {s for s in after if after[s] is not before[s]} == {svc2}
+    scratch = nftables.render(views).families[0]
+    assert after == {svc: scratch.objects(svc) for svc in scratch.services}
+    # The same port views under another node-wide setting: all rendered again.
+    rr = replace(views[0], lb_algorithm=LBAlgorithm.ROUND_ROBIN)
+    fresh = memo([rr]).families[0]
+    scratch = nftables.render([rr]).families[0]
+    assert {s: fresh.objects(s) for s in fresh.services} == {
+        s: scratch.objects(s) for s in scratch.services} != after

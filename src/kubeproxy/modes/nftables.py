@@ -110,7 +110,7 @@ def cleanup(runner: Runner, options: PlaneOptions) -> None:
 MODE: Mode[NftRuleset] = Mode(
     name="nftables",
     render=render,
-    renderer=lambda: render,  # already lazy: the data plane renders changed services only
+    renderer=nftables.Renderer,  # lazy, and remembers each Service's objects per port view
     text=text,
     trace=trace,
     trace_rules=trace_rules,
