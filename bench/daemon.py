@@ -356,8 +356,8 @@ def run(mode: str, n: int, changes: int, settle: float = 1.1) -> Result:
                 done = wait_for(ns, cluster_ip(i), want, accepted + 120)
                 latencies.setdefault(kind, []).append(done - accepted)
                 time.sleep(settle)
+            rss = peak_rss_mib(proc.pid)  # before the flush: a repair's peak is its own
             flush = flush_restored(ns, mode, cluster_ip(n - 1)) if mode in FLUSHES else None
-            rss = peak_rss_mib(proc.pid)
             stop(proc)  # its rules stay: the floor is measured on the same loaded node
             floor = FLOORS[mode](ns) if mode in FLOORS else None
             return Result(mode, n, latencies, full_sync_seconds(log), rss, floor, flush)

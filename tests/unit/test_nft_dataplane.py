@@ -574,3 +574,42 @@ def test_a_failed_sync_leaves_damage_checking_by_counts() -> None:
     assert plane.generation is None and plane.damage() is None
     fake.commit([nft.FlushChain("ip", "services")])
     assert "services holds 0 rules" in (plane.damage() or "")
+
+
+# -- repairs after damage from outside ----------------------------------------------------
+
+
+def test_a_flushed_fixed_chain_is_repaired_without_rewriting_the_table() -> None:
+    """damage() found a fixed chain flushed: the full sync that follows rewrites the
+    fixed chains and diffs the Services against what was written (no element sent
+    again), and the kernel holds the ruleset; a Service changed meanwhile is written."""
+    fake = FakeNftables()
+    plane = NftablesDataPlane(NoRunner(), fake)
+    plane.sync(ruleset(cluster(*basic(), *other())))
+    fake.commit([nft.FlushChain("ip", "services")])
+    assert "services holds 0 rules" in (plane.damage() or "")
+    after = ruleset(cluster(*basic(), *other(eps=("10.180.0.2", "10.180.0.3"))))
+    stats = plane.sync(after)
+    ops = ops_of(fake)
+
+    def elements(tx: list[Op]) -> int:
+        return sum(len(list(op.elements)) for op in tx if isinstance(op, nft.AddElements))
+    # svc2's new endpoint only (its slot and hairpin pair), not the whole table again.
+    assert 0 < elements(ops) < elements(fake.transactions[0]) // 2
+    assert not any(isinstance(op, nft.AddTable | nft.AddSet) for op in ops)
+    assert {subject(op) for op in ops if isinstance(op, nft.FlushChain)} >= {"services"}
+    assert stats.full and stats.ops == len(ops)
+    assert_holds(fake, after)
+    assert plane.damage() is None
+
+
+def test_a_deleted_table_is_written_whole() -> None:
+    fake = FakeNftables()
+    plane = NftablesDataPlane(NoRunner(), fake)
+    rs = ruleset(cluster(*basic(), *other()))
+    plane.sync(rs)
+    fake.commit([nft.DeleteTable("ip")])
+    assert "is gone" in (plane.damage() or "")
+    plane.sync(rs)
+    assert any(isinstance(op, nft.AddTable) for op in ops_of(fake))
+    assert_holds(fake, rs)

@@ -28,7 +28,11 @@ with what was written; the per-service chains hang off those, and a chain or set
 referenced cannot be deleted, so ``nft flush chain ... services``, ``nft delete table``
 or a flush of the whole ruleset all show there. Not seen: elements deleted from a map
 or rules changed inside a per-service chain (upstream does not look either); the hourly
-full sync repairs those.
+full sync repairs those. The full sync that follows a finding repairs it: if only fixed
+chains were changed (``nft flush chain ... services``), it rewrites the fixed chains
+and brings every Service to the ruleset by diffing it against what was written, a
+small transaction (0.5 s at 10,000 Services, against ~5 s to write the whole table
+again, most of it encoding 200,000 elements); a table gone is written whole.
 
 Stale chains are flushed in the transaction and deleted right after it in a second,
 separate one: before Linux 6.2 a chain that a just-deleted map element pointed to is
@@ -106,6 +110,9 @@ class NftablesDataPlane:
         self.state: dict[str, _FamilyState] | None = None  # None: nothing written yet
         self.stale: dict[str, set[str]] = {f: set() for f in FAMILIES}  # chains to delete
         self.generation: int | None = None  # the ruleset generation after our last write
+        # What damage() found, for the full sync that follows: family -> fixed chains
+        # whose rules were changed from outside (None: a table is gone).
+        self.damaged: dict[str, set[str]] | None = {}
 
     @property
     def transport(self) -> Transport:
@@ -135,9 +142,12 @@ class NftablesDataPlane:
                 continue  # a family we do not use
             counts = self.transport.rule_counts(family, st.fixed_rules)
             if counts is None:
+                self.damaged = None
                 return f"nftables table {family} {TABLE} is gone"
             for chain, want in sorted(st.fixed_rules.items()):
                 if counts[chain] != want:
+                    if self.damaged is not None:
+                        self.damaged.setdefault(family, set()).add(chain)
                     return (f"nftables chain {family} {TABLE} {chain} holds {counts[chain]}"
                             f" rules, {want} were written")
         self.generation = generation  # someone else's transaction: ours is intact
@@ -149,7 +159,20 @@ class NftablesDataPlane:
         full = changed is None or self.state is None or any(
             self.state[name].fixed != _fixed_digest(fam) for name, fam in fams.items())
         stats = SyncStats(full=full)
-        if full:
+        if full and self._repairable(fams):
+            assert self.state is not None
+            # Only fixed chains were found changed: rewrite them, and bring every
+            # Service to the ruleset from what was written (module docstring).
+            diffs = [_Diff(fam, self.state[name], self.stale[name], stats)
+                     for name, fam in fams.items()]
+            ops = [op for d in diffs for op in _fixed_chain_ops(d.fam)]
+            ops += [op for d in diffs for op in d.ops(
+                sorted(set(d.fam.services) | set(d.st.services)))]
+            stats.ops = len(ops)
+            self.transport.commit(ops)
+            for d in diffs:
+                d.apply()
+        elif full:
             states, stale = {f: _FamilyState() for f in FAMILIES}, dict(self.stale)
             listings = {f: self.transport.listing(f) for f in FAMILIES}
             self.transport.commit(_counted(
@@ -165,7 +188,17 @@ class NftablesDataPlane:
             for d in diffs:
                 d.apply()
         self._delete_stale(stats)
+        self.damaged = {}
         return stats
+
+    def _repairable(self, fams: dict[str, FamilyRuleset]) -> bool:
+        """Whether a full sync may repair what damage() found instead of writing the
+        whole table: only fixed chains were changed, both tables' fixed parts and
+        families are as last written."""
+        damaged, state = self.damaged, self.state
+        return bool(damaged) and state is not None and all(
+            name in fams for name in damaged or ()) and all(
+            state[name].fixed == _fixed_digest(fam) for name, fam in fams.items())
 
     def cleanup(self) -> None:
         """Delete both kube-proxy tables (if present): everything this proxy wrote."""
@@ -177,6 +210,7 @@ class NftablesDataPlane:
                     raise
         self.state = None
         self.generation = None
+        self.damaged = {}
         self.stale = {f: set() for f in FAMILIES}
 
     # -- full ----------------------------------------------------------------------
@@ -407,6 +441,15 @@ class _Diff:
 
 
 _EMPTY = ServiceObjects()
+
+
+def _fixed_chain_ops(fam: FamilyRuleset) -> Iterator[Op]:
+    """Every fixed chain of the table, rewritten (add, flush, its rules)."""
+    for chain in fam.chains:
+        yield nft.AddChain(fam.family, chain)
+        yield nft.FlushChain(fam.family, chain.name)
+    for chain in fam.chains:
+        yield from (nft.AddRule(fam.family, chain.name, r) for r in chain.rules)
 
 
 def _full_elements(fam: FamilyRuleset, services: dict[NamespacedName, ServiceObjects],
