@@ -20,8 +20,9 @@ come from, for every lab ``make_lab`` brings up with proxies (the default):
 
 ``make_lab`` returns once every node's DaemonSet Pod runs and its proxy has synced
 (kubeproxy.lab.deploy.wait_until_served). A lab option no configuration field carries
-(``lb_algorithm``) becomes this project's flag on the DaemonSet's command. Modules that
-drive the lab's own proxy processes (``OWN_PROXIES``) skip under the switch, saying why.
+(``lb_algorithm``) becomes this project's flag on the DaemonSet's command. A test that
+drives the lab's own proxy processes (Lab.restart_proxies) skips under the switch,
+saying why; socket-LB modes skip too (their proxies need per-node cgroup flags).
 """
 
 from __future__ import annotations
@@ -152,10 +153,6 @@ PROXY_SOURCES = ("lab", "deploy", "kubeadm")  # where a test lab's proxies come 
 
 # Modules that drive the lab's own proxy processes, which a lab served by deploy/ has
 # not: they skip under KUBEPROXY_TEST_PROXIES=deploy|kubeadm, with this reason.
-OWN_PROXIES = {
-    "test_lab_faults": "restarts the lab's own proxies (Lab.restart_proxies)",
-    "test_flush": "reads the lab's own proxy log (logs/proxy-node-1.log)",
-}
 
 
 def proxy_source() -> str:
@@ -192,10 +189,8 @@ def _serve_from_deploy(lab: Lab, source: str, options: UpOptions) -> None:
     lab_deploy.wait_until_served(lab)
 
 
-def _skip_under_switch(module: str, options: UpOptions) -> None:
+def _skip_under_switch(options: UpOptions) -> None:
     """Skip (with the reason) what a lab served by deploy/ cannot run."""
-    if module in OWN_PROXIES:
-        pytest.skip(f"{PROXIES_ENV}={proxy_source()}: {module} {OWN_PROXIES[module]}")
     if modes.get(options.mode).needs_cgroup:
         pytest.skip(f"{PROXIES_ENV}={proxy_source()}: {options.mode} mode's proxy needs the "
                     "lab's per-node cgroup flags, which a DaemonSet's one template lacks")
@@ -204,20 +199,19 @@ def _skip_under_switch(module: str, options: UpOptions) -> None:
 
 
 @pytest.fixture(scope="module")
-def make_lab(request: pytest.FixtureRequest) -> Iterator[MakeLab]:
+def make_lab() -> Iterator[MakeLab]:
     """make_lab(name, yaml_text, **UpOptions) -> a running Lab, downed after the module.
 
     With proxies (the default) and KUBEPROXY_TEST_PROXIES=deploy|kubeadm, the lab comes
     up with --no-proxy and deploy/ brings its proxies (see the module docstring)."""
     labs: list[Lab] = []
     source = proxy_source()
-    module = request.module.__name__.rpartition(".")[2]
 
     def make(name: str, text: str, **kwargs: Any) -> Lab:
         options = UpOptions(**kwargs)
         from_deploy = options.proxies and source != "lab"
         if from_deploy:
-            _skip_under_switch(module, options)
+            _skip_under_switch(options)
             options = replace(options, proxies=False)
         lab = Lab(session_lab(name))
         labs.append(lab)

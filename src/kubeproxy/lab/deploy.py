@@ -115,6 +115,17 @@ def proxy_pods(lab: Lab) -> dict[str, JSON]:
     return out
 
 
+def proxy_log(lab: Lab, node: str) -> Path:
+    """The log of the proxy serving ``node``: the lab's own (``logs/proxy-<node>.log``),
+    or, in a lab started without them, the kube-proxy DaemonSet Pod's there."""
+    if lab.proxies():
+        return lab.store.log_file(f"proxy-{node}")
+    pod = proxy_pods(lab).get(node)
+    if pod is None:
+        raise LabError(f"lab {lab.name!r}: no Ready kube-proxy Pod on node {node}")
+    return lab.store.log_file(f"{NAMESPACE}_{pod['metadata']['name']}")
+
+
 def wait_for_pods(lab: Lab, timeout: float = SERVE_TIMEOUT) -> dict[str, JSON]:
     """Until every node runs a Ready kube-proxy Pod and its proxy answers /metrics in
     the node's namespace; returns node -> Pod. Raises LabError, naming what is missing."""
