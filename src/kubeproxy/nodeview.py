@@ -326,6 +326,19 @@ def no_local_endpoints(ports: Iterable[ServicePortView]) -> tuple[int, int]:
     return internal, external
 
 
+def single_balancer_endpoints(route: Route, spv: ServicePortView) -> tuple[EndpointView, ...]:
+    """The endpoints of a load balancer that serves every client of one class of
+    traffic alike (IPVS: one virtual server per frontend, no short-circuit, no DROP):
+    upstream's IPVS syncEndpoint. A Local route takes the local endpoints; a Local
+    policy without local endpoints (DROP) falls back to the cluster endpoints (PR 97081,
+    so local pods keep access); REJECT takes none."""
+    if route is Route.LOCAL:
+        return spv.local_endpoints
+    if route is Route.REJECT:
+        return ()
+    return spv.cluster_endpoints  # CLUSTER, or DROP
+
+
 def _node(cluster: Cluster, config: ProxyConfig) -> Node:
     return cluster.node(config.hostname) or Node(name=config.hostname or "localhost")
 

@@ -18,6 +18,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,11 +47,19 @@ CLIENT, POD, NODE_POD_SIDE = "192.168.0.100", "10.180.0.1", "10.180.0.254"
 A = NamespacedName("ns1", "svc1")
 SERVER = """
 import socket, sys, threading
+def answer(c, peer):
+    c.sendall(peer[0].encode() + b"\\n"); c.settimeout(0.3)
+    try:  # a client that says "hold" keeps the connection established until it closes
+        if c.recv(4) == b"hold":
+            c.settimeout(None); c.recv(1)
+    except OSError:
+        pass
+    c.close()
 def tcp():
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", 8080)); s.listen(64)
     while True:
-        c, peer = s.accept(); c.sendall(peer[0].encode() + b"\\n"); c.close()
+        c, peer = s.accept(); threading.Thread(target=answer, args=(c, peer), daemon=True).start()
 def udp():
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 5353))
     while True:
@@ -209,7 +218,7 @@ def test_graceful_termination_keeps_open_connections(net: Net) -> None:
     dp = plane(net)
     dp.sync(MODE.render(views(objects())))
     code = ("import socket,time; s=socket.create_connection(('172.30.0.41',80)); "
-            "print('open',flush=True); time.sleep(30)")
+            "s.sendall(b'hold'); print('open',flush=True); time.sleep(60)")
     holder = subprocess.Popen(["ip", "netns", "exec", net.client, sys.executable, "-c", code],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -222,6 +231,17 @@ def test_graceful_termination_keeps_open_connections(net: Net) -> None:
         text = dp.rules()
         assert f"-a -t 172.30.0.41:80 -r {POD}:8080 -m -w 0" in text  # draining
         assert "-a -t 172.30.0.41:80 -r 10.180.0.2:8080 -m -w 1" in text
+        dp.sync(MODE.render(views(gone)), frozenset())  # still established: kept
+        assert f"-r {POD}:8080 -m -w 0" in dp.rules()
+        holder.kill()
+        holder.wait()
+        # Closed (TIME_WAIT is not established): the next sync deletes the real server.
+        for _ in range(50):
+            dp.sync(MODE.render(views(gone)), frozenset())
+            if f"-r {POD}:8080" not in dp.rules():
+                break
+            time.sleep(0.2)
+        assert f"-r {POD}:8080" not in dp.rules(), ipvs_state(net)
     finally:
         holder.kill()
         holder.wait()
@@ -292,3 +312,65 @@ def test_partial_syncs_follow_a_cluster_as_a_full_sync_does(net: Net) -> None:
         partial = incremental.plane.rules()
         incremental.sync(cluster, None)
         assert incremental.plane.rules() == partial, changed
+
+
+
+# A client that picks its own port, to send a new connection from the port an earlier,
+# closed (TIME_WAIT in IPVS) connection used.
+REUSE_CLIENT = """
+import socket, sys
+host, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", sport)); s.settimeout(float(sys.argv[4]))
+try:
+    s.connect((host, port)); print(s.recv(100).decode().strip() or "closed")
+    s.recv(1)  # the server closes first: the TIME_WAIT is its, the port stays ours
+except ConnectionRefusedError:
+    print("refused")
+except OSError as err:
+    print("error", err)
+"""
+
+
+def ask_from_port(net: Net, sport: int, timeout: float = 5.0) -> str:
+    out = subprocess.run(["ip", "netns", "exec", net.client, sys.executable, "-c",
+                          REUSE_CLIENT, "172.30.0.41", "80", str(sport), str(timeout)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def ipvs_state(net: Net) -> str:
+    """The kernel's own account, for a failure message."""
+    return subprocess.run(["ip", "netns", "exec", net.node, "sh", "-c",
+                           "cat /proc/net/ip_vs /proc/net/ip_vs_conn; conntrack -L 2>&1"],
+                          capture_output=True, text=True, check=False).stdout
+
+
+@pytest.mark.parametrize("then", ["moved", "none"])
+def test_a_real_server_with_only_closed_connections_is_deleted(net: Net, then: str) -> None:
+    """Only established connections keep a removed real server (at weight 0).
+    One whose connections are all closed (TIME_WAIT in IPVS) is deleted at once, and a
+    new connection from the same client port is scheduled afresh: to the new endpoint,
+    or refused when there is none."""
+    second = "10.180.0.2"
+    sh("ip", "-n", net.pod, "addr", "add", f"{second}/24", "dev", "eth0")
+    dp = plane(net)
+    dp.sync(MODE.render(views(objects())))
+    assert ask_from_port(net, 40000) == NODE_POD_SIDE
+    kernel = NetlinkIpvs(find_netns(NetnsRunner(net.node)))
+    try:  # closed, but still counted (TIME_WAIT) by the kernel
+        counts = [(d.active, d.inactive) for d in
+                  kernel.dests((ipaddress.ip_address("172.30.0.41"), "tcp", 80))]
+    finally:
+        kernel.close()
+    assert counts == [(0, 1)], (counts, ipvs_state(net))
+    eps = [endpoint(second)] if then == "moved" else []
+    moved = [node(), service("svc1", cluster_ip="172.30.0.41", type="NodePort",
+                             ports=[("p80", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)]),
+             endpoint_slice("svc1", eps, ports=[("p80", 8080, "TCP"), ("dns", 5353, "UDP")])]
+    dp.sync(MODE.render(views(moved)), frozenset({A}))
+    text = dp.rules()
+    assert f"-r {POD}:8080" not in text, text
+    again = ask_from_port(net, 40000)
+    want = NODE_POD_SIDE if then == "moved" else "refused"
+    assert again == want, (again, ipvs_state(net))

@@ -100,12 +100,35 @@ def test_a_draining_endpoint_that_comes_back_gets_its_weight_back() -> None:
     p = proxier()
     p.sync(cluster("10.180.0.1", "10.180.0.2"), None)
     _, _, kernel = parts(p)
-    kernel.connections[((VIP, "tcp", 80), ipaddress.ip_address("10.180.0.2"), 80)] = (0, 3)
+    kernel.connections[((VIP, "tcp", 80), ipaddress.ip_address("10.180.0.2"), 80)] = (1, 3)
     p.sync(cluster("10.180.0.1"), frozenset({A}))
     assert reals(kernel)["10.180.0.2:80"] == 0
     p.sync(cluster("10.180.0.1", "10.180.0.2"), frozenset({A}))
     assert reals(kernel) == {"10.180.0.1:80": 1, "10.180.0.2:80": 1}
     assert not parts(p)[0].plane.terminating
+
+
+@pytest.mark.parametrize(("active", "inactive", "kept"), [
+    (1, 0, True),  # an established connection: drained at weight 0
+    (2, 5, True),
+    (0, 5, False),  # only closing / TIME_WAIT ones: deleted at once
+    (0, 0, False),
+])
+def test_only_established_connections_hold_a_real_server(active: int, inactive: int,
+                                                         kept: bool) -> None:
+    p = proxier()
+    p.sync(cluster("10.180.0.1", "10.180.0.2"), None)
+    plane, _, kernel = parts(p)
+    key = (VIP, "tcp", 80)
+    kernel.connections[(key, ipaddress.ip_address("10.180.0.2"), 80)] = (active, inactive)
+    p.sync(cluster("10.180.0.1"), frozenset({A}))
+    want = {"10.180.0.1:80": 1, **({"10.180.0.2:80": 0} if kept else {})}
+    assert reals(kernel) == want
+    assert bool(plane.plane.terminating) is kept
+    # A draining one goes when its established connections are gone, inactive or not.
+    kernel.connections[(key, ipaddress.ip_address("10.180.0.2"), 80)] = (0, inactive)
+    p.sync(cluster("10.180.0.1"), frozenset())
+    assert reals(kernel) == {"10.180.0.1:80": 1}
 
 
 def test_udp_real_servers_are_deleted_at_once() -> None:

@@ -173,7 +173,8 @@ def status_text(lab: Lab) -> str:
     state = lab.state()
     plan = lab.plan(state)
     rows: list[str] = [
-        f"lab {lab.name!r}: mode {state.mode}, load balancing {state.lb_algorithm}, "
+        f"lab {lab.name!r}: mode {state.mode}, "
+        f"load balancing {modes.get(state.mode).load_balancing(state.lb_algorithm)}, "
         f"cluster CIDR {state.cluster_cidr}, service CIDR {state.service_cidr}",
         f"API server: kubectl --kubeconfig {lab.store.kubeconfig} "
         f"(127.0.0.1:{state.api_port}; inside each node namespace 127.0.0.1:6443)",

@@ -151,3 +151,7 @@ class Mode(Generic[R]):
     # The mode with its own section of the configuration applied (ipvs: the scheduler,
     # strictARP, ...), for `modes.for_config`; None: the mode has no settings of its own.
     configure: Callable[[ProxyConfig], Mode[R]] | None = None
+    # How the mode picks an endpoint, in words (`lab status`), given --lb-algorithm
+    # (random, round-robin): that algorithm, unless the mode balances its own way (ipvs:
+    # its scheduler).
+    load_balancing: Callable[[str], str] = lambda algorithm: algorithm

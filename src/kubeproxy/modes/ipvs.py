@@ -115,7 +115,13 @@ def configure(settings: IpvsConfig) -> Mode[IpvsRuleset]:
         renderer=lambda: ipvs.Renderer(settings.scheduler),
         data_plane=lambda runner, options: data_plane(runner, options, settings),
         fake=lambda: fake(settings),
-        cleanup=lambda runner, options: cleanup(runner, options, settings))
+        cleanup=lambda runner, options: cleanup(runner, options, settings),
+        load_balancing=lambda algorithm: load_balancing(settings.scheduler))
+
+
+def load_balancing(scheduler: str) -> str:
+    """What picks a real server: the IPVS scheduler (--lb-algorithm plays no part)."""
+    return f"IPVS scheduler {scheduler}"
 
 
 class _NoIpvs(NetlinkIpvs):
@@ -173,4 +179,5 @@ MODE: Mode[IpvsRuleset] = Mode(
     kernel_support=kernel_support,
     virtual_servers=virtual_servers,
     configure=lambda config: configure(config.ipvs),
+    load_balancing=lambda algorithm: load_balancing(DEFAULTS.scheduler),
 )

@@ -50,7 +50,12 @@ from typing import TypeVar
 
 from kubeproxy.config import IPVS_SCHEDULERS
 from kubeproxy.model import Family, IPAddress, NamespacedName
-from kubeproxy.nodeview import EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.nodeview import (
+    NodeView,
+    Route,
+    ServicePortView,
+    single_balancer_endpoints,
+)
 from kubeproxy.render.ipvs_tables import (
     BUILTIN,
     IPSETS,
@@ -371,16 +376,9 @@ def _count(counts: dict[_T, int], item: _T, sign: int) -> bool:
 
 
 def _reals(route: Route, spv: ServicePortView) -> tuple[RealServer, ...]:
-    """Upstream syncEndpoint: the route's endpoints; a Local route without local
-    endpoints falls back to the cluster endpoints (none when there are none at all)."""
-    eps: tuple[EndpointView, ...]
-    if route is Route.LOCAL:
-        eps = spv.local_endpoints
-    elif route is Route.REJECT:
-        eps = ()
-    else:  # CLUSTER, or DROP (a Local policy without local endpoints)
-        eps = spv.cluster_endpoints
-    return tuple(sorted({RealServer(e.ip, e.port) for e in eps}))
+    """The route's endpoints as the node view answers for a single balancer."""
+    return tuple(sorted({RealServer(e.ip, e.port)
+                         for e in single_balancer_endpoints(route, spv)}))
 
 
 def _port(spv: ServicePortView, env: _Env, family: int) -> _Part:
