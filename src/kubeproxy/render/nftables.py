@@ -221,6 +221,7 @@ class EndpointSlots(NamedTuple):
             yield Element((*self.key, slot), (ep.ip, ep.port), self.comment)
 
 
+NO_CASCADE: frozenset[ServicePortName] = frozenset()  # shared: one per Service is 2 MiB
 # Per Service: the port views its objects were rendered for, which of them had
 # colliding endpoint-map keys, and the objects (FamilyRuleset.objects, Renderer).
 Memo = dict[NamespacedName, tuple[tuple[ServicePortView, ...], frozenset[ServicePortName],
@@ -279,7 +280,8 @@ class FamilyRuleset:
         cached = self._cache.get(service)
         if cached is None:
             ports = self.ports(service)
-            cascade = frozenset(p.name for p in ports if p.name in self.cascade)
+            cascade = (frozenset(p.name for p in ports if p.name in self.cascade)
+                       if self.cascade else NO_CASCADE)
             seen = None if self._memo is None else self._memo.get(service)
             if seen is not None and seen[1] == cascade and len(seen[0]) == len(ports) \
                     and all(a is b for a, b in zip(seen[0], ports, strict=True)):
@@ -288,7 +290,8 @@ class FamilyRuleset:
                 cached = _ServiceRenderer(self).render(ports)
                 if self._memo is not None:
                     self._memo[service] = (ports, cascade, cached)
-            self._cache[service] = cached
+            if self._memo is None:  # the memo is the cache (one 10,000-entry dict, not two)
+                self._cache[service] = cached
         return cached
 
     def endpoint_map(self, group: int) -> SetDef:
