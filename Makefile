@@ -9,7 +9,7 @@ BPF_OBJ := src/kubeproxy/bpf/sock_lb.o
 BPF_CFLAGS := -target bpf -mcpu=v3 -O2 -g -Wall -I/usr/include/$(shell uname -m)-linux-gnu
 # tools/vmrun: tests that need a kernel feature this machine lacks (IPVS) run in a QEMU
 # guest booting Debian's 6.1 kernel; the guest image is cached on first use (docs/vm.md).
-VM_APT_PKGS := qemu-system-x86 kmod
+VM_APT_PKGS := qemu-system-x86 kmod cpio  # cpio: tests check the initramfs reads back
 
 .PHONY: demo test test-ipvs lint deps apt venv bpf vm bench-render bench-nft bench-daemon clean
 
@@ -43,7 +43,7 @@ $(BPF_OBJ): src/kubeproxy/bpf/sock_lb.c
 	else echo "note: clang/libbpf-dev missing: $@ not built (ebpf mode unavailable)"; fi
 
 vm:
-	@if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || \
+	@if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v cpio >/dev/null 2>&1 || \
 	    ! PATH="$$PATH:/usr/sbin:/sbin" command -v depmod >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages for the test guest: $(VM_APT_PKGS)"; \
