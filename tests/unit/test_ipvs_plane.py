@@ -17,6 +17,7 @@ import pytest
 
 from kubeproxy.config import ConfigError, IpvsConfig
 from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.dataplane.ipvs import IpvsDataPlane
 from kubeproxy.dataplane.ipvs_netlink import Timeouts
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName
@@ -227,6 +228,16 @@ def test_cleanup_removes_everything() -> None:
     assert not kernel.services_ and not runner.sets and "kube-ipvs0" not in runner.links
     assert "KUBE-" not in runner.iptables.snapshot()
     assert "172.30.0.41" not in plane.rules()
+
+
+def test_a_plane_that_has_not_synced_prints_the_same_state() -> None:
+    """`lab rules` reads a node from a new process: its iptables part must be there too."""
+    p = proxier()
+    plane, runner, kernel = parts(p)
+    p.sync(decode_objects(STEPS[0][1]), None)
+    fresh = IpvsDataPlane(runner, kernel, plane.plane.backend)
+    assert "-A KUBE-SERVICES" in fresh.rules()
+    assert fresh.rules() == plane.rules()
 
 
 @pytest.mark.parametrize(("payload", "error"), [
