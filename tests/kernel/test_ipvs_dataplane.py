@@ -235,13 +235,13 @@ def test_graceful_termination_keeps_open_connections(net: Net) -> None:
         assert f"-r {POD}:8080 -m -w 0" in dp.rules()
         holder.kill()
         holder.wait()
-        # Closed (TIME_WAIT is not established): the next sync deletes the real server.
+        # Closed: TIME_WAIT in IPVS for 2 minutes, and that holds it too (as upstream).
         for _ in range(50):
-            dp.sync(MODE.render(views(gone)), frozenset())
-            if f"-r {POD}:8080" not in dp.rules():
+            if (0, 1) in counts(net):
                 break
             time.sleep(0.2)
-        assert f"-r {POD}:8080" not in dp.rules(), ipvs_state(net)
+        dp.sync(MODE.render(views(gone)), frozenset())
+        assert f"-r {POD}:8080 -m -w 0" in dp.rules(), ipvs_state(net)
     finally:
         holder.kill()
         holder.wait()
@@ -346,31 +346,36 @@ def ipvs_state(net: Net) -> str:
                           capture_output=True, text=True, check=False).stdout
 
 
+def counts(net: Net) -> list[tuple[int, int]]:
+    """The service's real servers' (active, inactive) connection counts, from the kernel."""
+    kernel = NetlinkIpvs(find_netns(NetnsRunner(net.node)))
+    try:
+        return [(d.active, d.inactive) for d in
+                kernel.dests((ipaddress.ip_address("172.30.0.41"), "tcp", 80))]
+    finally:
+        kernel.close()
+
+
 @pytest.mark.parametrize("then", ["moved", "none"])
-def test_a_real_server_with_only_closed_connections_is_deleted(net: Net, then: str) -> None:
-    """Only established connections keep a removed real server (at weight 0).
-    One whose connections are all closed (TIME_WAIT in IPVS) is deleted at once, and a
-    new connection from the same client port is scheduled afresh: to the new endpoint,
-    or refused when there is none."""
+def test_a_new_connection_from_a_drained_connections_port_is_scheduled_afresh(
+        net: Net, then: str) -> None:
+    """A removed real server whose only connection is closed (TIME_WAIT in IPVS) stays at
+    weight 0, as upstream; a new connection from the same client port is scheduled
+    afresh (conn_reuse_mode, expire_nodest_conn): to the new endpoint, or refused when
+    there is none."""
     second = "10.180.0.2"
     sh("ip", "-n", net.pod, "addr", "add", f"{second}/24", "dev", "eth0")
     dp = plane(net)
     dp.sync(MODE.render(views(objects())))
     assert ask_from_port(net, 40000) == NODE_POD_SIDE
-    kernel = NetlinkIpvs(find_netns(NetnsRunner(net.node)))
-    try:  # closed, but still counted (TIME_WAIT) by the kernel
-        counts = [(d.active, d.inactive) for d in
-                  kernel.dests((ipaddress.ip_address("172.30.0.41"), "tcp", 80))]
-    finally:
-        kernel.close()
-    assert counts == [(0, 1)], (counts, ipvs_state(net))
+    assert counts(net) == [(0, 1)], ipvs_state(net)  # closed, still counted (TIME_WAIT)
     eps = [endpoint(second)] if then == "moved" else []
     moved = [node(), service("svc1", cluster_ip="172.30.0.41", type="NodePort",
                              ports=[("p80", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)]),
              endpoint_slice("svc1", eps, ports=[("p80", 8080, "TCP"), ("dns", 5353, "UDP")])]
     dp.sync(MODE.render(views(moved)), frozenset({A}))
     text = dp.rules()
-    assert f"-r {POD}:8080" not in text, text
+    assert f"-r {POD}:8080 -m -w 0" in text, text
     again = ask_from_port(net, 40000)
     want = NODE_POD_SIDE if then == "moved" else "refused"
     assert again == want, (again, ipvs_state(net))

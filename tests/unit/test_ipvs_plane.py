@@ -112,11 +112,11 @@ def test_a_draining_endpoint_that_comes_back_gets_its_weight_back() -> None:
 @pytest.mark.parametrize(("active", "inactive", "kept"), [
     (1, 0, True),  # an established connection: drained at weight 0
     (2, 5, True),
-    (0, 5, False),  # only closing / TIME_WAIT ones: deleted at once
-    (0, 0, False),
+    (0, 5, True),  # closing / TIME_WAIT ones hold it too, as upstream
+    (0, 0, False),  # none: deleted at once
 ])
-def test_only_established_connections_hold_a_real_server(active: int, inactive: int,
-                                                         kept: bool) -> None:
+def test_connections_hold_a_removed_real_server_until_none_is_left(
+        active: int, inactive: int, kept: bool) -> None:
     p = proxier()
     p.sync(cluster("10.180.0.1", "10.180.0.2"), None)
     plane, _, kernel = parts(p)
@@ -126,10 +126,13 @@ def test_only_established_connections_hold_a_real_server(active: int, inactive: 
     want = {"10.180.0.1:80": 1, **({"10.180.0.2:80": 0} if kept else {})}
     assert reals(kernel) == want
     assert bool(plane.plane.terminating) is kept
-    # A draining one goes when its established connections are gone, inactive or not.
     kernel.connections[(key, ipaddress.ip_address("10.180.0.2"), 80)] = (0, inactive)
     p.sync(cluster("10.180.0.1"), frozenset())
+    assert reals(kernel) == {"10.180.0.1:80": 1, **({"10.180.0.2:80": 0} if inactive else {})}
+    kernel.connections[(key, ipaddress.ip_address("10.180.0.2"), 80)] = (0, 0)
+    p.sync(cluster("10.180.0.1"), frozenset())  # the last one gone: the next sync deletes
     assert reals(kernel) == {"10.180.0.1:80": 1}
+    assert not plane.plane.terminating
 
 
 def test_udp_real_servers_are_deleted_at_once() -> None:

@@ -63,6 +63,8 @@ def test_plan_wiring() -> None:
     assert "ip -n kpl-u-node-n1 addr add 192.168.0.2/24 dev eth0" in calls
     assert "ip -n kpl-u-node-n1 route add 10.244.2.0/24 via 192.168.0.3" in calls
     assert "ip -n kpl-u-node-n1 route add default dev eth0" in calls
+    # cbr0's MAC is fixed (from 10.244.1.1), so it does not change when a Pod goes away
+    assert "ip -n kpl-u-node-n1 link add cbr0 address 0a:58:0a:f4:01:01 type bridge" in calls
     assert "ip netns exec kpl-u-node-n2 sysctl -q -w net.ipv4.ip_forward=1" in calls
     assert "ip netns exec kpl-u-node-n2 sysctl -q -w net.bridge.bridge-nf-call-iptables=1" in calls
     assert "ip -n kpl-u-pod-default.web addr add 10.244.2.2/24 dev eth0" in calls

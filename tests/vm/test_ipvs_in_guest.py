@@ -44,24 +44,15 @@ FILES = [
     "tests/kernel/test_lab_nodes.py",
     "tests/kernel/test_lab_changes.py",
 ]
-# Known bug, left out until fixed (docs/ipvs.md "Known problems"): while a Service's
-# IPVS virtual server has real servers at weight 0, some new connections get no answer
-# at all (4 of 10 here on 2026-12-01), and the same happens, less often, in
-# test_readiness_and_termination's "no endpoints: refused" step (1 refused, 2 timed out
-# in one of two guest runs). Both tests are left out by name until it is fixed; every
-# other lab test and the data plane's own tests must pass.
-KNOWN_BUG = ("test_deleted_pod_goes_away_after_its_grace_period",
-             "test_readiness_and_termination")
 # Tests each file must have run for ipvs (at least): a -k that matches nothing, or a
 # file that stopped parametrizing by mode, must not pass as "nothing skipped".
-AT_LEAST = 38  # 13 data-plane tests, 25 lab tests (2026-12-01)
+AT_LEAST = 40  # 13 data-plane tests, 27 lab tests (2026-12-01)
 
 
 def test_ipvs_kernel_and_lab_tests_pass_in_the_guest(tag: str) -> None:
     started = time.monotonic()
     done = run_in_guest(
-        [".venv/bin/pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
-         " and not ".join(["ipvs", *KNOWN_BUG]), *FILES],
+        [".venv/bin/pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k", "ipvs", *FILES],
         timeout=TIMEOUT, tag=tag)
     out = done.stdout.decode(errors="replace")
     print(f"guest run: {time.monotonic() - started:.0f} s; {out.strip().splitlines()[-1:]}")

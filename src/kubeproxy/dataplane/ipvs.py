@@ -20,11 +20,9 @@ every reference valid (as upstream's IPVS proxier does):
    services' ones on a partial sync (the ruleset's ``owners`` and ours name them); per
    virtual server the real servers are diffed against the kernel's. A real server that
    goes away is **terminated gracefully**, as upstream's graceful-termination manager:
-   TCP ones with established connections get weight 0 (no new connections) and stay
-   until their active connection count is 0, which every later sync checks (inactive,
-   i.e. closing and TIME_WAIT, connections do not hold a real server, to keep
-   weight-0 ones few: docs/ipvs.md "Known problems"); UDP and SCTP ones are deleted
-   at once (expire_nodest_conn drops their flows);
+   TCP ones with connections get weight 0 (no new connections) and stay until their
+   active and inactive connection counts are 0, which every later sync checks; UDP and
+   SCTP ones are deleted at once (expire_nodest_conn drops their flows);
 5. the iptables part, per family: one ``iptables-restore --noflush`` rewriting our fixed
    chains whole (they do not grow with services; the sets do), then the jumps from the
    builtin chains (``-C``, ``-I`` when missing); a partial sync skips both when the
@@ -285,12 +283,9 @@ class IpvsDataPlane:
                 self._terminate(key, d)
 
     def _terminate(self, key: Key, d: KernelDest) -> None:
-        """Delete a real server, or drain it first (weight 0) while it has established
-        connections. Inactive ones (closing, TIME_WAIT) do not hold it (upstream issue
-        81308); with expire_nodest_conn=1 the kernel drops them on their next packet.
-        Weight-0 real servers go with new connections timing out (docs/ipvs.md, "Known
-        problems")."""
-        if key[1] not in GRACEFUL_PROTOCOLS or d.active == 0:
+        """Delete a real server, or drain it first (weight 0) while it has connections,
+        established or closing (upstream's graceful-termination manager counts both)."""
+        if key[1] not in GRACEFUL_PROTOCOLS or d.active + d.inactive == 0:
             self.kernel.del_dest(key, d.ip, d.port)
             self.terminating.pop((key, d.ip, d.port), None)
             return

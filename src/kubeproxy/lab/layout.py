@@ -66,6 +66,15 @@ class NodePlan:
     switch_port: str  # the veth end in the switch namespace
     zone: str | None
 
+    @property
+    def bridge_mac(self) -> str:
+        """cbr0's MAC address, set explicitly and derived from its address (as kubenet
+        does: 0a:58 and the four bytes). A bridge left to choose takes the lowest MAC of
+        its ports and changes it when that Pod goes away; the other Pods' cached
+        neighbour entry for their gateway then points nowhere, and their packets are
+        flooded to the bridge's ports instead of reaching the node until it expires."""
+        return "0a:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(self.gateway).packed)
+
 
 @dataclass(frozen=True)
 class PodPlan:

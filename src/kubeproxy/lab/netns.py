@@ -73,8 +73,11 @@ class Netns:
 
     # -- links
 
-    def add_bridge(self, ns: str, name: str) -> None:
-        self._ip(ns, "link", "add", name, "type", "bridge")
+    def add_bridge(self, ns: str, name: str, address: str | None = None) -> None:
+        """A bridge, up; with ``address`` its MAC address is fixed (it does not follow
+        its ports')."""
+        self._ip(ns, "link", "add", name, *(("address", address) if address else ()),
+                 "type", "bridge")
         self.up(ns, name)
 
     def add_veth(self, ns: str, name: str, peer_ns: str, peer_name: str) -> None:

@@ -67,7 +67,7 @@ def build_base(net: Netns, plan: Plan) -> None:
         net.add_address(node.ns, LAB_IF, f"{node.lab_ip}/{LAB_CIDR.prefixlen}")
         net.up(node.ns, LAB_IF)
         prefixlen = node.pod_cidr.split("/")[1]
-        net.add_bridge(node.ns, BRIDGE)
+        net.add_bridge(node.ns, BRIDGE, node.bridge_mac)
         net.add_address(node.ns, BRIDGE, f"{node.gateway}/{prefixlen}")
         for key, value in NODE_SYSCTLS:
             try:
