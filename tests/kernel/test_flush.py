@@ -84,8 +84,8 @@ def lab(mode: str, make_lab: MakeLab) -> Lab:
 
 
 def node_rules(lab: Lab, save: str) -> str:
-    """The node's rules as its mode prints them, then its iptables-save (a mode that only
-    partly lives in iptables, ipvs, prints that part only after a sync of its own)."""
+    """The node's rules as its mode prints them, then its iptables-save (whatever a
+    mode's own printout leaves out)."""
     res = NetnsRunner(lab.namespace_of("node-1")).run([save])
     assert res.returncode == 0, res.stderr
     return normalized(lab.node_rules()) + "\n" + normalized(res.stdout)

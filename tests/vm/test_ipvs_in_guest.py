@@ -17,12 +17,10 @@ test_lab_services         ClusterIP spread, NodePort / external IP / LB IP from 
 test_lab_nodes            cross-node spread; eTP=Local keeps the client address; iTP=Local
 test_lab_changes          readiness and termination followed; rr spreads n requests exactly
                           n/k
+test_flush                a flushed KUBE-SERVICES and a deleted kube-ipvs0 are restored
 ========================  ====================================================================
 
-tests/kernel/test_flush.py's IPVS case (a flushed KUBE-SERVICES and a deleted kube-ipvs0
-restored) also passes in the guest but is left out here: each lab costs minutes under
-TCG, and CI's budget is shared (`tools/vmrun .venv/bin/pytest -k ipvs
-tests/kernel/test_flush.py` runs it). It skips, saying why, where no guest can run.
+It skips, saying why, where no guest can run.
 """
 
 from __future__ import annotations
@@ -43,10 +41,11 @@ FILES = [
     "tests/kernel/test_lab_services.py",
     "tests/kernel/test_lab_nodes.py",
     "tests/kernel/test_lab_changes.py",
+    "tests/kernel/test_flush.py",
 ]
 # Tests each file must have run for ipvs (at least): a -k that matches nothing, or a
 # file that stopped parametrizing by mode, must not pass as "nothing skipped".
-AT_LEAST = 40  # 13 data-plane tests, 27 lab tests (2026-12-01)
+AT_LEAST = 41  # 13 data-plane tests, 28 lab tests (2026-12-01)
 
 
 def test_ipvs_kernel_and_lab_tests_pass_in_the_guest(tag: str) -> None:
