@@ -15,6 +15,7 @@ same Pod connects again at once (its neighbour entry is still the cached one).
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from kubeproxy.lab import layout, network
 from kubeproxy.lab.layout import BRIDGE
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.netns import Netns
+from kubeproxy.lab.probe import ProbeResult
+from kubeproxy.lab.processes import python_env
 from tests.kernel.conftest import session_lab, skip_reason
 
 pytestmark = pytest.mark.kernel
@@ -50,22 +53,15 @@ def mac(ns: str, dev: str) -> str:
     return out.split("link/ether ")[1].split()[0]
 
 
-# A connect to a port nothing listens on: the node answers with a reset ("refused") if
-# the SYN reaches it; a flooded SYN gets nothing ("timeout").
-REACH = """
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], 9), timeout=2)
-except ConnectionRefusedError:
-    print("refused")
-except OSError as err:
-    print(type(err).__name__)
-"""
-
-
 def reach(ns: str, ip: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", REACH, ip],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    """One connect (the lab's probe) to a port nothing listens on: "refused" when the
+    SYN reached the node (it answers with a reset), "timeout" when it was flooded."""
+    argv = [sys.executable, "-m", "kubeproxy.lab.probe", "--to", ip, "--port", "9", "-n", "1",
+            "--timeout", "2"]
+    out = subprocess.run(Netns().exec_argv(ns, argv), env=python_env(), capture_output=True,
+                         text=True, check=True).stdout
+    failed = [kind for kind, n in ProbeResult.from_json(json.loads(out)).failures().items() if n]
+    return failed[0] if failed else "ok"
 
 
 def test_a_deleted_pod_does_not_change_the_gateways_mac() -> None:
