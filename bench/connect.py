@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeproxy import modes
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane import bpf_sys
 from kubeproxy.dataplane.base import SubprocessRunner
 from kubeproxy.lab import cgroups

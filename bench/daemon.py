@@ -53,7 +53,7 @@ from kubeproxy.apiserver.resources import ENDPOINTSLICES, NODES, SERVICES
 from kubeproxy.apiserver.server import ApiServer, NetnsListener, ServerConfig
 from kubeproxy.apiserver.store import Store
 from kubeproxy.dataplane.base import SubprocessRunner
-from kubeproxy.netns_thread import call_in_netns
+from kubeproxy.util.netns_thread import call_in_netns
 
 NODE_IP = "192.168.0.2"
 LISTENER = "10.200.0.1"  # a real endpoint: a TCP listener on an address in the netns

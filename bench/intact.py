@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubeproxy import modes
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import Runner, SubprocessRunner
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.proxier import Proxier

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import SubprocessRunner
 from kubeproxy.model import Cluster, Endpoint, NamespacedName
 from kubeproxy.modes import iptables as iptables_mode

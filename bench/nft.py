@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import SubprocessRunner
 from kubeproxy.dataplane.netlink import NetlinkTransport
 from kubeproxy.dataplane.nftables import NftablesDataPlane

@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 
-from kubeproxy.config import ProxyConfig
-from kubeproxy.gcpause import paused_gc
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.model import (
     Cluster,
     Endpoint,
@@ -35,6 +34,7 @@ from kubeproxy.model import (
 )
 from kubeproxy.nodeview import build_node_view
 from kubeproxy.render.iptables import _hash16, render
+from kubeproxy.util.gcpause import paused_gc
 
 ENDPOINTS = 10
 SIZES = (1_000, 10_000, 30_000)

@@ -1,5 +1,5 @@
 import sys
 
-from kubeproxy.cli import main
+from kubeproxy.app.cli import main
 
 sys.exit(main())

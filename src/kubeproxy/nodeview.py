@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
 
-from kubeproxy.config import PRIMARY, DetectLocalMode, LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import PRIMARY, DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.model import (
     Cluster,
     EndpointSlice,

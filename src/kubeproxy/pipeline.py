@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from kubeproxy import modes
-from kubeproxy.config import ProxyConfig
-from kubeproxy.gcpause import paused_gc
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.model import Cluster, Family, Service
 from kubeproxy.nodeview import NodeView, build_node_view
 from kubeproxy.render import iptables
+from kubeproxy.util.gcpause import paused_gc
 
 if TYPE_CHECKING:
     from kubeproxy.render.nftables import NftRuleset

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubeproxy.config import ProxyConfig
-from kubeproxy.gcpause import paused_gc
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.model import Cluster, Family, NamespacedName
 from kubeproxy.modes.base import DataPlane, Mode
 from kubeproxy.nodeview import NodeViewCache
 from kubeproxy.pipeline import families_in_use, families_of
 from kubeproxy.sync import SyncReport
+from kubeproxy.util.gcpause import paused_gc
 
 
 class Proxier:

@@ -21,7 +21,7 @@ from kubeproxy.apiserver import resources as r
 from kubeproxy.apiserver.errors import ApiError
 from kubeproxy.apiserver.selectors import FieldSelector, LabelSelector
 from kubeproxy.apiserver.store import Store
-from kubeproxy.jsontypes import JSON
+from kubeproxy.util.jsontypes import JSON
 from tests.fakes import FakeClock
 
 NO_LABELS, NO_FIELDS = LabelSelector(), FieldSelector()

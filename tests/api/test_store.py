@@ -21,7 +21,7 @@ from kubeproxy.apiserver.selectors import (
     parse_label_selector,
 )
 from kubeproxy.apiserver.store import Store, StoreConfig
-from kubeproxy.jsontypes import JSON
+from kubeproxy.util.jsontypes import JSON
 from tests.fakes import FakeClock
 
 NO_LABELS, NO_FIELDS = LabelSelector(), FieldSelector()

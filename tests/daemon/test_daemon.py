@@ -37,15 +37,15 @@ import pytest
 
 from kubeproxy import modes
 from kubeproxy.apiserver import ApiServer, ServerConfig
-from kubeproxy.config import ProxyConfig
-from kubeproxy.daemon import Daemon
+from kubeproxy.app.daemon import Daemon
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane import bpf_sys
 from kubeproxy.dataplane.base import NetnsRunner, SubprocessRunner
+from kubeproxy.health.server import Health, Metrics
 from kubeproxy.lab import cgroups
 from kubeproxy.model import NamespacedName
 from kubeproxy.modes.base import DataPlane, PlaneOptions
 from kubeproxy.proxier import Proxier
-from kubeproxy.server import Health, Metrics
 from kubeproxy.sources.client import Client
 from kubeproxy.sources.informer import Backoff, Informer, resources
 from kubeproxy.sources.kubeconfig import ClusterAccess

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import DetectLocalMode, LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.pipeline import node_views

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.nodeview import build_node_view

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubeproxy.config import LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects, load_manifests
 from kubeproxy.model import Family, parse_cidr
 from kubeproxy.nodeview import NodeView, build_node_view

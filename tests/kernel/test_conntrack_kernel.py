@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.conntrack import stale_udp_flows
 from kubeproxy.dataplane.base import NetnsRunner, check
 from kubeproxy.dataplane.conntrack import ConntrackCleaner

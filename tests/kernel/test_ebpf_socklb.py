@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.dataplane import bpf_sys
 from kubeproxy.dataplane.base import NetnsRunner
 from kubeproxy.k8s import decode_objects

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
 from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
 from kubeproxy.k8s import decode_objects

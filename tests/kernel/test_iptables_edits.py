@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import NetnsRunner, Result
 from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
 from kubeproxy.k8s import decode_objects

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubeproxy.config import DetectLocalMode, LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.pipeline import render_iptables

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import IpvsConfig, ProxyConfig
+from kubeproxy.config.types import IpvsConfig, ProxyConfig
 from kubeproxy.dataplane.base import NetnsRunner, SubprocessRunner
 from kubeproxy.dataplane.ipvs_netlink import NetlinkIpvs, Timeouts
 from kubeproxy.dataplane.netlink import find_netns

@@ -36,7 +36,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import converge, hostpods
 from kubeproxy.lab import deploy as lab_deploy
 from kubeproxy.lab.deploy import proxy_pods
@@ -44,6 +43,7 @@ from kubeproxy.lab.hostpods import SA_DIR, Launch, Mount
 from kubeproxy.lab.probe import ProbeResult
 from kubeproxy.lab.processes import AGENT_MODULE, alive, cmdline, kill, python_env, spawn
 from kubeproxy.lab.runtime import Lab
+from kubeproxy.util.jsontypes import JSON
 from tests.kernel.conftest import (
     DEPLOY,
     KUBEADM_CM,

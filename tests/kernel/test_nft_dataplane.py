@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import NetnsRunner
 from kubeproxy.dataplane.netlink import NetlinkTransport
 from kubeproxy.dataplane.nft_ops import TransactionError

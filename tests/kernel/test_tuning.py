@@ -35,7 +35,7 @@ def in_ns(ns: str, code: str) -> str:
 
 
 TUNE = """
-from kubeproxy import tuning
+from kubeproxy.app import tuning
 s = tuning.ProcSysctl()
 settings = tuning.Settings(tcp_established_timeout=7777, tcp_close_wait_timeout=555,
                            udp_timeout=17, tcp_be_liberal=True, oom_score_adj=None)

@@ -122,10 +122,10 @@ iptables: {masqueradeAll: true, masqueradeBit: 12}
 
 def test_version_loads_neither_the_daemon_nor_the_metrics_library() -> None:
     """`kube-proxy --version` stays cheap: prometheus-client is the daemon's (docs/flags.md)."""
-    code = ("import sys; from kubeproxy.cli import kube_proxy_main; "
+    code = ("import sys; from kubeproxy.app.cli import kube_proxy_main; "
             "rc = kube_proxy_main(['--version']); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prometheus_client' "
-            "or m == 'kubeproxy.daemon'))")
+            "or m == 'kubeproxy.app.daemon'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeproxy import flags
-from kubeproxy.cli import build_config, build_parser
-from kubeproxy.config import (
+from kubeproxy.app.cli import build_config, build_parser
+from kubeproxy.config import flags
+from kubeproxy.config.types import (
     ConfigError,
     ProxyConfig,
     cluster_with_bind_address,
@@ -134,13 +134,13 @@ def test_the_daemon_folds_its_node_with_the_bind_address() -> None:
     """`kubeproxy run`: every version of this node's Node (list, watch, resync) is folded
     with the bind address as its primary IP."""
     from kubeproxy import modes
-    from kubeproxy.daemon import Daemon
+    from kubeproxy.app.daemon import Daemon
+    from kubeproxy.health.server import Health, Metrics
     from kubeproxy.model import NamespacedName
     from kubeproxy.proxier import Proxier
-    from kubeproxy.queues import drain
-    from kubeproxy.server import Health, Metrics
     from kubeproxy.sources.informer import Replace
     from kubeproxy.tracker import Update
+    from kubeproxy.util.queues import drain
 
     config = ProxyConfig(hostname=NODE, bind_address=ipaddress.ip_address(BIND))
     mode = modes.get(config.mode)

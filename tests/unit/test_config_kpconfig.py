@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeproxy import flags, kpconfig
-from kubeproxy.cli import build_config, build_parser
-from kubeproxy.config import ConfigError
+from kubeproxy.app.cli import build_config, build_parser
+from kubeproxy.config import flags
+from kubeproxy.config import v1alpha1 as kpconfig
+from kubeproxy.config.types import ConfigError
 
 DATA = Path(__file__).parent / "data"
 
@@ -137,7 +138,7 @@ def test_which_flags_say_they_have_no_effect(flag: list[str], honoured: bool) ->
 
 
 def test_api_client_flags_reach_the_rate_limiter() -> None:
-    from kubeproxy.cli import _client_options
+    from kubeproxy.app.cli import _client_options
 
     args = run_args("--kube-api-qps", "50", "--kube-api-burst", "100",
                     "--kube-api-content-type", "application/vnd.kubernetes.protobuf")

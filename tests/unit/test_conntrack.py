@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.conntrack import Frontend, Reason, StaleFlow, stale_udp_flows
 from kubeproxy.dataplane.base import DataPlaneError, Result
 from kubeproxy.dataplane.conntrack import ConntrackCleaner, delete_argv

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.k8s import decode_objects, parse_manifest_text
 from kubeproxy.k8s.load import ManifestError
 from kubeproxy.model import ServiceType, TrafficPolicy

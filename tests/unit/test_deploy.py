@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubeproxy import flags, kpconfig
+from kubeproxy.config import flags
+from kubeproxy.config import v1alpha1 as kpconfig
 from kubeproxy.lab.hostpods import expand
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +96,7 @@ def test_command_is_our_console_script_at_kubeadms_path() -> None:
     program = CONTAINER["command"][0]
     assert program == "/usr/local/bin/kube-proxy"
     assert Path(program).name in scripts
-    assert scripts["kube-proxy"] == "kubeproxy.cli:kube_proxy_main"
+    assert scripts["kube-proxy"] == "kubeproxy.app.cli:kube_proxy_main"
 
 
 def config_conf() -> str:

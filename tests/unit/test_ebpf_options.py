@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.cli import _plane_options, build_config, build_parser
-from kubeproxy.config import load_config_file
+from kubeproxy.app.cli import _plane_options, build_config, build_parser
+from kubeproxy.config.types import load_config_file
 from kubeproxy.lab import cgroups
 from kubeproxy.modes import ebpf as mode_ebpf
 from kubeproxy.modes.base import PlaneOptions

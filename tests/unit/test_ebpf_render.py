@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.dataplane import bpf_sys
 from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.ebpf import EbpfDataPlane

@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
-from kubeproxy.daemon import Daemon
-from kubeproxy.healthcheck import (
+from kubeproxy.app.daemon import Daemon
+from kubeproxy.config.types import ProxyConfig
+from kubeproxy.health.server import Health, Metrics, health_endpoint, metrics_endpoint
+from kubeproxy.health.service_health import (
     HealthCheck,
     HealthCheckServers,
     desired_servers,
@@ -27,7 +28,6 @@ from kubeproxy.healthcheck import (
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Cluster, Family, NamespacedName, parse_cidr
 from kubeproxy.nodeview import NodeView, build_node_view
-from kubeproxy.server import Health, Metrics, health_endpoint, metrics_endpoint
 from kubeproxy.sources.informer import Replace
 from kubeproxy.sync import SyncReport
 from kubeproxy.tracker import Update

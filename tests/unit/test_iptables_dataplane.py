@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.iptables import (
     Backend,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import ConfigError, IpvsConfig
+from kubeproxy.config.types import ConfigError, IpvsConfig
 from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.ipvs import IpvsDataPlane
 from kubeproxy.dataplane.ipvs_netlink import Timeouts
@@ -488,13 +488,13 @@ def test_the_timeouts_request_reads_back_with_pyroute2s_decoder() -> None:
                               ipaddress.ip_network("fd00:96::/64")), 900.0, 120.0, 300.0)),
 ], ids=["defaults", "every flag"])
 def test_ipvs_flags_reach_proxy_config(argv: list[str], want: IpvsConfig) -> None:
-    from kubeproxy.cli import build_config, build_parser
+    from kubeproxy.app.cli import build_config, build_parser
 
     assert build_config(build_parser().parse_args(["run", *argv])).ipvs == want
 
 
 def test_ipvs_section_of_the_file_reaches_proxy_config(tmp_path: Path) -> None:
-    from kubeproxy.cli import build_config, build_parser
+    from kubeproxy.app.cli import build_config, build_parser
 
     path = tmp_path / "kp.yaml"
     path.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import IpvsConfig, ProxyConfig
+from kubeproxy.config.types import IpvsConfig, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.modes.ipvs import MODE

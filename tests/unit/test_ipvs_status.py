@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import IpvsConfig
+from kubeproxy.config.types import IpvsConfig
 from kubeproxy.modes import ipvs as ipvs_mode
 
 CASES = [

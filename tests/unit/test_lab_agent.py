@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from kubeproxy.apiserver.server import ApiServer, ServerConfig
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import layout, objects
 from kubeproxy.lab.agent import Agent
 from kubeproxy.lab.api import LabApi
 from kubeproxy.lab.manifest import SERVICE_NAME_LABEL, load_documents, parse_objects
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.state import LabState, LabStore
+from kubeproxy.util.jsontypes import JSON
 
 LAB = """
 kind: Node

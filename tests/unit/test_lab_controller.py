@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.controller import (
     CONTROLLER_NAME,
     MANAGED_BY_LABEL,
@@ -14,6 +13,7 @@ from kubeproxy.lab.controller import (
     endpoint_slices,
 )
 from kubeproxy.lab.manifest import Node, Pod, Service, parse_node, parse_pod, parse_service
+from kubeproxy.util.jsontypes import JSON
 
 
 def pod(

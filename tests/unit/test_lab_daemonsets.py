@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import daemonsets
 from kubeproxy.lab.daemonsets import orphans, plan, tolerates
+from kubeproxy.util.jsontypes import JSON
 
 UID = "ds-uid-1"
 

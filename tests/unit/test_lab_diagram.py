@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import LBAlgorithm
-from kubeproxy.jsontypes import JSON
+from kubeproxy.config.types import LBAlgorithm
 from kubeproxy.lab import controller, diagram, layout, nodeviews, objects
 from kubeproxy.lab.controller import PodStatus
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.state import LabState
 from kubeproxy.nodeview import NodeView, Route
+from kubeproxy.util.jsontypes import JSON
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
 

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import yaml
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import hostpods
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
@@ -34,6 +33,7 @@ from kubeproxy.lab.hostpods import (
 from kubeproxy.lab.layout import NodePlan
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.state import LabStore
+from kubeproxy.util.jsontypes import JSON
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kube-proxy.yaml"
 SCRIPTS = {"kube-proxy": "/venv/bin/kube-proxy", "kubeproxy": "/venv/bin/kubeproxy"}

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from kubeproxy import logs
+from kubeproxy.app import logs
 
 KLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ test_logs\.py:\d+\] ")
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import ProxyConfig
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.conntrack import Frontend, Reason, StaleFlow
 from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.nftables import SyncStats as NftStats
+from kubeproxy.health.metrics import FAMILIES, PROGRAMMING_BUCKETS, SYNC_BUCKETS, Metrics
 from kubeproxy.k8s import decode_objects
-from kubeproxy.metrics import FAMILIES, PROGRAMMING_BUCKETS, SYNC_BUCKETS, Metrics
 from kubeproxy.model import (
     Family,
     NamespacedName,

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import ConfigError, ProxyConfig
+from kubeproxy.config.types import ConfigError, ProxyConfig
 from kubeproxy.dataplane.nft_ops import AddTable, DeleteTable, FlushChain
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr

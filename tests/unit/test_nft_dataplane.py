@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.dataplane import nft_ops as nft
 from kubeproxy.dataplane.base import DataPlaneError, Result
 from kubeproxy.dataplane.netlink import encode, find_netns

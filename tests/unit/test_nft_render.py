@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import DetectLocalMode, LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.pipeline import render_nftables, render_nftables_ruleset

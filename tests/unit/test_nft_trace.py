@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubeproxy.cli import main
-from kubeproxy.config import ProxyConfig
+from kubeproxy.app.cli import main
+from kubeproxy.config.types import ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.nodeview import build_node_view

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config import DetectLocalMode, ProxyConfig
+from kubeproxy.config.types import DetectLocalMode, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Family, parse_cidr
 from kubeproxy.nodeview import (

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from kubeproxy.queues import drain
+from kubeproxy.util.queues import drain
 
 # (id, items queued before drain, timeout, expected batch)
 CASES = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubeproxy.config import LBAlgorithm, ProxyConfig
+from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.nodeview import NodeViewCache

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kubeproxy.server import (
+from kubeproxy.health.server import (
     Health,
     HealthState,
     HttpEndpoint,

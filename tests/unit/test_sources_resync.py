@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config import ConfigError, ProxyConfig
-from kubeproxy.daemon import Daemon
+from kubeproxy.app.daemon import Daemon
+from kubeproxy.config.types import ConfigError, ProxyConfig
+from kubeproxy.health.server import Health, Metrics
 from kubeproxy.model import InvalidObject, NamespacedName, Node
 from kubeproxy.proxier import Proxier
-from kubeproxy.queues import drain
-from kubeproxy.server import Health, Metrics
 from kubeproxy.sources.client import Client
 from kubeproxy.sources.informer import Replace
 from kubeproxy.sources.kubeconfig import ClusterAccess
 from kubeproxy.tracker import Update
+from kubeproxy.util.queues import drain
 from tests.fakes import FakeClock
 from tests.unit.test_informer import (
     LIST0,

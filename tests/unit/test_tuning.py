@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from kubeproxy import tuning
+from kubeproxy.app import tuning
 from kubeproxy.dataplane.base import DataPlaneError, Result
 from kubeproxy.dataplane.iptables import detect_backend
 from kubeproxy.modes.iptables import ExistingTablesOnly

@@ -2,7 +2,7 @@
 
 The lab's API server listens on 127.0.0.1 in the root namespace (for kubectl) and, from
 the same process, inside each node namespace (for the proxies): the socket is created
-by kubeproxy.netns_thread on a thread that has entered the namespace; the serving
+by kubeproxy.util.netns_thread on a thread that has entered the namespace; the serving
 threads never leave the root namespace.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-from kubeproxy.netns_thread import NetnsError, call_in_netns
+from kubeproxy.util.netns_thread import NetnsError, call_in_netns
 
 __all__ = ["NetnsError", "netns_socket"]
 

@@ -63,7 +63,6 @@ from typing import Literal, Protocol
 from kubeproxy.dataplane.base import DataPlaneError, Runner, check
 from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
 from kubeproxy.model import NamespacedName
-from kubeproxy.netns_thread import call_at
 from kubeproxy.render.iptables import (
     KUBE_FIREWALL,
     KUBE_PROXY_CANARY,
@@ -72,6 +71,7 @@ from kubeproxy.render.iptables import (
     Ruleset,
     jump_rule,
 )
+from kubeproxy.util.netns_thread import call_at
 
 Backend = Literal["legacy", "nft"]
 CANARY_TABLES = ("mangle", "filter", "nat")  # where the KUBE-PROXY-CANARY chains live

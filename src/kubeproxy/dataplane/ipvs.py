@@ -49,7 +49,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kubeproxy.config import IpvsConfig
+from kubeproxy.config.types import IpvsConfig
 from kubeproxy.dataplane.base import DataPlaneError, Runner, check
 from kubeproxy.dataplane.iptables import Backend, Watch, binaries
 from kubeproxy.dataplane.ipvs_netlink import KernelDest, KernelService, Timeouts

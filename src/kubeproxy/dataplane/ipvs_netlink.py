@@ -30,8 +30,8 @@ from typing import Any
 
 from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.model import IPAddress
-from kubeproxy.netns_thread import call_at
 from kubeproxy.render.ipvs import Key, RealServer, VirtualServer, key_of
+from kubeproxy.util.netns_thread import call_at
 
 
 @dataclass(frozen=True)

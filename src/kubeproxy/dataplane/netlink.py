@@ -31,7 +31,7 @@ by table and chain, so the kernel walks only that chain).
 
 Safety: the socket is opened in the network namespace the Runner's commands run in
 (:func:`find_netns` finds it by inode under /run/netns when it differs from ours), on a
-throwaway thread (kubeproxy.netns_thread), never anywhere else. A socket keeps the
+throwaway thread (kubeproxy.util.netns_thread), never anywhere else. A socket keeps the
 namespace it was created in, so every later transaction goes there too.
 """
 
@@ -63,10 +63,10 @@ from kubeproxy.dataplane.nft_ops import (
     Op,
     TransactionError,
 )
-from kubeproxy.netns_thread import NetnsError, call_at
 from kubeproxy.render import nft_wire as wire
 from kubeproxy.render.nft_ir import Item, SetDef
 from kubeproxy.render.nftables import TABLE, TABLE_COMMENT
+from kubeproxy.util.netns_thread import NetnsError, call_at
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270

@@ -55,7 +55,6 @@ from kubeproxy.dataplane import nft_ops as nft
 from kubeproxy.dataplane.base import DataPlaneError, Runner
 from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
 from kubeproxy.dataplane.nft_ops import Listing, Op, TransactionError, Transport
-from kubeproxy.gcpause import paused_gc
 from kubeproxy.model import IPAddress, NamespacedName
 from kubeproxy.render.nft_ir import Element, SetDef
 from kubeproxy.render.nftables import (
@@ -65,6 +64,7 @@ from kubeproxy.render.nftables import (
     NftRuleset,
     ServiceObjects,
 )
+from kubeproxy.util.gcpause import paused_gc
 
 # Sets whose elements several Services may share: reference-counted.
 K = TypeVar("K")

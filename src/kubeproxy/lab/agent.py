@@ -53,7 +53,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import controller, network, objects
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
@@ -63,7 +62,8 @@ from kubeproxy.lab.manifest import Service, parse_node, parse_service
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.state import DEFAULT_BASE, LabState, LabStore, write_atomic
 from kubeproxy.lab.watchcache import WatchCache
-from kubeproxy.queues import drain
+from kubeproxy.util.jsontypes import JSON
+from kubeproxy.util.queues import drain
 
 log = logging.getLogger("kubeproxy.lab.agent")
 KINDS = ("Pod", "Service", "Node", "EndpointSlice")

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import LabError
 from kubeproxy.sources.auth import Authenticator
 from kubeproxy.sources.client import Client, ClientError, StatusError, WatchStream
 from kubeproxy.sources.kubeconfig import ClusterAccess, load_kubeconfig
 from kubeproxy.sources.transport import ssl_context
+from kubeproxy.util.jsontypes import JSON
 
 USER_AGENT = "kubeproxy-lab/0.1"
 CONFLICT_RETRIES = 8

@@ -22,8 +22,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.manifest import SERVICE_NAME_LABEL, Node, Pod, Service, ServicePort
+from kubeproxy.util.jsontypes import JSON
 
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 CONTROLLER_NAME = "endpointslice-controller.k8s.io"

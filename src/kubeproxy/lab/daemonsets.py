@@ -46,14 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import objects
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.processes import cmdline, kill
 from kubeproxy.lab.state import DEFAULT_BASE, LabStore, write_atomic
 from kubeproxy.lab.watchcache import WatchCache
-from kubeproxy.queues import drain
+from kubeproxy.util.jsontypes import JSON
+from kubeproxy.util.queues import drain
 
 log = logging.getLogger("kubeproxy.lab.daemonsets")
 MODULE = "kubeproxy.lab.daemonsets"

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import yaml
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import converge, objects
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.hostpods import API_HOST, API_PORT
 from kubeproxy.lab.processes import log_tail, time_scale
 from kubeproxy.lab.runtime import Lab
+from kubeproxy.util.jsontypes import JSON
 
 NAMESPACE, NAME = "kube-system", "kube-proxy"  # kubeadm's names, which deploy/ keeps
 CONFIG_KEY, KUBECONFIG_KEY = "config.conf", "kubeconfig.conf"

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import hostpods, nsconnect, objects
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
@@ -55,6 +54,7 @@ from kubeproxy.lab.layout import NodePlan
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import kill, python_env
 from kubeproxy.lab.state import LabStore, write_atomic
+from kubeproxy.util.jsontypes import JSON
 
 log = logging.getLogger("kubeproxy.lab.kubelet")
 POLL = 1.0  # seconds between checks that the processes still run

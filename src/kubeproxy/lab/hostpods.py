@@ -57,9 +57,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.state import LabStore, write_atomic
+from kubeproxy.util.jsontypes import JSON
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 API_HOST, API_PORT = "127.0.0.1", 6443  # the node namespace's API listener (runtime.py)

@@ -41,7 +41,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import cgroups, hostpods, network, objects
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.errors import LabError
@@ -51,6 +50,7 @@ from kubeproxy.lab.manifest import Pod, Service, parse_pod
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import SERVER_MODULE, kill, spawn, time_scale
 from kubeproxy.lab.state import LabStore
+from kubeproxy.util.jsontypes import JSON
 
 log = logging.getLogger("kubeproxy.lab.kubelet")
 READY_TIMEOUT = 20.0

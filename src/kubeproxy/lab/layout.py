@@ -29,10 +29,10 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.controller import selects
 from kubeproxy.lab.errors import ManifestError
 from kubeproxy.lab.manifest import LabObjects, Node, Pod, Service, parse_service
+from kubeproxy.util.jsontypes import JSON
 
 LAB_NAME_RE = re.compile(r"^[a-z0-9]{1,8}$")
 NS_PREFIX = "kpl-"

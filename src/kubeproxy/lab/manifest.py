@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import ManifestError
+from kubeproxy.util.jsontypes import JSON
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"

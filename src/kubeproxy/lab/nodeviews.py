@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Each lab node runs ``kubeproxy run`` against the lab's API server with the flags of
 runtime.py ``proxy_flags``. :func:`proxy_config` parses those very flags with the
-proxy's own command line into the :class:`~kubeproxy.config.ProxyConfig` they give,
+proxy's own command line into the :class:`~kubeproxy.config.types.ProxyConfig` they give,
 and :func:`views_of` runs the proxy's own pipeline (``decode_objects`` ->
 ``build_node_view``, one view per IP family in use) over the objects the API holds. So
 the lab's diagram shows the decisions the node's proxy renders, without reading rules
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kubeproxy.config import ConfigError, ProxyConfig
-from kubeproxy.jsontypes import JSON
+from kubeproxy.config.types import ConfigError, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.runtime import Lab, proxy_flags
 from kubeproxy.lab.state import LabState
 from kubeproxy.nodeview import NodeView
 from kubeproxy.pipeline import node_views as views_in_use
+from kubeproxy.util.jsontypes import JSON
 
 KINDS = ("Service", "EndpointSlice", "Node")  # what kube-proxy watches
 
@@ -31,7 +31,7 @@ KINDS = ("Service", "EndpointSlice", "Node")  # what kube-proxy watches
 def proxy_config(state: LabState, node: str) -> ProxyConfig:
     """The configuration the lab's proxy on ``node`` runs with: its own flags, parsed
     by the command line that parses them for the proxy."""
-    from kubeproxy.cli import build_config, build_parser
+    from kubeproxy.app.cli import build_config, build_parser
 
     try:
         return build_config(build_parser().parse_args(["run", *proxy_flags(state, node)]))

@@ -3,7 +3,7 @@
 Each node's proxy serves /metrics and /healthz on the node namespace's own loopback,
 which nothing outside the namespace can reach, by design. A socket belongs to the
 namespace of the thread that creates it, for its whole life; so a short-lived thread
-enters the namespace (kubeproxy.netns_thread), creates and connects the socket, and
+enters the namespace (kubeproxy.util.netns_thread), creates and connects the socket, and
 hands it back. Only lab namespaces are accepted (the ``netns`` guard).
 """
 
@@ -14,7 +14,7 @@ import socket
 
 from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.netns import lab_namespace
-from kubeproxy.netns_thread import call_in_netns
+from kubeproxy.util.netns_thread import call_in_netns
 
 
 def connect(ns: str, host: str, port: int, timeout: float = 2.0) -> socket.socket:

@@ -21,8 +21,8 @@ import copy
 import time
 from collections.abc import Sequence
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.layout import Plan
+from kubeproxy.util.jsontypes import JSON
 
 POD_IP_ANNOTATION = "lab.kubeproxy.io/pod-ip"
 LAB_IMAGE = "kubeproxy.lab/podserver"

@@ -49,7 +49,6 @@ from urllib.parse import urlsplit
 
 from kubeproxy import modes
 from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab import cgroups, converge, daemonsets, hostpods, layout, network, objects, view
 from kubeproxy.lab import pki as lab_pki
 from kubeproxy.lab.agent import KINDS as AGENT_KINDS
@@ -73,6 +72,7 @@ from kubeproxy.lab.processes import (
 from kubeproxy.lab.state import DEFAULT_BASE, LabState, LabStore, Processes, write_atomic
 from kubeproxy.lab.view import LivePod
 from kubeproxy.sources.kubeconfig import load_kubeconfig
+from kubeproxy.util.jsontypes import JSON
 
 log = logging.getLogger("kubeproxy.lab")
 MODES = modes.NAMES

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.errors import LabStateError
 from kubeproxy.lab.layout import ExternalPlan, NodePlan
+from kubeproxy.util.jsontypes import JSON
 
 DEFAULT_BASE = Path("/run/kubeproxy-lab")
 

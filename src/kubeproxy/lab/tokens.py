@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.api import LabApi, Token
+from kubeproxy.util.jsontypes import JSON
 
 KUBELET_EXPIRATION = 3607  # what the kubelet asks for (upstream: 1 h + 7 s)
 REFRESH_AT = 0.8  # of the lifetime, as the kubelet's token manager

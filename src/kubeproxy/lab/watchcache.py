@@ -31,10 +31,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kubeproxy.jsontypes import JSON
 from kubeproxy.lab.api import ApiError, LabApi
 from kubeproxy.lab.processes import time_scale
 from kubeproxy.sources.client import ClientError, WatchStream
+from kubeproxy.util.jsontypes import JSON
 
 log = logging.getLogger("kubeproxy.lab.watchcache")
 WATCH_TIMEOUT = 300

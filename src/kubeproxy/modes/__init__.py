@@ -20,7 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kubeproxy.config import ProxyConfig
+    from kubeproxy.config.types import ProxyConfig
     from kubeproxy.modes.base import Mode
 
 # Mode name (as --proxy-mode spells it) -> the module whose MODE implements it.

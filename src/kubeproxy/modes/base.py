@@ -26,7 +26,7 @@ from kubeproxy.render.names import ChainNames
 from kubeproxy.trace.result import Packet, TraceResult
 
 if TYPE_CHECKING:
-    from kubeproxy.config import ProxyConfig
+    from kubeproxy.config.types import ProxyConfig
 
 R = TypeVar("R")
 R_contra = TypeVar("R_contra", contravariant=True)

@@ -15,7 +15,7 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 
-from kubeproxy.config import IpvsConfig
+from kubeproxy.config.types import IpvsConfig
 from kubeproxy.dataplane.base import DataPlaneError, Runner
 from kubeproxy.dataplane.iptables import KernelWatch
 from kubeproxy.dataplane.ipvs import IpvsDataPlane, has_ipvs

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from kubeproxy.config import PRIMARY
+from kubeproxy.config.types import PRIMARY
 from kubeproxy.dataplane.base import DataPlaneError, Runner
 from kubeproxy.dataplane.nftables import NftablesDataPlane
 from kubeproxy.model import Family, IPAddress, NamespacedName

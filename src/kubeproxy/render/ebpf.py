@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum, IntFlag
 
-from kubeproxy.config import LBAlgorithm
+from kubeproxy.config.types import LBAlgorithm
 from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.nodeview import EndpointView, LocalDetector, NodeView, Route, ServicePortView
 from kubeproxy.render import nftables

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from kubeproxy.config import LBAlgorithm
+from kubeproxy.config.types import LBAlgorithm
 from kubeproxy.model import IPAddress, IPNetwork, NamespacedName
 from kubeproxy.nodeview import ClusterIPMasquerade, EndpointView, NodeView, Route, ServicePortView
 

@@ -48,7 +48,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import TypeVar
 
-from kubeproxy.config import IPVS_SCHEDULERS
+from kubeproxy.config.types import IPVS_SCHEDULERS
 from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.nodeview import (
     NodeView,

@@ -80,7 +80,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
-from kubeproxy.config import LBAlgorithm
+from kubeproxy.config.types import LBAlgorithm
 from kubeproxy.model import IPAddress, NamespacedName, ServicePortName
 from kubeproxy.nodeview import (
     ClusterIPMasquerade,

@@ -6,7 +6,7 @@ Theory of operation
 The daemon's main thread owns all proxy state; the HTTP servers run on their own threads
 and read only what the main thread *publishes*, under a lock: :class:`Health` gets
 (oldest unapplied change, last successful sync, node eligibility) after every loop turn,
-:class:`~kubeproxy.metrics.Metrics` (metrics.py: upstream's families, exposed with
+:class:`~kubeproxy.health.metrics.Metrics` (metrics.py: upstream's families, exposed with
 prometheus-client) gets one ``record_sync`` per sync. Each answer is computed from a
 consistent snapshot, so a request never sees half an update.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from kubeproxy.metrics import Metrics
+from kubeproxy.health.metrics import Metrics
 
 __all__ = ["Health", "HealthState", "HttpEndpoint", "LocalHTTPServer", "Metrics",
            "go_time", "health_endpoint", "metrics_endpoint", "parse_bind_address"]

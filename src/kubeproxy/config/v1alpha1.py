@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubeproxy.config import ConfigError, parse_duration
+from kubeproxy.config.types import ConfigError, parse_duration
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
@@ -292,7 +292,7 @@ def section(fields: Mapping[str, object]) -> str:
 
 def proxy_settings(fields: Mapping[str, object]) -> dict[str, Any]:
     """Defaulted fields -> ProxyConfig keyword arguments (the conversion)."""
-    from kubeproxy.config import (
+    from kubeproxy.config.types import (
         ipvs_config,
         parse_cidr_list,
         parse_detect_local_mode,

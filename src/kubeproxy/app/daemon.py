@@ -52,17 +52,11 @@ from pathlib import Path
 from types import FrameType
 
 from kubeproxy import modes
-from kubeproxy.config import ConfigError, ProxyConfig, with_bind_address
+from kubeproxy.config.types import ConfigError, ProxyConfig, with_bind_address
 from kubeproxy.conntrack import stale_udp_flows
 from kubeproxy.dataplane.base import DataPlaneError, Runner, SubprocessRunner
 from kubeproxy.dataplane.conntrack import ConntrackCleaner
-from kubeproxy.healthcheck import HealthCheckServers, desired_servers
-from kubeproxy.model import Family, InvalidObject, NamespacedName, Node
-from kubeproxy.modes.base import PlaneOptions
-from kubeproxy.nodeview import NodeView
-from kubeproxy.proxier import Proxier
-from kubeproxy.queues import drain
-from kubeproxy.server import (
+from kubeproxy.health.server import (
     Health,
     HealthState,
     HttpEndpoint,
@@ -71,11 +65,17 @@ from kubeproxy.server import (
     metrics_endpoint,
     parse_bind_address,
 )
+from kubeproxy.health.service_health import HealthCheckServers, desired_servers
+from kubeproxy.model import Family, InvalidObject, NamespacedName, Node
+from kubeproxy.modes.base import PlaneOptions
+from kubeproxy.nodeview import NodeView
+from kubeproxy.proxier import Proxier
 from kubeproxy.sources.client import Client, ClientError, ClientOptions
 from kubeproxy.sources.informer import STALL_TIMEOUT, Informer, Replace, resources
 from kubeproxy.sources.kubeconfig import resolve
 from kubeproxy.sync import Syncer, SyncLoop, SyncResult
 from kubeproxy.tracker import Tracker, Update
+from kubeproxy.util.queues import drain
 
 log = logging.getLogger("kubeproxy.daemon")
 HEALTHZ_PORT = 10256

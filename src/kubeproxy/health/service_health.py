@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 
+from kubeproxy.health.server import LocalHTTPServer
 from kubeproxy.model import NamespacedName
 from kubeproxy.nodeview import NodeView
-from kubeproxy.server import LocalHTTPServer
 
 log = logging.getLogger("kubeproxy.healthcheck")
 Address = tuple[str, int]  # (IP, port)

@@ -19,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from kubeproxy import flags, modes
-from kubeproxy.config import (
+from kubeproxy import modes
+from kubeproxy.config import flags
+from kubeproxy.config.types import (
     ConfigError,
     ProxyConfig,
     cluster_with_bind_address,
@@ -55,7 +56,7 @@ def build_config(args: argparse.Namespace) -> ProxyConfig:
 
 
 def _proxy_config(args: argparse.Namespace, eff: flags.Effective) -> ProxyConfig:
-    from kubeproxy.kpconfig import proxy_settings
+    from kubeproxy.config.v1alpha1 import proxy_settings
 
     try:
         kw: dict[str, Any] = proxy_settings(eff.fields)
@@ -156,7 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     the configuration, or tune the node, and exit."""
     if args.version is not None:
         return _print_version(args.version)
-    from kubeproxy import daemon, kpconfig, tuning  # after --version: it need not load them
+    from kubeproxy.app import daemon, tuning  # after --version: it need not load them
+    from kubeproxy.config import v1alpha1 as kpconfig
     eff = flags.effective(args)
     _setup_logs(eff.fields, args)
     log = logging.getLogger("kubeproxy.cli")
@@ -196,7 +198,7 @@ class PrivilegeError(ConfigError):
 
 
 def _setup_logs(fields: Mapping[str, object], args: argparse.Namespace) -> None:
-    from kubeproxy import logs
+    from kubeproxy.app import logs
 
     vmodule = fields["logging.vmodule"]
     try:
@@ -211,8 +213,8 @@ def _setup_logs(fields: Mapping[str, object], args: argparse.Namespace) -> None:
 
 
 def _tuning_settings(fields: Mapping[str, object]) -> Any:
-    from kubeproxy import tuning
-    from kubeproxy.config import parse_duration
+    from kubeproxy.app import tuning
+    from kubeproxy.config.types import parse_duration
 
     def seconds(name: str) -> float:
         return parse_duration(str(fields[name]), name)

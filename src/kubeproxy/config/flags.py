@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kubeproxy.config import ConfigError, parse_duration
-from kubeproxy.kpconfig import format_duration, parse_feature_gates
+from kubeproxy.config.types import ConfigError, parse_duration
+from kubeproxy.config.v1alpha1 import format_duration, parse_feature_gates
 
 Kind = Literal["str", "bool", "int", "float", "duration", "list", "gates", "path"]
 Group = Literal["upstream", "logging", "ours"]
@@ -317,7 +317,7 @@ def effective(args: argparse.Namespace) -> Effective:
     """Upstream's precedence over this command line (see the module docstring)."""
     import yaml
 
-    from kubeproxy import kpconfig
+    from kubeproxy.config import v1alpha1 as kpconfig
 
     explicit = given(args)
     notes: list[str] = []

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kubeproxy.config import ConfigError
+from kubeproxy.config.types import ConfigError
 
 log = logging.getLogger("kubeproxy.tuning")
 
