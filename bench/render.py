@@ -33,7 +33,8 @@ from kubeproxy.model import (
     ServiceType,
 )
 from kubeproxy.nodeview import build_node_view
-from kubeproxy.render.iptables import _hash16, render
+from kubeproxy.render.ipt_names import hash16
+from kubeproxy.render.iptables import render
 from kubeproxy.util.gcpause import paused_gc
 
 ENDPOINTS = 10
@@ -98,7 +99,7 @@ def measure(n: int, repeat: int = 3) -> dict[str, float]:
     view_s = render_s = plain_s = float("inf")
     lines = plain_lines = 0
     for _ in range(repeat):
-        _hash16.cache_clear()  # every run cold: a first sync, not a re-render
+        hash16.cache_clear()  # every run cold: a first sync, not a re-render
         with paused_gc():  # as the proxy renders (proxier.Proxier)
             t0 = time.perf_counter()
             view = build_node_view(cluster, config, 4)

@@ -6,7 +6,17 @@ pods in 10.0.0.0/8 with endpoints 10.180.x.y, cluster IPs in 172.30.0.0/16.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kubeproxy import modes
+from kubeproxy.config.types import ProxyConfig
+from kubeproxy.model import Cluster, Family
+from kubeproxy.nodeview import node_views
+from kubeproxy.util.gcpause import paused_gc
+
+if TYPE_CHECKING:
+    from kubeproxy.render.iptables import Ruleset
+    from kubeproxy.render.nftables import NftRuleset
 
 Obj = dict[str, Any]
 NODE_IP = "192.168.0.2"
@@ -149,3 +159,32 @@ def feature_cluster(endpoints_svc2: int = 2, with_svc3: bool = True) -> list[Obj
                  endpoint_slice("svc3", [endpoint("10.180.0.3")], "ns3",
                                 ports=[("s", 9000, "SCTP")])]
     return objs
+
+
+# Rendering a cluster for one node, as the commands and the daemon do it (node views of
+# every family in use -> the mode's renderer), for tests that look at one mode's output.
+
+def render(cluster: Cluster, config: ProxyConfig) -> Any:
+    """The ruleset of ``config.mode`` for this node."""
+    with paused_gc():
+        return modes.for_config(config).render(node_views(cluster, config))
+
+
+def render_iptables(cluster: Cluster, config: ProxyConfig) -> dict[Family, Ruleset]:
+    from kubeproxy.render import iptables
+
+    with paused_gc():
+        return {view.family: iptables.render(view) for view in node_views(cluster, config)}
+
+
+def render_nftables_ruleset(cluster: Cluster, config: ProxyConfig) -> NftRuleset:
+    """Both families' node views in one nftables ruleset (tables ip/ip6 kube-proxy)."""
+    from kubeproxy.render import nftables
+
+    with paused_gc():
+        return nftables.render(node_views(cluster, config))
+
+
+def render_nftables(cluster: Cluster, config: ProxyConfig) -> str:
+    """The `nft -f` script for this node."""
+    return render_nftables_ruleset(cluster, config).script()

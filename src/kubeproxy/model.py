@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+from kubeproxy.errors import FieldError, InvalidObject
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Family = Literal[4, 6]
@@ -37,26 +39,6 @@ _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-class InvalidObject(ValueError):
-    """An object that cannot be proxied; names the object and the offending field."""
-
-    def __init__(self, kind: str, ref: str, field_path: str, message: str) -> None:
-        self.kind = kind
-        self.ref = ref
-        self.field_path = field_path
-        self.message = message
-        super().__init__(f"{kind} {ref}: {field_path}: {message}")
-
-
-class FieldError(ValueError):
-    """A bad field found while building a model object; wrapped into InvalidObject."""
-
-    def __init__(self, field_path: str, message: str) -> None:
-        self.field_path = field_path
-        self.message = message
-        super().__init__(f"{field_path}: {message}")
 
 
 def check_dns_label(value: str, field_path: str) -> None:

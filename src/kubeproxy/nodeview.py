@@ -230,9 +230,23 @@ def _service_of(spv: ServicePortView) -> NamespacedName:
     return spv.name.service
 
 
-def build_node_views(cluster: Cluster, config: ProxyConfig) -> dict[Family, NodeView]:
-    """Both families' views; a family the node has no address in is still rendered."""
-    return {fam: build_node_view(cluster, config, fam) for fam in (4, 6)}
+def families_in_use(cluster: Cluster, config: ProxyConfig) -> list[Family]:
+    """IPv4 always; IPv6 when any service, node address or cluster CIDR is IPv6."""
+    return families_of(cluster.services, cluster, config)
+
+
+def families_of(services: Iterable[Service], cluster: Cluster, config: ProxyConfig
+                ) -> list[Family]:
+    """:func:`families_in_use` looking only at ``services`` among the cluster's."""
+    v6 = (any(ip.version == 6 for s in services for ip in s.cluster_ips)
+          or any(ip.version == 6 for n in cluster.nodes for ip in n.addresses)
+          or any(c.version == 6 for c in config.cluster_cidrs))
+    return [4, 6] if v6 else [4]
+
+
+def node_views(cluster: Cluster, config: ProxyConfig) -> list[NodeView]:
+    """This node's view of every IP family in use (what a mode renders)."""
+    return [build_node_view(cluster, config, f) for f in families_in_use(cluster, config)]
 
 
 def build_node_view(cluster: Cluster, config: ProxyConfig, family: Family) -> NodeView:

@@ -20,8 +20,7 @@ from typing import Any
 from kubeproxy.config.types import ProxyConfig
 from kubeproxy.model import Cluster, Family, NamespacedName
 from kubeproxy.modes.base import DataPlane, Mode
-from kubeproxy.nodeview import NodeViewCache
-from kubeproxy.pipeline import families_in_use, families_of
+from kubeproxy.nodeview import NodeViewCache, families_in_use, families_of
 from kubeproxy.sync import SyncReport
 from kubeproxy.util.gcpause import paused_gc
 

@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Cluster, Family, NamespacedName
 from kubeproxy.nodeview import NodeView
 from kubeproxy.tracker import Changes, Kind, Tracker

@@ -32,15 +32,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from kubeproxy.model import (
-    Cluster,
-    ClusterIndex,
-    EndpointSlice,
-    InvalidObject,
-    NamespacedName,
-    Node,
-    Service,
-)
+from kubeproxy.errors import InvalidObject
+from kubeproxy.model import Cluster, ClusterIndex, EndpointSlice, NamespacedName, Node, Service
 
 Kind = Literal["Service", "EndpointSlice", "Node"]
 KINDS: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node")

@@ -18,7 +18,7 @@ import pytest
 
 from kubeproxy.lab import pki as lab_pki
 from kubeproxy.lab import tokens
-from kubeproxy.lab.api import ApiError, LabApi
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.sources.client import Client, StatusError
 from kubeproxy.sources.kubeconfig import ClusterAccess
 from tests.api.conftest import Running, unique
@@ -178,7 +178,7 @@ def test_tls_is_required_and_verified(secure_api: Running, tmp_path: Path) -> No
 
 
 def test_lab_api_token_request_errors(admin: LabApi) -> None:
-    with pytest.raises(ApiError) as missing:
+    with pytest.raises(LabApiError) as missing:
         admin.request_token("kube-system", "nobody")
     assert missing.value.code == 404
 

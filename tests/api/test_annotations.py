@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.apiserver.handlers import Api, ApiConfig, Request, Response
+from kubeproxy.apiserver.handlers import Api, ApiConfig
 from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.messages import Request, Response
 from kubeproxy.apiserver.store import Store
 from kubeproxy.apiserver.strategy import ANNOTATIONS_SIZE_LIMIT
 

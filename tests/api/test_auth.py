@@ -12,8 +12,9 @@ import pytest
 
 from kubeproxy.apiserver import auth
 from kubeproxy.apiserver.auth import AuthConfig, CertIdentity
-from kubeproxy.apiserver.handlers import Api, ApiConfig, Request, Response, Stream
+from kubeproxy.apiserver.handlers import Api, ApiConfig
 from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.messages import Request, Response, Stream
 from kubeproxy.apiserver.store import Store
 
 NOW = 1_700_000_000.0

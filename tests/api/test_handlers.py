@@ -12,8 +12,9 @@ import pytest
 
 from kubeproxy.apiserver import openapi, openapi_pb, schema
 from kubeproxy.apiserver.codec import decode_object
-from kubeproxy.apiserver.handlers import Api, ApiConfig, Request, Response, Stream
+from kubeproxy.apiserver.handlers import Api, ApiConfig
 from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.messages import Request, Response, Stream
 from kubeproxy.apiserver.resources import SERVICES
 from kubeproxy.apiserver.store import Store, StoreConfig
 from kubeproxy.apiserver.table import human_duration, to_table

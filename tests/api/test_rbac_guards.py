@@ -27,7 +27,7 @@ from kubeproxy.apiserver.escalation import check_write, compact_string, uncovere
 from kubeproxy.apiserver.rbac import Policy, UserInfo
 from kubeproxy.apiserver.server import KubeconfigUser, kubeconfig_text
 from kubeproxy.apiserver.store import INITIAL_NAMESPACES, Store
-from kubeproxy.lab.api import ApiError, LabApi
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.sources.kubeconfig import ClusterAccess
 from tests.api.conftest import Kubectl, Running, unique
 from tests.fakes import FakeClock
@@ -265,8 +265,8 @@ def merge_patch(d: Delegate, path: str, doc: Obj) -> tuple[int, str]:
         conn.close()
 
 
-def refused(call: Any) -> ApiError:
-    with pytest.raises(ApiError) as err:
+def refused(call: Any) -> LabApiError:
+    with pytest.raises(LabApiError) as err:
         call()
     assert err.value.code == 403, err.value
     return err.value

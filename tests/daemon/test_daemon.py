@@ -44,7 +44,7 @@ from kubeproxy.dataplane.base import NetnsRunner, SubprocessRunner
 from kubeproxy.health.server import Health, Metrics
 from kubeproxy.lab import cgroups
 from kubeproxy.model import NamespacedName
-from kubeproxy.modes.base import DataPlane, PlaneOptions
+from kubeproxy.modes.base import DataPlane, PlaneCounts, PlaneOptions
 from kubeproxy.proxier import Proxier
 from kubeproxy.sources.client import Client
 from kubeproxy.sources.informer import Backoff, Informer, resources
@@ -413,6 +413,9 @@ class RecordingPlane:
 
     def intact(self) -> bool:
         return self.inner.intact()
+
+    def counts(self) -> PlaneCounts:
+        return self.inner.counts()
 
 
 @pytest.mark.parametrize("mode_name", modes.NAMES)

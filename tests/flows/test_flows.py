@@ -17,7 +17,7 @@ from kubeproxy import modes
 from kubeproxy.config.types import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
-from kubeproxy.pipeline import node_views
+from kubeproxy.nodeview import node_views
 from kubeproxy.trace.result import Packet, TraceResult
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
 

@@ -18,9 +18,9 @@ from typing import Literal
 
 import pytest
 
-from kubeproxy.trace import RulesetParseError, TraceLimitError
 from kubeproxy.trace.iptables import parse_iptables_save, trace_iptables, trace_ruleset
-from kubeproxy.trace.result import IPAddress, Packet, TraceResult
+from kubeproxy.trace.iptables_parse import RulesetParseError
+from kubeproxy.trace.result import IPAddress, Packet, TraceLimitError, TraceResult
 
 NODE_IP = "192.168.0.2"
 POD = "10.180.0.9"  # a pod on this node that is not an endpoint

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.render.iptables import endpoint_chain, service_chain
+from kubeproxy.render.ipt_names import endpoint_chain, service_chain
 from tests.golden.cases import CASES, UPDATE_COMMAND, Case
 
 

@@ -33,7 +33,7 @@ from kubeproxy.dataplane.base import NetnsRunner
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.modes import ebpf as mode_ebpf
-from kubeproxy.pipeline import node_views
+from kubeproxy.nodeview import node_views
 from kubeproxy.render import ebpf as r
 from tests.builders import NODE, endpoint, endpoint_slice, node, service
 
@@ -103,7 +103,7 @@ class Node:
                                         SERVER])
         time.sleep(0.5)
 
-    def plane(self) -> mode_ebpf.DataPlane:
+    def plane(self) -> mode_ebpf.EbpfPlane:
         return mode_ebpf.ebpf_data_plane(NetnsRunner(self.ns), self.opts)
 
     def client(self, ip: str, port: int, n: int, proto: str = "tcp",

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 import pytest
 
 from kubeproxy.config.types import ProxyConfig
-from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
+from kubeproxy.dataplane.base import NetnsRunner
 from kubeproxy.dataplane.iptables import Backend, IptablesDataPlane
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Cluster, Family, NamespacedName, parse_cidr
-from kubeproxy.pipeline import render_iptables
 from kubeproxy.render.iptables import KUBE_FIREWALL, TOP_CHAINS, Ruleset
-from tests.builders import NODE, Obj, feature_cluster
+from tests.builders import NODE, Obj, feature_cluster, render_iptables
 
 pytestmark = [
     pytest.mark.kernel,

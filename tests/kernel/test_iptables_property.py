@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from kubeproxy.config.types import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
-from kubeproxy.pipeline import render_iptables
-from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
+from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, render_iptables, service
 from tests.kernel.conftest import scratch_namespace
 
 pytestmark = [

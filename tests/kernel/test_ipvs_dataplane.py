@@ -33,8 +33,8 @@ from kubeproxy.dataplane.netlink import find_netns
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.modes.base import PlaneOptions
-from kubeproxy.modes.ipvs import MODE, DataPlane, configure
-from kubeproxy.pipeline import node_views
+from kubeproxy.modes.ipvs import MODE, IpvsPlane, configure
+from kubeproxy.nodeview import node_views
 from kubeproxy.proxier import Proxier
 from kubeproxy.render.ipvs import RealServer, VirtualServer
 from kubeproxy.trace.ipvs import parse_state, state_of
@@ -153,9 +153,9 @@ def views(objs: list[Obj]) -> Any:
     return node_views(cluster, CONFIG)
 
 
-def plane(net: Net) -> DataPlane:
+def plane(net: Net) -> IpvsPlane:
     dp = MODE.data_plane(NetnsRunner(net.node), PlaneOptions(iptables_backend="legacy"))
-    assert isinstance(dp, DataPlane)
+    assert isinstance(dp, IpvsPlane)
     return dp
 
 

@@ -28,12 +28,19 @@ from kubeproxy.dataplane.nft_ops import TransactionError
 from kubeproxy.dataplane.nftables import NftablesDataPlane
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
-from kubeproxy.pipeline import render_nftables_ruleset
 from kubeproxy.render import nft_wire as wire
 from kubeproxy.render.nft_ir import Chain, Rule, Verdict
 from kubeproxy.render.nft_parse import parse_script
 from kubeproxy.render.nftables import NftRuleset, ServiceObjects
-from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
+from tests.builders import (
+    NODE,
+    Obj,
+    endpoint,
+    endpoint_slice,
+    node,
+    render_nftables_ruleset,
+    service,
+)
 
 pytestmark = [
     pytest.mark.kernel,

@@ -63,7 +63,7 @@ def by_role(names: ChainNames) -> dict[str, set[str]]:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_names_are_the_rendered_per_service_chains(case: Case, mode: str) -> None:
     _, views = lab_views(case, mode)
-    chain_names = modes.get(mode).chain_names
+    chain_names = modes.presentation(mode).chain_names
     named: dict[str, set[str]] = {}
     for view in views:
         for spv in view.services:
@@ -84,9 +84,9 @@ def test_seed_names(mode: str) -> None:
     """The seed's two ports: a service chain each, the NodePort an external chain, and
     (iptables only) a chain per endpoint keyed by the endpoint."""
     _, views = lab_views(CASES[0], mode)
-    names = {str(spv.name): modes.get(mode).chain_names(spv) for spv in views[0].services}
+    names = {str(spv.name): modes.presentation(mode).chain_names(spv) for spv in views[0].services}
     plain, nodeport = names["default/my-service:http"], names["default/my-service-nodeport:http"]
-    virtual = modes.get(mode).virtual_servers
+    virtual = modes.presentation(mode).virtual_servers
     if virtual is not None:  # no chains: a virtual server per frontend, every pod real
         assert plain.all() == nodeport.all() == ()
         spv = next(s for s in views[0].services if str(s.name) == "default/my-service:http")

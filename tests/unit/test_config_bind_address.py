@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeproxy.app.cli import build_config, build_parser
+from kubeproxy.app.cli import build_parser
 from kubeproxy.config import flags
+from kubeproxy.config.flags import build_config
 from kubeproxy.config.types import (
-    ConfigError,
     ProxyConfig,
     cluster_with_bind_address,
     primary_ip_override,
     with_bind_address,
 )
+from kubeproxy.errors import ConfigError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Cluster, Family, Node
 from kubeproxy.nodeview import NodeView, build_node_view

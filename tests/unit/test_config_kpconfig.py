@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeproxy.app.cli import build_config, build_parser
+from kubeproxy.app.cli import build_parser
 from kubeproxy.config import flags
 from kubeproxy.config import v1alpha1 as kpconfig
-from kubeproxy.config.types import ConfigError
+from kubeproxy.config.flags import build_config
+from kubeproxy.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 
@@ -65,7 +66,7 @@ def test_nftables_section_governs_nftables_mode(tmp_path: Path) -> None:
     config = build_config(run_args("--config", str(path)))
     assert (config.masquerade_all, config.masquerade_bit, config.sync_period) == (
         True, 9, 45.0)
-    # Upstream's nftables default (Mode.nodeport_default): the Node's primary IPs only.
+    # Upstream's nftables default (types.NODEPORT_DEFAULTS): the Node's primary IPs only.
     assert config.nodeport_addresses == ("primary",)
     iptables = build_config(run_args("--config", str(kubeadm_conf(
         tmp_path, iptables__masqueradeBit=3, iptables__syncPeriod="10s"))))

@@ -15,8 +15,9 @@ import pytest
 
 from kubeproxy.config.types import ProxyConfig
 from kubeproxy.conntrack import Frontend, Reason, StaleFlow, stale_udp_flows
-from kubeproxy.dataplane.base import DataPlaneError, Result
+from kubeproxy.dataplane.base import Result
 from kubeproxy.dataplane.conntrack import ConntrackCleaner, delete_argv
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, ServicePortName, parse_ip
 from kubeproxy.nodeview import NodeView, build_node_view

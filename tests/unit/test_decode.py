@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 
 from kubeproxy.config.types import ProxyConfig
+from kubeproxy.errors import ManifestError
 from kubeproxy.k8s import decode_objects, parse_manifest_text
-from kubeproxy.k8s.load import ManifestError
 from kubeproxy.model import ServiceType, TrafficPolicy
-from kubeproxy.pipeline import render_iptables
-from tests.builders import Obj, endpoint, endpoint_slice, node, service
+from tests.builders import Obj, endpoint, endpoint_slice, node, render_iptables, service
 
 
 def test_service_fields() -> None:

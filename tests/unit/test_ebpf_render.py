@@ -1,8 +1,8 @@
 """ebpf mode without a kernel: the flow table, the map encoding, the strict fake maps.
 
-The mode is not in ``modes.REGISTRY`` yet, so the flow table's cases are run here
-through ``kubeproxy.modes.ebpf.MODE`` directly (with their ``only={"ebpf": ...}``
-outcomes), as tests/flows/test_flows.py will once it is registered.
+tests/flows/test_flows.py runs the flow table through every registered mode; here its
+cases also run through ``kubeproxy.modes.ebpf.MODE`` directly (with their
+``only={"ebpf": ...}`` outcomes), beside the map encoding they exercise.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import pytest
 
 from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.dataplane import bpf_sys
-from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.ebpf import EbpfDataPlane
 from kubeproxy.dataplane.nftables import NftablesDataPlane
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.modes import ebpf as mode_ebpf
 from kubeproxy.modes.base import PlaneOptions
-from kubeproxy.pipeline import node_views
+from kubeproxy.nodeview import node_views
 from kubeproxy.proxier import Proxier
 from kubeproxy.render import ebpf as r
 from kubeproxy.render.ebpf import Flag, Kind

@@ -18,8 +18,7 @@ from kubeproxy import modes
 from kubeproxy.config.types import ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
-from kubeproxy.nodeview import NodeViewCache, build_node_view, no_local_endpoints
-from kubeproxy.pipeline import families_in_use
+from kubeproxy.nodeview import NodeViewCache, build_node_view, families_in_use, no_local_endpoints
 from kubeproxy.proxier import Proxier
 from kubeproxy.tracker import Tracker, Update
 from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
@@ -122,8 +121,8 @@ def test_incremental_equals_from_scratch(steps: list[tuple[list[Any], bool]]) ->
             scratch.sync(cluster, None)
             assert proxier.plane.rules() == scratch.plane.rules(), name
             # The rules it owns (metrics), counted as the memoized render went.
-            owned = {k: v[0] for k, v in mode.plane_counts(proxier.plane).rules.items()}
-            assert owned == {k: v[0] for k, v in mode.plane_counts(scratch.plane).rules.items()}
+            owned = {k: v[0] for k, v in proxier.plane.counts().rules.items()}
+            assert owned == {k: v[0] for k, v in scratch.plane.counts().rules.items()}
             views = [build_node_view(cluster, CONFIG, f)
                      for f in sorted(proxier.families | set(families_in_use(cluster, CONFIG)))]
             assert mode.text(proxier.render(views), NODE) == mode.text(mode.render(views), NODE)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import pytest
 
 from kubeproxy.config.types import ProxyConfig
-from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.iptables import (
     Backend,
     IptablesDataPlane,
@@ -24,6 +23,7 @@ from kubeproxy.dataplane.iptables import (
     edit,
     is_ours,
 )
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import Family, NamespacedName, parse_cidr
 from kubeproxy.nodeview import build_node_view

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config.types import ConfigError, IpvsConfig
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.config.types import IpvsConfig
 from kubeproxy.dataplane.ipvs import IpvsDataPlane
 from kubeproxy.dataplane.ipvs_netlink import Timeouts
+from kubeproxy.errors import ConfigError, DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName
 from kubeproxy.modes import ipvs as ipvs_mode
-from kubeproxy.modes.ipvs import MODE, DataPlane
+from kubeproxy.modes.ipvs import MODE, IpvsPlane
 from kubeproxy.proxier import Proxier
 from kubeproxy.render.ipvs import RealServer, VirtualServer
 from kubeproxy.testing.ipvs import FakeIpvs, FakeNode
@@ -38,9 +38,9 @@ def proxier() -> Proxier:
     return Proxier(MODE, CONFIG, MODE.fake())
 
 
-def parts(p: Proxier) -> tuple[DataPlane, FakeNode, FakeIpvs]:
+def parts(p: Proxier) -> tuple[IpvsPlane, FakeNode, FakeIpvs]:
     plane = p.plane
-    assert isinstance(plane, DataPlane)
+    assert isinstance(plane, IpvsPlane)
     node_runner, kernel = plane.plane.runner, plane.plane.kernel
     assert isinstance(node_runner, FakeNode) and isinstance(kernel, FakeIpvs)
     return plane, node_runner, kernel
@@ -488,13 +488,15 @@ def test_the_timeouts_request_reads_back_with_pyroute2s_decoder() -> None:
                               ipaddress.ip_network("fd00:96::/64")), 900.0, 120.0, 300.0)),
 ], ids=["defaults", "every flag"])
 def test_ipvs_flags_reach_proxy_config(argv: list[str], want: IpvsConfig) -> None:
-    from kubeproxy.app.cli import build_config, build_parser
+    from kubeproxy.app.cli import build_parser
+    from kubeproxy.config.flags import build_config
 
     assert build_config(build_parser().parse_args(["run", *argv])).ipvs == want
 
 
 def test_ipvs_section_of_the_file_reaches_proxy_config(tmp_path: Path) -> None:
-    from kubeproxy.app.cli import build_config, build_parser
+    from kubeproxy.app.cli import build_parser
+    from kubeproxy.config.flags import build_config
 
     path = tmp_path / "kp.yaml"
     path.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"

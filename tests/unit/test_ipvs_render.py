@@ -16,15 +16,15 @@ import pytest
 
 from kubeproxy import modes
 from kubeproxy.config.types import IpvsConfig, ProxyConfig
+from kubeproxy.errors import TraceError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
 from kubeproxy.modes.ipvs import MODE
-from kubeproxy.nodeview import NodeViewCache, build_node_view
-from kubeproxy.pipeline import node_views
+from kubeproxy.nodeview import NodeViewCache, build_node_view, node_views
 from kubeproxy.render import ipvs
 from kubeproxy.render.ipvs import IpvsRuleset
 from kubeproxy.trace.ipvs import parse_state, state_of, trace_text
-from kubeproxy.trace.result import Packet, TraceError
+from kubeproxy.trace.result import Packet
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
 from tests.flows.test_flows import CASES, CIDR, Case, basic
 

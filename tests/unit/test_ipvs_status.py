@@ -1,4 +1,4 @@
-"""What `lab status` says about load balancing, per mode (Mode.load_balancing).
+"""What `lab status` says about load balancing, per mode (Presentation.load_balancing).
 
 IPVS mode ignores --lb-algorithm: its scheduler picks the real server, so the status
 must name the scheduler, and the one the settings choose.
@@ -24,10 +24,10 @@ CASES = [
 
 @pytest.mark.parametrize(("mode", "algorithm", "said"), CASES)
 def test_load_balancing_in_words(mode: str, algorithm: str, said: str) -> None:
-    assert modes.get(mode).load_balancing(algorithm) == said
+    assert modes.presentation(mode).load_balancing(algorithm) == said
 
 
 @pytest.mark.parametrize("scheduler", ["wrr", "sh", "mh"])
 def test_ipvs_settings_name_their_scheduler(scheduler: str) -> None:
-    mode = ipvs_mode.configure(IpvsConfig(scheduler=scheduler))
-    assert mode.load_balancing("random") == f"IPVS scheduler {scheduler}"
+    shown = ipvs_mode.presentation(IpvsConfig(scheduler=scheduler))
+    assert shown.load_balancing("random") == f"IPVS scheduler {scheduler}"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kubeproxy.config.types import ConfigError
+from kubeproxy.errors import ConfigError
 from kubeproxy.sources.kubeconfig import (
     ClusterAccess,
     ExecConfig,

@@ -149,7 +149,7 @@ def lab_views(case: Case, mode: str) -> tuple[layout.Plan, list[NodeView]]:
 
 def draw(case: Case, mode: str) -> tuple[str, list[NodeView]]:
     plan, views = lab_views(case, mode)
-    names = modes.get(mode).chain_names
+    names = modes.presentation(mode).chain_names
     return diagram.render(plan, views, names, node=case.node, mode=mode), views
 
 
@@ -284,14 +284,14 @@ def test_diagram_draws_the_chains_the_mode_writes(mode: str) -> None:
     svg, views = draw(case, mode)
     drawn = {b.data["chain"] for b in diagram.boxes_of(svg).values()
              if b.data["kind"] == "chain"}
-    names = modes.get(mode).chain_names
+    names = modes.presentation(mode).chain_names
     assert drawn == {c for view in views for spv in view.services for c in names(spv).all()}
     roles = sorted(b.data["role"] for b in diagram.boxes_of(svg).values()
                    if b.data["kind"] == "chain")
     virtual = sorted(b.data["frontend"] for b in diagram.boxes_of(svg).values()
                      if b.data["kind"] == "virtual-server")
     per_endpoint = ["endpoint"] * (6 * CHAINS_PER_ENDPOINT[mode])  # 2 ports x 3 pods
-    if modes.get(mode).virtual_servers is None:
+    if modes.presentation(mode).virtual_servers is None:
         assert roles == sorted(["service", "service", "external", *per_endpoint])
         assert virtual == []
     else:  # no chains: a virtual server per ClusterIP, one for the NodePort

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import hostpods
-from kubeproxy.lab.api import ApiError, LabApi
-from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.hostkubelet import BACKOFF_START, HostPods
 from kubeproxy.lab.hostpods import (
     SA_DIR,
@@ -252,7 +252,7 @@ class FakeApi(LabApi):
     ) -> JSON | None:
         assert (kind, namespace, sub) == ("Pod", "kube-system", "status")
         if name not in self.pods:
-            raise ApiError(404, "NotFound", name)
+            raise LabApiError(404, "NotFound", name)
         new = change(self.pods[name])
         if new is not None:
             self.pods[name] = new

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubeproxy.lab import layout
-from kubeproxy.lab.errors import ManifestError
+from kubeproxy.lab.errors import LabManifestError
 from kubeproxy.lab.manifest import load_documents, parse_objects
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "seed.yaml"
@@ -192,7 +192,7 @@ ERROR_CASES = [
     ("text", "kw", "message"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
 )
 def test_errors_name_the_object_and_field(text: str, kw: dict[str, str], message: str) -> None:
-    with pytest.raises(ManifestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(LabManifestError, match=message.replace("[", r"\[").replace("]", r"\]")):
         plan_of(text, **kw)
 
 

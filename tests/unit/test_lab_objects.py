@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import controller, layout, objects, view
 from kubeproxy.lab.converge import parse_metrics
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.state import LabState
 from kubeproxy.util.jsontypes import JSON

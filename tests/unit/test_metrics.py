@@ -17,8 +17,8 @@ import pytest
 from kubeproxy import modes
 from kubeproxy.config.types import ProxyConfig
 from kubeproxy.conntrack import Frontend, Reason, StaleFlow
-from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.nftables import SyncStats as NftStats
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.health.metrics import FAMILIES, PROGRAMMING_BUCKETS, SYNC_BUCKETS, Metrics
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import (
@@ -30,10 +30,9 @@ from kubeproxy.model import (
 from kubeproxy.modes import nftables as nft_mode
 from kubeproxy.modes.base import PlaneCounts
 from kubeproxy.nodeview import NodeView, build_node_view, no_local_endpoints
-from kubeproxy.pipeline import render
 from kubeproxy.sync import SyncReport, SyncResult
 from kubeproxy.tracker import Changes
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.builders import endpoint, endpoint_slice, node, render, service
 
 # --- a strict parser of the Prometheus text format, version 0.0.4 -----------------------
 
@@ -440,15 +439,15 @@ def test_iptables_fake_plane_reports_its_rules() -> None:
     cluster = decode_objects(cluster_objects())
     plane = mode.fake()
     plane.sync(render(cluster, cfg))
-    counts = mode.plane_counts(plane)
+    counts = plane.counts()
     assert set(counts.rules) == {(4, "filter"), (4, "nat"), (6, "filter"), (6, "nat")}
     nat_total, nat_written = counts.rules[(4, "nat")]
     assert nat_total == nat_written > 0  # a first (full) sync writes every rule
     svc1 = frozenset({NamespacedName("ns1", "svc1")})
     plane.sync(render(cluster, cfg), svc1)  # partial, nothing changed: nothing written
-    total, written = mode.plane_counts(plane).rules[(4, "nat")]
+    total, written = plane.counts().rules[(4, "nat")]
     assert total == nat_total and written == 0
-    m = Metrics("iptables", plane=lambda: mode.plane_counts(plane))
+    m = Metrics("iptables", plane=plane.counts)
     m.record_sync(result(), 1.0)
     assert series(m, P + "sync_proxy_rules_iptables_last", ip_family="IPv4",
                   table="nat") == written
@@ -462,11 +461,10 @@ class StaleCleanupFails:
 
 
 def test_nftables_plane_reports_cleanup_failures() -> None:
-    plane = nft_mode.DataPlane(StaleCleanupFails(), lambda: "")  # type: ignore[arg-type]
+    plane = nft_mode.NftablesPlane(StaleCleanupFails(), lambda: "")  # type: ignore[arg-type]
+    assert plane.counts() == PlaneCounts()  # nothing synced yet
     plane.sync(None)  # type: ignore[arg-type]
-    counts = modes.get("nftables").plane_counts(plane)
-    assert counts.cleanup_failures == (6,)
-    assert modes.get("nftables").plane_counts(object()) == PlaneCounts()
+    assert plane.counts().cleanup_failures == (6,)
 
 
 def flows(*families: Family) -> list[StaleFlow]:

@@ -2,13 +2,17 @@
 
 Each registered mode's data plane runs here over the package's strict fake kernel
 (``Mode.fake``): a sequence of partial syncs must leave the fake kernel holding exactly
-what one full sync of the final cluster writes into a fresh one.
+what one full sync of the final cluster writes into a fresh one. Every mode's plane
+answers ``intact()`` (through ``modes.base.intact``) and ``counts()``, every mode has a
+``Presentation`` for the lab, and no mode module imports another.
 """
 
 from __future__ import annotations
 
+import ast
+import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +20,13 @@ from typing import Any
 import pytest
 
 from kubeproxy import modes
-from kubeproxy.config.types import ConfigError, ProxyConfig
+from kubeproxy.config.types import ProxyConfig
+from kubeproxy.dataplane.base import Result
 from kubeproxy.dataplane.nft_ops import AddTable, DeleteTable, FlushChain
+from kubeproxy.errors import ConfigError, DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
+from kubeproxy.modes.base import PlaneCounts, Presentation, intact
 from kubeproxy.proxier import Proxier
 from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service
 
@@ -63,6 +70,8 @@ def test_every_name_resolves_to_its_mode() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(modes.UnknownModeError, match=r"'ipvsx'.*iptables"):
         modes.get("ipvsx")
+    with pytest.raises(modes.UnknownModeError, match=r"'ipvsx'.*iptables"):
+        modes.presentation("ipvsx")
     with pytest.raises(ConfigError, match="mode"):
         ProxyConfig(mode="ipvsx")
 
@@ -240,3 +249,111 @@ def test_intact_sees_flushes_and_a_full_sync_restores(case: FlushCase) -> None:
 
 def test_every_mode_has_flush_cases() -> None:
     assert {c.mode for c in FLUSHES if c.breaks} == set(modes.NAMES)
+
+
+# --- what a data plane reports, what the lab shows ------------------------------------
+
+# (family, table) rule counts a mode's plane reports after one full IPv4 sync; the
+# others report none (only iptables has upstream's per-table rule gauges).
+COUNTED: dict[str, set[tuple[int, str]]] = {"iptables": {(4, "filter"), (4, "nat")}}
+
+
+@pytest.mark.parametrize("name", modes.NAMES)
+def test_every_data_plane_answers_counts(name: str) -> None:
+    """What the daemon hands the metrics (``Metrics(plane=plane.counts)``)."""
+    mode = modes.get(name)
+    proxier = Proxier(mode, config(name), mode.fake())
+    assert proxier.plane.counts() == PlaneCounts(), "nothing synced yet"
+    proxier.sync(decode_objects(STEPS[0][1]), None)
+    counts = proxier.plane.counts()
+    assert set(counts.rules) == COUNTED.get(name, set())
+    owned, written = counts.rules.get((4, "nat"), (0, 0))
+    assert owned == written  # a first sync writes every rule it owns
+    assert counts.cleanup_failures == ()
+
+
+class Refusing:
+    """A node whose every command fails (no tables to detect a backend from)."""
+
+    def __init__(self) -> None:
+        self.ran: list[Sequence[str]] = []
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        self.ran.append(argv)
+        return Result(1, "", "refused")
+
+
+@pytest.mark.parametrize("name", modes.NAMES)
+def test_every_mode_has_a_presentation(name: str) -> None:
+    """The lab's diagram draws each service port as chains or as virtual servers, its
+    status names the load balancing, the demo lists the dispatch rules if the mode has
+    a listing: all from ``modes.presentation``, for every registered mode."""
+    shown = modes.presentation(name)
+    assert isinstance(shown, Presentation)
+    mode = modes.get(name)
+    report = Proxier(mode, config(name), mode.fake()).sync(decode_objects(STEPS[0][1]), None)
+    view = report.views[4]
+    assert view.services
+    for spv in view.services:
+        chains = shown.chain_names(spv).all()
+        if shown.virtual_servers is None:
+            assert chains, spv.name
+        else:
+            assert chains == () and shown.virtual_servers(view, spv), spv.name
+    assert shown.load_balancing("random")
+    if shown.service_rules is not None:
+        argv = list(shown.service_rules(Refusing()))
+        assert argv and all(isinstance(arg, str) and arg for arg in argv)
+
+
+# --- intact(): the one answer every mode's DataPlane.intact() gives -------------------
+
+
+def _unreadable() -> str | None:
+    raise DataPlaneError("nft: permission denied")
+
+
+INTACT = [
+    # (case, damage, intact?, the warning logged)
+    ("nothing changed", lambda: None, True, None),
+    ("a chain flushed", lambda: "chain services holds 0 rules", False,
+     "chain services holds 0 rules (changed from outside)"),
+    ("cannot look", _unreadable, False,
+     "nftables: cannot check the tables: nft: permission denied (changed from outside)"),
+]
+
+
+@pytest.mark.parametrize(("case", "damage", "ok", "warning"), INTACT,
+                         ids=[c[0] for c in INTACT])
+def test_intact_answers_and_logs_what_it_found(
+        case: str, damage: Callable[[], str | None], ok: bool, warning: str | None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("kubeproxy.modes.test")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        assert intact(damage, "nftables: cannot check the tables", log) is ok
+    assert [r.getMessage() for r in caplog.records] == ([warning] if warning else [])
+
+
+# --- no mode module imports another ------------------------------------------------------
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module ``path`` imports (``from a import b`` counts as ``a`` and ``a.b``)."""
+    out: set[str] = set()
+    for stmt in ast.walk(ast.parse(path.read_text())):
+        if isinstance(stmt, ast.Import):
+            out |= {alias.name for alias in stmt.names}
+        elif isinstance(stmt, ast.ImportFrom) and stmt.module:
+            out |= {stmt.module, *(f"{stmt.module}.{a.name}" for a in stmt.names)}
+    return out
+
+
+def test_no_mode_module_imports_another() -> None:
+    """What two modes share lives in modes/base.py or dataplane/, never in a mode."""
+    src = ROOT / "src"
+    found = {}
+    for name, module in modes.REGISTRY.items():
+        path = src / Path(*module.split(".")).with_suffix(".py")
+        others = set(modes.REGISTRY.values()) - {module}
+        found[name] = sorted(_imported(path) & others)
+    assert found == {name: [] for name in modes.NAMES}

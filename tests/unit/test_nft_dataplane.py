@@ -19,19 +19,28 @@ import pytest
 
 from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.dataplane import nft_ops as nft
-from kubeproxy.dataplane.base import DataPlaneError, Result
+from kubeproxy.dataplane.base import Result
 from kubeproxy.dataplane.netlink import encode, find_netns
 from kubeproxy.dataplane.nft_ops import Op, TransactionError
 from kubeproxy.dataplane.nftables import NftablesDataPlane
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import NamespacedName, parse_cidr
-from kubeproxy.pipeline import render_nftables_ruleset
 from kubeproxy.render import nft_wire as wire
 from kubeproxy.render.nft_ir import Chain, Element, Field, Rule, SetDef, SetMatch, Verdict
 from kubeproxy.render.nft_parse import parse_script
 from kubeproxy.render.nftables import NftRuleset
 from kubeproxy.testing.nftables import FakeNftables, NoRunner
-from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
+from tests.builders import (
+    NODE,
+    NODE_IP,
+    Obj,
+    endpoint,
+    endpoint_slice,
+    node,
+    render_nftables_ruleset,
+    service,
+)
 
 # -- helpers -------------------------------------------------------------------------
 

@@ -10,11 +10,20 @@ import pytest
 from kubeproxy.config.types import DetectLocalMode, LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
-from kubeproxy.pipeline import render_nftables, render_nftables_ruleset
 from kubeproxy.render import nftables
 from kubeproxy.render.nft_parse import ScriptError, parse_rule, parse_script
 from kubeproxy.render.nftables import NftRuleset, service_key
-from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
+from tests.builders import (
+    NODE,
+    NODE_IP,
+    Obj,
+    endpoint,
+    endpoint_slice,
+    node,
+    render_nftables,
+    render_nftables_ruleset,
+    service,
+)
 
 CIDR = parse_cidr("10.0.0.0/8", "t")
 SVC = "service-ULMVA6XW-ns1/svc1/tcp/p80"

@@ -13,12 +13,13 @@ import yaml
 
 from kubeproxy.app.cli import main
 from kubeproxy.config.types import ProxyConfig
+from kubeproxy.errors import TraceError
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.nodeview import build_node_view
 from kubeproxy.render import nftables
 from kubeproxy.trace.nftables import trace_nftables
-from kubeproxy.trace.result import Packet, TraceError, TraceLimitError, TraceResult
+from kubeproxy.trace.result import Packet, TraceLimitError, TraceResult
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
 
 LOCAL = frozenset({ipaddress.ip_address(NODE_IP)})

@@ -6,9 +6,16 @@ from kubeproxy.config.types import LBAlgorithm, ProxyConfig
 from kubeproxy.k8s import decode_objects
 from kubeproxy.model import parse_cidr
 from kubeproxy.nodeview import NodeViewCache
-from kubeproxy.pipeline import render_iptables
 from kubeproxy.render.iptables import Renderer, Ruleset
-from tests.builders import Obj, endpoint, endpoint_slice, feature_cluster, node, service
+from tests.builders import (
+    Obj,
+    endpoint,
+    endpoint_slice,
+    feature_cluster,
+    node,
+    render_iptables,
+    service,
+)
 
 CONFIG = ProxyConfig(hostname="node1", cluster_cidrs=(parse_cidr("10.0.0.0/8", "t"),))
 

@@ -20,9 +20,10 @@ import pytest
 
 from kubeproxy import modes
 from kubeproxy.app.daemon import Daemon
-from kubeproxy.config.types import ConfigError, ProxyConfig
+from kubeproxy.config.types import ProxyConfig
+from kubeproxy.errors import ConfigError, InvalidObject
 from kubeproxy.health.server import Health, Metrics
-from kubeproxy.model import InvalidObject, NamespacedName, Node
+from kubeproxy.model import NamespacedName, Node
 from kubeproxy.proxier import Proxier
 from kubeproxy.sources.client import Client
 from kubeproxy.sources.informer import Replace

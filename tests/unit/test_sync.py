@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Cluster, NamespacedName, Service
 from kubeproxy.sync import CHECK_PERIOD, FULL_SYNC_PERIOD, SyncLoop, SyncReport, SyncResult
 from kubeproxy.tracker import Kind, Tracker, Update

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kubeproxy.model import InvalidObject, NamespacedName
+from kubeproxy.errors import InvalidObject
+from kubeproxy.model import NamespacedName
 from kubeproxy.sources.informer import to_update
 from kubeproxy.tracker import Kind, Tracker, Update
 from tests.builders import NODE, Obj, endpoint, endpoint_slice, node, service

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import pytest
 
 from kubeproxy.app import tuning
-from kubeproxy.dataplane.base import DataPlaneError, Result
+from kubeproxy.dataplane.base import Result
 from kubeproxy.dataplane.iptables import detect_backend
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.modes.iptables import ExistingTablesOnly
 
 NODE = {  # a node with nf_conntrack loaded, kernel defaults

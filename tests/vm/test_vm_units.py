@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kubeproxy.vm.image import Guest, VmError, load_order, newc_archive, vmlinux
+from kubeproxy.errors import VmError
+from kubeproxy.vm.image import Guest, load_order, newc_archive, vmlinux
 from kubeproxy.vm.run import (
     DEFAULT_PATH,
     EXIT_GUEST_FAILED,

@@ -1,15 +1,17 @@
 """A Kubernetes API server for the lab, that real kubectl and real clients can use.
 
 Theory of operation. State lives in memory in one `Store` (store.py): objects per
-resource, one global resourceVersion, a bounded history of changes for watches. Everything
-between the socket and the store is pure and table-driven: routes.py maps URLs to
-resources (resources.py), codec.py negotiates media types and decodes bodies against the
-schema (schema.py, generated from the official client's models), strategy.py and
-services.py apply each kind's defaults and validation, patch.py implements the three
-patch formats, selectors.py the label and field selectors, table.py `kubectl get`
-columns, discovery.py and openapi.py the documents kubectl reads before it does anything.
-handlers.py turns a request into a response or a watch stream; http.py is the only code
-that touches sockets, and server.py wires listeners (including sockets inside lab network
+resource, one global resourceVersion and a bounded history of changes for watches
+(storage.py), the write verbs (registry.py) and the controllers they trigger
+(controllers.py). Everything between the socket and the store is pure and
+table-driven: routes.py maps URLs to resources (resources.py), codec.py negotiates
+media types and decodes bodies against the schema (schema.py, generated from the
+official client's models), strategy.py and services.py apply each kind's defaults and
+validation, patch.py implements the three patch formats, selectors.py the label and
+field selectors, table.py `kubectl get` columns, discovery.py and openapi.py the
+documents kubectl reads before it does anything. handlers.py turns a request
+(messages.py) into a response or a watch stream; http.py is the only code that touches
+sockets, and server.py wires listeners (including sockets inside lab network
 namespaces, netns.py) to it. Run it with `python -m kubeproxy.apiserver`.
 
 Served: core/v1 Namespaces, Nodes, Pods, Services, ConfigMaps, ServiceAccounts (and their

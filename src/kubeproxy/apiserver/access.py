@@ -14,15 +14,14 @@ All read the store through the Hub, under its lock; none does any other I/O.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubeproxy.apiserver import auth, codec, errors, rbac, routes
 from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.messages import Request
+from kubeproxy.apiserver.registry import timestamp
 from kubeproxy.apiserver.resources import PODS, SERVICEACCOUNTS
-from kubeproxy.apiserver.store import Store, timestamp
-
-if TYPE_CHECKING:
-    from kubeproxy.apiserver.handlers import Request
+from kubeproxy.apiserver.store import Store
 
 Obj = dict[str, Any]
 log = logging.getLogger("kubeproxy.apiserver")

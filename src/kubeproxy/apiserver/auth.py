@@ -39,6 +39,7 @@ from typing import Any
 from kubeproxy.apiserver import errors
 from kubeproxy.apiserver.errors import ApiError, Cause
 from kubeproxy.apiserver.rbac import AUTHENTICATED, SA_PREFIX, UserInfo
+from kubeproxy.errors import KubeProxyError
 
 Obj = dict[str, Any]
 DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -73,7 +74,7 @@ class CertIdentity:
     organizations: tuple[str, ...] = ()
 
 
-class InvalidToken(Exception):
+class InvalidToken(KubeProxyError):
     """Why a bearer token is refused (logged, never sent: the client gets 401)."""
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeproxy.errors import KubeProxyError
+
 
 @dataclass(frozen=True)
 class Cause:
@@ -24,7 +26,7 @@ class Cause:
 
 
 @dataclass
-class ApiError(Exception):
+class ApiError(KubeProxyError):
     code: int
     reason: str
     message: str

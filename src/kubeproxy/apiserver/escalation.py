@@ -23,8 +23,8 @@ currently held:" and the missing rules in upstream's compact notation).
 ClusterRole aggregation (pkg/controller/clusterroleaggregation): a ClusterRole with an
 `aggregationRule.clusterRoleSelectors` gets as its rules the union of the rules of every
 other ClusterRole whose labels match one of the selectors, in name order, without
-duplicates. :func:`aggregated_rules` computes them; the store applies it after every
-ClusterRole write (store.py), synchronously instead of in a controller.
+duplicates. :func:`aggregated_rules` computes them; the aggregation controller applies
+it after every ClusterRole write (controllers.py), synchronously, inside that write.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Requests -> responses: the verbs of the Kubernetes API over the store.
 
 `Api.handle` takes a parsed `Request` and returns a `Response` (status, bytes, headers)
-or a `Stream` (a watch), and never touches a socket, so it can be exercised directly.
-Every failure leaves as an `ApiError` and is rendered as a `Status` here; the HTTP edge
-only adds a last-resort 500 for bugs.
+or a `Stream` (a watch), all three plain data from messages.py, and never touches a
+socket, so it can be exercised directly. Every failure leaves as an `ApiError` and is
+rendered as a `Status` here; the HTTP edge only adds a last-resort 500 for bugs.
 
 Verbs: get, list (labelSelector, fieldSelector, limit, continue), watch (see watch.py),
 create (POST), update (PUT, 409 on a stale resourceVersion), patch (JSON patch, merge
@@ -23,8 +23,8 @@ stored) answers `kubectl auth can-i` with the same authorizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubeproxy.apiserver import (
@@ -44,12 +44,12 @@ from kubeproxy.apiserver import (
 )
 from kubeproxy.apiserver.errors import ApiError
 from kubeproxy.apiserver.hub import Hub
+from kubeproxy.apiserver.messages import Query, Request, Response, Stream, status_response
 from kubeproxy.apiserver.rbac import RBAC_GROUP, UserInfo
 from kubeproxy.apiserver.resources import GROUP_VERSIONS, Resource
 from kubeproxy.apiserver.store import Store
 
 Obj = dict[str, Any]
-Query = Mapping[str, list[str]]
 PROTO_V2 = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 
 
@@ -58,35 +58,6 @@ class ApiConfig:
     bookmark_interval: float = 60.0  # seconds between BOOKMARK events on a watch
     watch_timeout: float = 1800.0  # when the client does not send timeoutSeconds
     auth: auth.AuthConfig | None = None  # None: no authentication, no authorization
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    query: Query
-    headers: Mapping[str, str]  # lower-case names
-    body: bytes = b""
-    server_address: str = "127.0.0.1:6443"
-    client_cert: auth.CertIdentity | None = None  # verified by the TLS layer
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = codec.JSON
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass
-class Stream:
-    content_type: str
-    chunks: Iterator[bytes | None]
-
-
-def status_response(exc: ApiError) -> Response:
-    return Response(exc.code, codec.encode(exc.to_status()))
 
 
 def _last(query: Query, key: str) -> str | None:

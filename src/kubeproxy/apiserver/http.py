@@ -28,7 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 from kubeproxy.apiserver import codec
 from kubeproxy.apiserver.auth import CertIdentity
 from kubeproxy.apiserver.errors import ApiError
-from kubeproxy.apiserver.handlers import Api, Request, Response, Stream, status_response
+from kubeproxy.apiserver.handlers import Api
+from kubeproxy.apiserver.messages import Request, Response, Stream, status_response
 
 log = logging.getLogger("kubeproxy.apiserver")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import socket
 
-from kubeproxy.util.netns_thread import NetnsError, call_in_netns
+from kubeproxy.errors import NetnsError
+from kubeproxy.util.netns_thread import call_in_netns
 
 __all__ = ["NetnsError", "netns_socket"]
 

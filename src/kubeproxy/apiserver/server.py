@@ -10,7 +10,7 @@ written after it is a readiness signal; `stop()` closes watches, connections and
 With `state_file` the store outlives the process: it is restored from that file when it
 exists, and the file is rewritten (atomically, under the store's lock) after every
 change, before the change is answered. A restarted server therefore comes back with the
-same objects, UIDs and resourceVersions; only the watch history is gone (store.py).
+same objects, UIDs and resourceVersions; only the watch history is gone (storage.py).
 One JSON file rewritten per change costs O(objects) per write: right for the lab's
 hundreds of objects, not for a bench with tens of thousands (which runs without it).
 

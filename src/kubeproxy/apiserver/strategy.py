@@ -1,8 +1,9 @@
 """Per-kind rules applied on create and update: defaults, carry-over, validation.
 
-Upstream calls these "strategies" (pkg/registry/<group>/<kind>/strategy.go). The store
-calls `prepare_create` / `prepare_update` and then `validate`; each returns nothing or a
-list of field `Cause`s that the store turns into one 422 Invalid error. The rules kept
+Upstream calls these "strategies" (pkg/registry/<group>/<kind>/strategy.go). The
+registry (registry.py) calls a kind's `default` on create (`carry_over` on update) and
+then `validate`, which returns the field `Cause`s the registry turns into one 422
+Invalid error. The rules kept
 are the ones clients notice: names, labels, ports and IPs, required fields, immutable
 fields (most of a Pod's spec, a Service's ClusterIP, an EndpointSlice's addressType),
 what the main resource may change versus the `status` subresource, and the defaults

@@ -24,7 +24,8 @@ from kubeproxy.apiserver.errors import ApiError
 from kubeproxy.apiserver.hub import Hub
 from kubeproxy.apiserver.resources import Resource
 from kubeproxy.apiserver.selectors import FieldSelector, LabelSelector
-from kubeproxy.apiserver.store import Store, WatchEvent
+from kubeproxy.apiserver.storage import WatchEvent
+from kubeproxy.apiserver.store import Store
 
 Obj = dict[str, Any]
 Render = Callable[[Obj], Obj]  # object -> what goes in the event (Table, metadata, as-is)

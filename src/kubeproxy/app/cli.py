@@ -10,7 +10,6 @@ import argparse
 import ipaddress
 import json
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -21,16 +20,12 @@ import yaml
 
 from kubeproxy import modes
 from kubeproxy.config import flags
-from kubeproxy.config.types import (
-    ConfigError,
-    ProxyConfig,
-    cluster_with_bind_address,
-    parse_lb_algorithm,
-)
-from kubeproxy.k8s import ManifestError, decode_objects, load_manifests
+from kubeproxy.config.types import ProxyConfig, cluster_with_bind_address
+from kubeproxy.errors import ConfigError, ManifestError
+from kubeproxy.k8s import decode_objects, load_manifests
 from kubeproxy.model import Cluster
 from kubeproxy.modes.base import PlaneOptions
-from kubeproxy.pipeline import node_views
+from kubeproxy.nodeview import node_views
 from kubeproxy.sources.client import ClientOptions
 
 
@@ -49,33 +44,6 @@ def _add_bpf_flags(p: argparse.ArgumentParser) -> None:
                         "/run/kubeproxy/bpf)")
 
 
-def build_config(args: argparse.Namespace) -> ProxyConfig:
-    """The effective configuration (flags.effective: upstream's precedence) as ProxyConfig,
-    with this project's own flags on top."""
-    return _proxy_config(args, flags.effective(args))
-
-
-def _proxy_config(args: argparse.Namespace, eff: flags.Effective) -> ProxyConfig:
-    from kubeproxy.config.v1alpha1 import proxy_settings
-
-    try:
-        kw: dict[str, Any] = proxy_settings(eff.fields)
-        if args.lb_algorithm:
-            kw["lb_algorithm"] = parse_lb_algorithm(args.lb_algorithm)
-        if args.cgroup_path:
-            kw["cgroup_path"] = args.cgroup_path
-        if not kw.get("hostname"):
-            kw["hostname"] = os.uname().nodename.lower()
-        return ProxyConfig(**kw)
-    except ConfigError as err:  # name the flag when a flag gave the bad value
-        culprits = [f.names[0] for d, f in flags.BY_DEST.items()
-                    if getattr(args, d, None) is not None
-                    and any(str(err).startswith(n) for n in f.fields)]
-        if culprits:
-            raise ConfigError(f"{err} (from {', '.join(culprits)})") from None
-        raise
-
-
 def load_cluster(files: Sequence[Path]) -> Cluster:
     """Read and decode manifests; report each invalid object on stderr and go on."""
     cluster = decode_objects(load_manifests(files))
@@ -85,7 +53,7 @@ def load_cluster(files: Sequence[Path]) -> Cluster:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    config = build_config(args)
+    config = flags.build_config(args)
     cluster = cluster_with_bind_address(load_cluster(args.files), config)
     mode = modes.for_config(config)
     sys.stdout.write(mode.text(mode.render(node_views(cluster, config)), config.hostname))
@@ -95,7 +63,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from kubeproxy.trace.result import Packet
 
-    config = build_config(args)
+    config = flags.build_config(args)
     cluster = cluster_with_bind_address(load_cluster(args.files), config)
     try:
         src = ipaddress.ip_address(args.src)
@@ -134,7 +102,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     """Render this node's rules and apply them to the kernel (a one-shot full sync)."""
     from kubeproxy.dataplane.base import SubprocessRunner
 
-    config = build_config(args)
+    config = flags.build_config(args)
     cluster = cluster_with_bind_address(load_cluster(args.files), config)
     mode = modes.for_config(config)
     plane = mode.data_plane(SubprocessRunner(), _plane_options(args, config))
@@ -169,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             yaml.safe_dump(kpconfig.nested(eff.fields), sort_keys=True))
         log.info("wrote configuration to %s", args.write_config_to)
         return 0
-    config = _proxy_config(args, eff)
+    config = flags.proxy_config_of(args, eff)
     problem = tuning.privilege_problem()
     if problem is not None:
         raise PrivilegeError(problem)
@@ -309,7 +277,7 @@ def kube_proxy_main(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
          ) -> int:
-    from kubeproxy.dataplane.base import DataPlaneError
+    from kubeproxy.errors import DataPlaneError
 
     args = (parser or build_parser()).parse_args(argv)
     try:

@@ -7,8 +7,8 @@ and watch the API server and put decoded updates on one queue. The main thread i
 only one that touches the proxy's state: it drains the queue, folds the updates into
 the :class:`~kubeproxy.tracker.Tracker`, and runs the :class:`~kubeproxy.sync.SyncLoop`
 when it is due. A sync renders this node's rules from the tracker's cluster (node view
--> iptables or nftables renderer) and hands them to the data plane, whole or for the
-changed services only. Between turns the main thread sleeps on the queue, with the loop's
+-> the mode's renderer, proxier.py) and hands them to the mode's data plane, whole or
+for the changed services only. Between turns the main thread sleeps on the queue, with the loop's
 next deadline as the timeout, so it wakes for an event or for a sync, never to poll.
 
 Between syncs, about once a second (``SyncLoop.next_check``), it asks the data plane
@@ -19,13 +19,13 @@ KUBE-SERVICES, deleted the kube-proxy table ...), the plane logs what it found, 
 full sync at once, so the rules are back within a second or two.
 
 After each successful sync it keeps the node views the proxier wrote and, against the
-previous ones, deletes stale UDP conntrack entries (conntrack.py, dataplane/conntrack.py)
-and opens / closes the health-check node ports of eTP=Local LoadBalancers
-(healthcheck.py). After each turn it publishes a health snapshot and the sync's metrics for the HTTP
-servers (server.py). SIGTERM / SIGINT put a stop marker on the queue (a SimpleQueue,
-whose put is safe in a signal handler); the main thread then stops the informers and
-servers and returns. Rules stay in place on exit, as upstream's do; ``--cleanup``
-removes them.
+previous ones, deletes stale UDP conntrack entries (conntrack.py,
+dataplane/conntrack.py) and opens / closes the health-check node ports of eTP=Local
+LoadBalancers (health/service_health.py). After each turn it publishes a health snapshot
+and the sync's metrics for the HTTP servers (health/server.py). SIGTERM / SIGINT put a
+stop marker on the queue (a SimpleQueue, whose put is safe in a signal handler); the
+main thread then stops the informers and servers and returns. Rules stay in place on
+exit, as upstream's do; ``--cleanup`` removes them.
 
 Every ``configSyncPeriod`` (default 15 minutes; 0: never) the main thread asks each
 informer to re-deliver every object it holds as an update (``Informer.resync``),
@@ -52,10 +52,11 @@ from pathlib import Path
 from types import FrameType
 
 from kubeproxy import modes
-from kubeproxy.config.types import ConfigError, ProxyConfig, with_bind_address
+from kubeproxy.config.types import ProxyConfig, with_bind_address
 from kubeproxy.conntrack import stale_udp_flows
-from kubeproxy.dataplane.base import DataPlaneError, Runner, SubprocessRunner
+from kubeproxy.dataplane.base import Runner, SubprocessRunner
 from kubeproxy.dataplane.conntrack import ConntrackCleaner
+from kubeproxy.errors import ConfigError, DataPlaneError, InvalidObject
 from kubeproxy.health.server import (
     Health,
     HealthState,
@@ -66,7 +67,7 @@ from kubeproxy.health.server import (
     parse_bind_address,
 )
 from kubeproxy.health.service_health import HealthCheckServers, desired_servers
-from kubeproxy.model import Family, InvalidObject, NamespacedName, Node
+from kubeproxy.model import Family, NamespacedName, Node
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.nodeview import NodeView
 from kubeproxy.proxier import Proxier
@@ -327,7 +328,7 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
         raise ConfigError(str(err)) from err
     proxier = Proxier(mode, config, plane)
     health = Health(2 * config.sync_period)
-    metrics = Metrics(config.mode, plane=lambda: mode.plane_counts(plane))
+    metrics = Metrics(config.mode, plane=plane.counts)
     metrics.configz = options.configz
     informers: list[Informer] = []
     daemon = Daemon(config, proxier, health=health, metrics=metrics, conntrack=runner,

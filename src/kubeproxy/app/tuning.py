@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from kubeproxy.config.types import ConfigError
+from kubeproxy.errors import ConfigError
 
 log = logging.getLogger("kubeproxy.tuning")
 
@@ -79,7 +79,7 @@ class ProcSysctl:
 
 @dataclass(frozen=True)
 class Settings:
-    """The configuration's tuning part (kpconfig: conntrack.*, oomScoreAdj), seconds."""
+    """The configuration's tuning part (config/v1alpha1.py: conntrack.*, oomScoreAdj), seconds."""
 
     max_per_core: int = 32 * 1024
     min: int = 128 * 1024

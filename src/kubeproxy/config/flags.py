@@ -9,7 +9,7 @@ the KubeProxyConfiguration v1alpha1 field(s) it sets, and - when it does nothing
 why. :func:`add_flags` turns the table into argparse arguments, for ``kube-proxy`` and
 ``kubeproxy run`` alike (and ``render``/``trace``/``apply``). Every argument defaults
 to None, so :func:`given` can tell the flags written on the command line from the rest
-(pflag's ``Changed``), which is what upstream's precedence needs (kpconfig.py):
+(pflag's ``Changed``), which is what upstream's precedence needs (v1alpha1.py):
 
 * without ``--config``: each given flag sets its field(s) of a defaulted configuration;
 * with ``--config``: the file wins; ``--hostname-override`` still applies, every other
@@ -22,13 +22,16 @@ A flag that is accepted but has no effect here (``effect`` set) is logged once a
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kubeproxy.config.types import ConfigError, parse_duration
+from kubeproxy.config import v1alpha1 as kpconfig
+from kubeproxy.config.types import ProxyConfig, parse_duration, parse_lb_algorithm
 from kubeproxy.config.v1alpha1 import format_duration, parse_feature_gates
+from kubeproxy.errors import ConfigError
 
 Kind = Literal["str", "bool", "int", "float", "duration", "list", "gates", "path"]
 Group = Literal["upstream", "logging", "ours"]
@@ -149,7 +152,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--nodeport-addresses",), "list", "CIDRs (comma-separated) of node IPs where "
          "NodePorts are open, or 'primary' (default: all; nftables mode: primary).",
          ("nodePortAddresses",)),
-    # --- node tuning at start (tuning.py) ---
+    # --- node tuning at start (app/tuning.py) ---
     Flag(("--oom-score-adj",), "int", "The oom-score-adj value for the kube-proxy process, "
          "in [-1000, 1000] (default -999).", ("oomScoreAdj",)),
     Flag(("--conntrack-max-per-core",), "int", "Maximum number of NAT connections to track "
@@ -317,8 +320,6 @@ def effective(args: argparse.Namespace) -> Effective:
     """Upstream's precedence over this command line (see the module docstring)."""
     import yaml
 
-    from kubeproxy.config import v1alpha1 as kpconfig
-
     explicit = given(args)
     notes: list[str] = []
     file_fields: Mapping[str, object] | None = None
@@ -338,3 +339,37 @@ def effective(args: argparse.Namespace) -> Effective:
                      f"decides these settings (upstream's precedence)")
     notes += no_effect(explicit)
     return Effective(kpconfig.resolve(file_fields, flag_fields), tuple(notes))
+
+
+def build_config(args: argparse.Namespace) -> ProxyConfig:
+    """The effective configuration (:func:`effective`: upstream's precedence) as
+    ProxyConfig, with this project's own flags on top."""
+    return proxy_config_of(args, effective(args))
+
+
+def proxy_config_of(args: argparse.Namespace, eff: Effective) -> ProxyConfig:
+    """``eff`` (already computed: ``run`` logs its notes first) as ProxyConfig."""
+    try:
+        kw: dict[str, Any] = kpconfig.proxy_settings(eff.fields)
+        if args.lb_algorithm:
+            kw["lb_algorithm"] = parse_lb_algorithm(args.lb_algorithm)
+        if args.cgroup_path:
+            kw["cgroup_path"] = args.cgroup_path
+        if not kw.get("hostname"):
+            kw["hostname"] = os.uname().nodename.lower()
+        return ProxyConfig(**kw)
+    except ConfigError as err:  # name the flag when a flag gave the bad value
+        culprits = [f.names[0] for d, f in BY_DEST.items()
+                    if getattr(args, d, None) is not None
+                    and any(str(err).startswith(n) for n in f.fields)]
+        if culprits:
+            raise ConfigError(f"{err} (from {', '.join(culprits)})") from None
+        raise
+
+
+def proxy_config(argv: Sequence[str]) -> ProxyConfig:
+    """The ProxyConfig a ``kube-proxy`` / ``kubeproxy run`` command line gives (the lab
+    asks what its node proxies run with)."""
+    parser = argparse.ArgumentParser(prog="kube-proxy")
+    add_flags(parser)
+    return build_config(parser.parse_args(list(argv)))

@@ -1,8 +1,11 @@
-"""Proxy configuration: one frozen object, built from flags and/or a config file.
+"""The proxy's configuration as the core reads it: one frozen, validated object.
 
-Flags keep upstream kube-proxy's names and meanings. A KubeProxyConfiguration file
-(kubeproxy.config.k8s.io/v1alpha1) gives the same settings; as upstream does, flags
-given explicitly on the command line win over the file.
+Upstream keeps its configuration types apart from how they are read (pkg/proxy/apis/
+config); so do we. :class:`ProxyConfig` is what every layer below the commands gets:
+the node, the mode (:data:`MODES`, upstream's ProxyMode names; modes/ registers a data
+plane under each), and every setting that decides rules. It validates when built, so a
+bad value fails once, naming the setting. How flags and a KubeProxyConfiguration file
+make one (upstream's precedence and defaults) is v1alpha1.py and flags.py.
 """
 
 from __future__ import annotations
@@ -12,17 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from kubeproxy import modes
-from kubeproxy.model import Cluster, FieldError, IPAddress, IPNetwork, Node, parse_cidr
-
-
-class ConfigError(ValueError):
-    """A bad flag or configuration file; the message names the setting."""
+from kubeproxy.errors import ConfigError, FieldError
+from kubeproxy.model import Cluster, IPAddress, IPNetwork, Node, parse_cidr
 
 
 class DetectLocalMode(Enum):
@@ -38,6 +33,18 @@ class LBAlgorithm(Enum):
 
 
 PRIMARY = "primary"
+
+# The proxy modes (upstream's ProxyMode constants), as --proxy-mode and the file's `mode`
+# spell them; modes/ registers one data plane under each.
+IPTABLES = "iptables"  # upstream's chain layout, iptables-restore
+NFTABLES = "nftables"  # upstream's table layout, netlink batches
+EBPF = "ebpf"  # socket load balancing + nftables for north-south traffic
+IPVS = "ipvs"  # IPVS virtual servers + ipsets, iptables around them
+MODES: tuple[str, ...] = (IPTABLES, NFTABLES, EBPF, IPVS)
+
+# nodePortAddresses when the configuration gives none, per mode (upstream's
+# platformApplyDefaults): () = every local address; nftables: the Node's primary IPs.
+NODEPORT_DEFAULTS: dict[str, tuple[str, ...]] = {NFTABLES: (PRIMARY,)}
 # The IPVS schedulers upstream accepts (validateIPVSSchedulerMethod); rr is the default.
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh")
 
@@ -72,7 +79,7 @@ _IPVS_WIRE = {"tcp_timeout": "tcpTimeout", "tcpfin_timeout": "tcpFinTimeout",
 
 
 def ipvs_config(fields: Mapping[str, object]) -> IpvsConfig:
-    """The ``ipvs.*`` fields of a defaulted KubeProxyConfiguration (kpconfig, wire form)
+    """The ``ipvs.*`` fields of a defaulted KubeProxyConfiguration (v1alpha1.py, wire form)
     -> IpvsConfig; an empty scheduler is rr, as upstream defaults it."""
     def seconds(name: str) -> float:
         value = fields.get(f"ipvs.{name}")
@@ -121,8 +128,8 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if self.config_sync_period < 0:
             raise ConfigError("configSyncPeriod: must be >= 0")
-        if self.mode not in modes.NAMES:
-            raise ConfigError(f"mode: {self.mode!r} is not one of {', '.join(modes.NAMES)}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if not 0 <= self.masquerade_bit <= 31:
             raise ConfigError(f"iptables.masqueradeBit: {self.masquerade_bit} is not in 0-31")
         for value in self.nodeport_addresses:
@@ -200,58 +207,6 @@ def parse_cidr_list(text: str, setting: str) -> tuple[IPNetwork, ...]:
         raise ConfigError(str(err)) from None
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a KubeProxyConfiguration and return ProxyConfig keyword arguments."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: {err}") from err
-    if not isinstance(doc, dict) or doc.get("kind") != "KubeProxyConfiguration":
-        raise ConfigError(f"{path}: not a KubeProxyConfiguration")
-    if doc.get("apiVersion") != "kubeproxy.config.k8s.io/v1alpha1":
-        raise ConfigError(f"{path}: apiVersion must be kubeproxy.config.k8s.io/v1alpha1")
-    out: dict[str, Any] = {}
-    _get = _Getter(path, doc)
-    if (v := _get.get_str("hostnameOverride")) is not None:
-        out["hostname"] = v
-    if (v := _get.get_str("mode")) is not None and v:
-        out["mode"] = v
-    if (v := _get.get_str("clusterCIDR")) is not None:
-        out["cluster_cidrs"] = parse_cidr_list(v, "clusterCIDR")
-    if (b := _get.get_bool("iptables", "masqueradeAll")) is not None:
-        out["masquerade_all"] = b
-    if (b := _get.get_bool("masqueradeAll")) is not None:  # moved out of iptables in v1alpha2
-        out["masquerade_all"] = b
-    if (n := _get.get_int("iptables", "masqueradeBit")) is not None:
-        out["masquerade_bit"] = n
-    if (b := _get.get_bool("iptables", "localhostNodePorts")) is not None:
-        out["localhost_nodeports"] = b
-    if (s := _get.get_duration("iptables", "syncPeriod")) is not None:
-        out["sync_period"] = s
-    if (s := _get.get_duration("iptables", "minSyncPeriod")) is not None:
-        out["min_sync_period"] = s
-    addrs = doc.get("nodePortAddresses")
-    if addrs is not None:
-        if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
-            raise ConfigError(f"{path}: nodePortAddresses must be a list of strings")
-        out["nodeport_addresses"] = tuple(addrs)
-    if (v := _get.get_str("detectLocalMode")) is not None and v:
-        out["detect_local_mode"] = parse_detect_local_mode(v)
-    if (v := _get.get_str("detectLocal", "bridgeInterface")) is not None:
-        out["bridge_interface"] = v
-    if (v := _get.get_str("detectLocal", "interfaceNamePrefix")) is not None:
-        out["interface_name_prefix"] = v
-    if (v := _get.get_str("healthzBindAddress")) is not None and v:
-        out["healthz_bind_address"] = v
-    if (v := _get.get_str("metricsBindAddress")) is not None and v:
-        out["metrics_bind_address"] = v
-    if (v := _get.get_str("clientConnection", "kubeconfig")) is not None and v:
-        out["kubeconfig"] = v
-    if (v := _get.get_str("cgroupPath")) is not None and v:  # ours, for the ebpf mode
-        out["cgroup_path"] = v
-    return out
-
-
 def parse_detect_local_mode(value: str) -> DetectLocalMode:
     try:
         return DetectLocalMode(value)
@@ -267,51 +222,6 @@ def parse_lb_algorithm(value: str) -> LBAlgorithm:
         raise ConfigError(f"lb-algorithm: {value!r} is not random or round-robin") from None
 
 
-class _Getter:
-    """Typed access to nested config keys with errors that name the key."""
-
-    def __init__(self, path: Path, doc: dict[str, Any]) -> None:
-        self.path = path
-        self.doc = doc
-
-    def _raw(self, keys: tuple[str, ...]) -> object:
-        node: object = self.doc
-        for key in keys:
-            if not isinstance(node, dict):
-                return None
-            node = node.get(key)
-        return node
-
-    def _fail(self, keys: tuple[str, ...], what: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {'.'.join(keys)} must be {what}")
-
-    def get_str(self, *keys: str) -> str | None:
-        v = self._raw(keys)
-        if v is not None and not isinstance(v, str):
-            raise self._fail(keys, "a string")
-        return v
-
-    def get_bool(self, *keys: str) -> bool | None:
-        v = self._raw(keys)
-        if v is not None and not isinstance(v, bool):
-            raise self._fail(keys, "true or false")
-        return v
-
-    def get_int(self, *keys: str) -> int | None:
-        v = self._raw(keys)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise self._fail(keys, "an integer")
-        return v
-
-    def get_duration(self, *keys: str) -> float | None:
-        v = self._raw(keys)
-        if v is None:
-            return None
-        if not isinstance(v, str):
-            raise self._fail(keys, "a duration such as 30s or 1m")
-        return parse_duration(v, ".".join(keys))
-
-
 def parse_duration(text: str, setting: str) -> float:
     """Go duration strings: "30s", "1m", "1m30s", "500ms", "0"."""
     if text.strip() == "0":
@@ -321,10 +231,3 @@ def parse_duration(text: str, setting: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text.strip():
         raise ConfigError(f"{setting}: {text!r} is not a duration")
     return sum(float(n) * units[u] for n, u in parts)
-
-
-def with_overrides(base: ProxyConfig, **changes: Any) -> ProxyConfig:
-    try:
-        return replace(base, **changes)
-    except (TypeError, FieldError) as err:
-        raise ConfigError(str(err)) from err

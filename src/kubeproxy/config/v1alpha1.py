@@ -37,7 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubeproxy.config.types import ConfigError, parse_duration
+from kubeproxy.config.types import NODEPORT_DEFAULTS, parse_duration
+from kubeproxy.errors import ConfigError
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
@@ -100,9 +101,9 @@ FIELDS: dict[str, tuple[Kind, object]] = {
     "detectLocal.bridgeInterface": ("str", None),
     "detectLocal.interfaceNamePrefix": ("str", None),
     "clusterCIDR": ("str", None),  # comma-separated, one per family
-    "nodePortAddresses": ("list", None),  # empty: the mode's Mode.nodeport_default
+    "nodePortAddresses": ("list", None),  # empty: types.NODEPORT_DEFAULTS
     "oomScoreAdj": ("int", -999),  # qos.KubeProxyOOMScoreAdj
-    # conntrack: node tuning at start (tuning.py)
+    # conntrack: node tuning at start (app/tuning.py)
     "conntrack.maxPerCore": ("int", 32 * 1024),
     "conntrack.min": ("int", 128 * 1024),
     "conntrack.tcpEstablishedTimeout": ("duration", "24h0m0s"),
@@ -231,7 +232,7 @@ def defaulted(fields: Mapping[str, object]) -> dict[str, object]:
 def resolve(file_fields: Mapping[str, object] | None, flag_fields: Mapping[str, object]
             ) -> dict[str, object]:
     """The effective configuration: the file's (or none) defaulted, the flags given set
-    on top (kpconfig's caller has already dropped those --config ignores), then
+    on top (the caller, flags.py, has already dropped those --config ignores), then
     upstream's platformApplyDefaults."""
     out = defaulted(file_fields or {})
     out.update(copy.deepcopy(dict(flag_fields)))
@@ -239,20 +240,10 @@ def resolve(file_fields: Mapping[str, object] | None, flag_fields: Mapping[str, 
         if not out[name]:
             out[name] = FIELDS[name][1]
     if not out["nodePortAddresses"]:
-        out["nodePortAddresses"] = list(nodeport_default(str(out["mode"])))
+        # the mode's own default (nftables: upstream's ``primary``); every local
+        # address for an unknown mode (it is rejected later, with the list of modes)
+        out["nodePortAddresses"] = list(NODEPORT_DEFAULTS.get(str(out["mode"]), ()))
     return out
-
-
-def nodeport_default(mode: str) -> tuple[str, ...]:
-    """nodePortAddresses when none is given: the mode's own default (``Mode.
-    nodeport_default``; nftables: upstream's ``primary``), every local address for an
-    unknown mode (it is rejected later, with the list of modes)."""
-    from kubeproxy import modes
-
-    try:
-        return modes.get(mode).nodeport_default
-    except modes.UnknownModeError:
-        return ()
 
 
 def _append_port(address: str, port: str) -> str:

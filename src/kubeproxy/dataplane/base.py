@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kubeproxy.errors import DataPlaneError
 
-class DataPlaneError(RuntimeError):
-    """A kernel update failed; the message holds the command and what it printed."""
+__all__ = ["DataPlaneError", "NetnsRunner", "Result", "Runner", "SubprocessRunner", "check"]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 1, 2, 3

@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable
 
 from kubeproxy.conntrack import StaleFlow
-from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.base import Runner
+from kubeproxy.errors import DataPlaneError
 
 _DELETED = re.compile(r"(\d+) flow entries have been deleted")
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from kubeproxy.dataplane.base import DataPlaneError
 from kubeproxy.dataplane.nftables import NftablesDataPlane
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.render import ebpf as r
 from kubeproxy.render.ebpf import EbpfRuleset, Flag

@@ -43,7 +43,9 @@ Per-service chains are not checked (upstream does not either); they hang off
 KUBE-SERVICES, and the hourly full sync rewrites them.
 
 Which iptables binary: as upstream's iptables-wrapper decides it, the backend (legacy
-or nft) already holding kube rules wins, else the one with more rules, else nft.
+or nft) already holding kube rules wins, else the one with more rules, else nft
+(:func:`detect_backend`; :func:`choose_backend` applies ``--iptables-backend``, for
+the iptables mode and the IPVS mode's iptables part alike).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import logging
 import os
 import re
 import shlex
@@ -60,8 +63,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
-from kubeproxy.dataplane.base import DataPlaneError, Runner, check
+from kubeproxy.dataplane.base import Runner, check
 from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import NamespacedName
 from kubeproxy.render.iptables import (
     KUBE_FIREWALL,
@@ -74,9 +78,11 @@ from kubeproxy.render.iptables import (
 from kubeproxy.util.netns_thread import call_at
 
 Backend = Literal["legacy", "nft"]
+BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
 CANARY_TABLES = ("mangle", "filter", "nat")  # where the KUBE-PROXY-CANARY chains live
 _HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 _CHAIN_LINE = re.compile(r"^:(\S+) ")
+log = logging.getLogger("kubeproxy.dataplane.iptables")
 
 
 def binaries(family: int, backend: Backend) -> tuple[str, str, str]:
@@ -108,6 +114,19 @@ def detect_backend(runner: Runner) -> Backend:
     if not counts:
         raise DataPlaneError("no iptables backend is usable: " + "; ".join(missing))
     return max(counts, key=lambda b: (counts[b], b == "nft"))
+
+
+def choose_backend(runner: Runner, wanted: str) -> Backend:
+    """The backend ``wanted`` names (``--iptables-backend``: legacy, nft), or for
+    ``auto`` the one :func:`detect_backend` picks (logged). Anything else: ValueError."""
+    if wanted == "auto":
+        backend = detect_backend(runner)
+        log.info("iptables backend: %s", backend)
+        return backend
+    for backend in BACKENDS:
+        if wanted == backend:
+            return backend
+    raise ValueError(f"iptables backend {wanted!r}: one of auto, {', '.join(BACKENDS)}")
 
 
 def is_ours(chain: str) -> bool:

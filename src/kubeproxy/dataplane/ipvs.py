@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kubeproxy.config.types import IpvsConfig
-from kubeproxy.dataplane.base import DataPlaneError, Runner, check
+from kubeproxy.dataplane.base import Runner, check
 from kubeproxy.dataplane.iptables import Backend, Watch, binaries
 from kubeproxy.dataplane.ipvs_netlink import KernelDest, KernelService, Timeouts
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
 from kubeproxy.render.ipvs import (
     DUMMY,

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress
 from kubeproxy.render.ipvs import Key, RealServer, VirtualServer, key_of
 from kubeproxy.util.netns_thread import call_at

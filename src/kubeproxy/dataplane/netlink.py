@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import assert_never
 
-from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.base import Runner
 from kubeproxy.dataplane.nft_ops import (
     AddChain,
     AddElements,
@@ -63,10 +63,11 @@ from kubeproxy.dataplane.nft_ops import (
     Op,
     TransactionError,
 )
+from kubeproxy.errors import DataPlaneError, NetnsError
 from kubeproxy.render import nft_wire as wire
 from kubeproxy.render.nft_ir import Item, SetDef
 from kubeproxy.render.nftables import TABLE, TABLE_COMMENT
-from kubeproxy.util.netns_thread import NetnsError, call_at
+from kubeproxy.util.netns_thread import call_at
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270

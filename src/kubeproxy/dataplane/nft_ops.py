@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.render.nft_ir import Chain, Element, Rule, SetDef
 
 

@@ -52,9 +52,10 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kubeproxy.dataplane import nft_ops as nft
-from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.base import Runner
 from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
 from kubeproxy.dataplane.nft_ops import Listing, Op, TransactionError, Transport
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
 from kubeproxy.render.nft_ir import Element, SetDef
 from kubeproxy.render.nftables import (
@@ -292,6 +293,17 @@ class NftablesDataPlane:
             return
         stats.chains_deleted += len(ops)
         self.stale = {f: set() for f in FAMILIES}
+
+
+def listed(runner: Runner) -> str:
+    """``nft list table`` of each family's ``kube-proxy`` table that exists: what the
+    nftables and ebpf modes' ``rules()`` print (reading back is the one use of ``nft``)."""
+    out = []
+    for family in FAMILIES:
+        res = runner.run(["nft", "list", "table", family, TABLE])
+        if res.returncode == 0:
+            out.append(res.stdout)
+    return "".join(out)
 
 
 class _Diff:

@@ -1,25 +1,35 @@
-"""kube-proxy's metrics: upstream's families, recorded where things happen, served as text.
+"""kube-proxy's metrics: upstream's families as prometheus-client objects, served as text.
 
 Theory of operation
 -------------------
 :data:`FAMILIES` is the literal table of every metric ``/metrics`` serves: upstream's
 pkg/proxy/metrics (names, types, help texts, labels and buckets as upstream declares
-them, the ``ip_family`` label where upstream has it), plus two of ours. The daemon's main
-thread records into a :class:`Metrics` (a plain store behind one lock: counters, gauges
-and histograms keyed by label values, strict about names and labels), the HTTP thread
-renders a consistent snapshot of it. What records what: the daemon each sync result
-(:meth:`Metrics.record_sync`), queued and pending changes, flushes found, and the
-conntrack cleanup (:meth:`Metrics.reconcile_conntrack` runs it per family); the health
-server each probe; the data plane, after each successful sync, what only it knows
-(``Mode.plane_counts``: iptables rule counts, nftables cleanup failures).
+them, the ``ip_family`` label where upstream has it), plus two of ours. Each
+:class:`Metrics` builds one prometheus-client Counter, Gauge or Histogram per row in a
+private ``CollectorRegistry`` (never the global one; one per Metrics, so tests and
+daemons do not share), and ``kubernetes_build_info`` as a Gauge fixed at 1. What records
+what: the daemon each sync result (:meth:`Metrics.record_sync`), queued and pending
+changes, flushes found, and the conntrack cleanup (:meth:`Metrics.reconcile_conntrack`
+runs it per family); the health server each probe; the data plane, after each
+successful sync, what only it knows (``DataPlane.counts()``: iptables rule counts,
+nftables cleanup failures). :meth:`Metrics.inc`, :meth:`~Metrics.set` and
+:meth:`~Metrics.observe` are strict: an unknown family, a wrong label set or the wrong
+kind of update is an error, not a new series.
 
-The exposition is prometheus-client's (``generate_latest``, text format 0.0.4: escaping,
-``# HELP``/``# TYPE``, the process collector's ``process_*`` families that client_golang
-also serves). Our store hands it finished families from a collector at scrape time, so
-the library holds no state of ours and no ``_created`` series appear (upstream has
-none). The choice was measured (docs/flags.md, "Metrics"): importing prometheus-client
-after the daemon's own imports costs 15-30 ms of a ~300 ms start and 1.2 MiB of RSS, and
-``kube-proxy --version`` does not import it.
+Threads: the daemon's main thread records, the HTTP threads scrape. prometheus-client
+locks each value on its own, so a scrape could see a histogram's ``_sum`` without its
+bucket; every update here and the collection of our families take one lock of ours
+instead, so a scrape is a consistent snapshot. The ``process_*`` families (the process
+collector, as client_golang serves them) are read outside it.
+
+The exposition is prometheus-client's ``generate_latest`` (text format 0.0.4: escaping,
+``# HELP``/``# TYPE``) with ``disable_created_metrics()``: no ``_created`` series
+(upstream has none). Two things are put into client_golang's shape at scrape time:
+series are sorted by label values, and bucket bounds are written ``le="1"``, not
+prometheus-client's ``le="1.0"`` (so queries and recording rules written against
+upstream's ``le`` values match). Importing prometheus-client after the daemon's own
+imports costs 15-30 ms of a ~300 ms start and 1.2 MiB of RSS (docs/flags.md,
+"Metrics"); ``kube-proxy --version`` does not import it.
 
 One sync here writes every IP family at once (upstream runs one proxier per family), so
 a sync's duration, result and programming latency are recorded under each family it
@@ -30,28 +40,30 @@ nftables-only ones per mode); a family a mode never moves stays empty or at zero
 
 from __future__ import annotations
 
-import math
 import platform
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
     Metric,
+    disable_created_metrics,
+    generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
 
 from kubeproxy import __version__, modes
 from kubeproxy.conntrack import StaleFlow
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Family
 from kubeproxy.modes.base import PlaneCounts
 from kubeproxy.sync import SyncResult
@@ -141,40 +153,11 @@ BY_NAME = {f.name: f for f in FAMILIES}
 # Upstream's kubernetes_build_info labels (component-base/metrics/version.go).
 BUILD_INFO_LABELS = ("build_date", "compiler", "git_commit", "git_tree_state", "git_version",
                      "go_version", "major", "minor", "platform")
+BUILD_INFO_HELP = ("[ALPHA] A metric with a constant '1' value labeled by major, minor, git "
+                   "version, git commit, git tree state, build date, Go version, and compiler "
+                   "from which Kubernetes was built, and platform on which it is running.")
 
-
-class _Histogram:
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)  # per bucket, not cumulative
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        out, total = [], 0
-        for bound, n in zip(self.buckets, self.counts, strict=True):
-            total += n
-            out.append((go_float(bound), float(total)))
-        out.append(("+Inf", float(self.count)))
-        return out
-
-
-def go_float(value: float) -> str:
-    """A bucket bound as client_golang writes ``le`` (strconv 'g', shortest): 1, 0.25."""
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e21 else repr(value)
-
-
-Key = tuple[str, ...]
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 class Metrics:
@@ -182,7 +165,7 @@ class Metrics:
 
     def __init__(self, mode: str, *, plane: Callable[[], PlaneCounts] | None = None,
                  clock: Callable[[], float] = time.monotonic, process: bool = True) -> None:
-        """``plane``: what the data plane says after a sync (``Mode.plane_counts`` of
+        """``plane``: what the data plane says after a sync (``DataPlane.counts()`` of
         the daemon's plane); ``process``: serve the process_* families."""
         self.mode = mode
         self._plane = plane
@@ -191,57 +174,65 @@ class Metrics:
         self._failures = BY_NAME[the_mode.sync_failures_metric.removeprefix("kubeproxy_")]
         self._partial = (None if the_mode.partial_failures_metric is None else
                          BY_NAME[the_mode.partial_failures_metric.removeprefix("kubeproxy_")])
-        self._lock = threading.Lock()
-        self._values: dict[str, dict[Key, float]] = {
-            f.name: {} for f in FAMILIES if f.kind != "histogram"}
-        self._hists: dict[str, dict[Key, _Histogram]] = {
-            f.name: {} for f in FAMILIES if f.kind == "histogram"}
-        for f in FAMILIES:  # unlabelled families are served from the start, at 0
-            if not f.labels and f.kind != "histogram":
-                self._values[f.name][()] = 0.0
         self._families: tuple[Family, ...] = (4,)  # those the last successful sync wrote
         self.configz = b"{}"  # the effective KubeProxyConfiguration, as JSON (/configz)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        # The library's switch is process-wide; Metrics is its only user here.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
+        self._lock = threading.Lock()  # every update, and the collection of _store
+        self._store = CollectorRegistry()  # our families; served through _Snapshot
+        self._counters: dict[str, Counter] = {}
+        self._gauges: dict[str, Gauge] = {}
+        self._histograms: dict[str, Histogram] = {}
+        for f in FAMILIES:  # unlabelled counters and gauges are served from the start, at 0
+            doc = f"[ALPHA] {f.help}"  # as client_golang serves upstream's ALPHA metrics
+            if f.kind == "counter":
+                self._counters[f.name] = Counter(f.full, doc, f.labels, registry=self._store)
+            elif f.kind == "gauge":
+                self._gauges[f.name] = Gauge(f.full, doc, f.labels, registry=self._store)
+            else:
+                self._histograms[f.name] = Histogram(f.full, doc, f.labels,
+                                                     registry=self._store, buckets=f.buckets)
+        Gauge("kubernetes_build_info", BUILD_INFO_HELP, BUILD_INFO_LABELS,
+              registry=self._store).labels(*_build_info_values()).set(1)
+        self.registry = CollectorRegistry()  # what /metrics serves
+        self.registry.register(_Snapshot(self._store, self._lock))
         if process:
             ProcessCollector(registry=self.registry)
 
-    # --- the store: strict about names and labels -------------------------------------
+    # --- strict about names, labels and kinds -----------------------------------------
 
-    def _key(self, name: str, labels: Mapping[str, str]) -> tuple[MetricFamily, Key]:
+    def _family(self, name: str, labels: Mapping[str, str]) -> MetricFamily:
         family = BY_NAME.get(name)
         if family is None:
             raise KeyError(f"no metric family {name!r}")
         if set(labels) != set(family.labels):
             raise ValueError(f"{family.full}: labels {sorted(labels)}, want "
                              f"{sorted(family.labels)}")
-        return family, tuple(str(labels[n]) for n in family.labels)
+        return family
 
     def inc(self, name: str, by: float = 1.0, **labels: str) -> None:
-        family, key = self._key(name, labels)
-        if family.kind != "counter" or by < 0:
+        family = self._family(name, labels)
+        counter = self._counters.get(name)
+        if counter is None or by < 0:
             raise ValueError(f"{family.full}: a {family.kind} cannot be increased by {by}")
         with self._lock:
-            series = self._values[name]
-            series[key] = series.get(key, 0.0) + by
+            _series(counter, labels).inc(by)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        family, key = self._key(name, labels)
-        if family.kind != "gauge":
+        family = self._family(name, labels)
+        gauge = self._gauges.get(name)
+        if gauge is None:
             raise ValueError(f"{family.full}: a {family.kind} cannot be set")
         with self._lock:
-            self._values[name][key] = value
+            _series(gauge, labels).set(value)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        family, key = self._key(name, labels)
-        if family.kind != "histogram":
+        family = self._family(name, labels)
+        histogram = self._histograms.get(name)
+        if histogram is None:
             raise ValueError(f"{family.full}: a {family.kind} takes no observations")
         with self._lock:
-            series = self._hists[name]
-            hist = series.get(key)
-            if hist is None:
-                hist = series[key] = _Histogram(family.buckets)
-            hist.observe(value)
+            _series(histogram, labels).observe(value)
 
     # --- what the daemon records --------------------------------------------------------
 
@@ -344,31 +335,6 @@ class Metrics:
 
     # --- exposition -------------------------------------------------------------------
 
-    def snapshot(self) -> list[Metric]:
-        """Every family with its series, from one consistent state."""
-        with self._lock:
-            values = {n: dict(s) for n, s in self._values.items()}
-            hists = {n: {k: (h.cumulative(), h.sum) for k, h in s.items()}
-                     for n, s in self._hists.items()}
-        out: list[Metric] = []
-        for f in FAMILIES:
-            help_text = f"[ALPHA] {f.help}"
-            if f.kind == "histogram":
-                hist = HistogramMetricFamily(f.full, help_text, labels=f.labels)
-                for key, (buckets, total) in sorted(hists[f.name].items()):
-                    hist.add_metric(list(key), buckets, total)
-                out.append(hist)
-                continue
-            metric: CounterMetricFamily | GaugeMetricFamily = (
-                CounterMetricFamily(f.full, help_text, labels=f.labels)
-                if f.kind == "counter" else GaugeMetricFamily(f.full, help_text,
-                                                              labels=f.labels))
-            for key, value in sorted(values[f.name].items()):
-                metric.add_metric(list(key), value)
-            out.append(metric)
-        out.append(build_info())
-        return out
-
     def render(self) -> str:
         return generate_latest(self.registry).decode()
 
@@ -376,31 +342,46 @@ class Metrics:
         return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(self.registry)
 
 
-class _Collector:
-    """Hands our snapshot to prometheus-client at scrape time (no state of its own)."""
+def _series(metric: M, labels: Mapping[str, str]) -> M:
+    """The series of ``metric`` with ``labels`` (created at its first update)."""
+    return metric.labels(**labels) if labels else metric
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+
+class _Snapshot:
+    """Our families, collected under the lock every update holds, in client_golang's
+    shape: series sorted by label values, bucket bounds spelled as Go spells them."""
+
+    def __init__(self, store: CollectorRegistry, lock: threading.Lock) -> None:
+        self._store = store
+        self._lock = lock
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._metrics.snapshot()
+        with self._lock:
+            families = list(self._store.collect())
+        for family in families:
+            family.samples = sorted(map(_go_le, family.samples), key=_label_values)
+            yield family
 
-    def describe(self) -> Iterable[Metric]:
-        return ()  # nothing to check for clashes: the families are ours alone
+
+def _go_le(sample: Sample) -> Sample:
+    """``le`` as client_golang writes it (Go's shortest 'g': 1, 0.25, 1e+06).
+    prometheus-client's floatToGoString matches it but for whole numbers ("1.0")."""
+    le = sample.labels.get("le")
+    if le is None or not le.endswith(".0"):
+        return sample
+    return sample._replace(labels={**sample.labels, "le": le.removesuffix(".0")})
 
 
-def build_info() -> GaugeMetricFamily:
-    """kubernetes_build_info with upstream's labels; the runtime is CPython, so
-    ``compiler`` says so and ``go_version`` carries the Python version."""
+def _label_values(sample: Sample) -> tuple[str, ...]:
+    """A series' sort key; ``le`` aside, so a histogram's samples stay in their order."""
+    return tuple(value for name, value in sample.labels.items() if name != "le")
+
+
+def _build_info_values() -> tuple[str, ...]:
+    """kubernetes_build_info's label values (:data:`BUILD_INFO_LABELS`): the runtime is
+    CPython, so ``compiler`` says so and ``go_version`` carries the Python version."""
     major, minor, *_ = __version__.split(".")
-    family = GaugeMetricFamily(
-        "kubernetes_build_info", "[ALPHA] A metric with a constant '1' value labeled by "
-        "major, minor, git version, git commit, git tree state, build date, Go version, "
-        "and compiler from which Kubernetes was built, and platform on which it is "
-        "running.", labels=BUILD_INFO_LABELS)
     machine = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(),
                                                           platform.machine())
-    family.add_metric(["1970-01-01T00:00:00Z", "cpython", "", "", f"v{__version__}",
-                       platform.python_version(), major, minor,
-                       f"{sys.platform}/{machine}"], 1)
-    return family
+    return ("1970-01-01T00:00:00Z", "cpython", "", "", f"v{__version__}",
+            platform.python_version(), major, minor, f"{sys.platform}/{machine}")

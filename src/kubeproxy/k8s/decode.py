@@ -17,14 +17,13 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from kubeproxy.errors import FieldError, InvalidObject
 from kubeproxy.model import (
     PROTOCOLS,
     Cluster,
     Endpoint,
     EndpointPort,
     EndpointSlice,
-    FieldError,
-    InvalidObject,
     IPAddress,
     Node,
     Protocol,

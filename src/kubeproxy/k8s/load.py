@@ -8,9 +8,7 @@ from typing import Any
 
 import yaml
 
-
-class ManifestError(ValueError):
-    """A file that cannot be read or parsed at all (bad objects inside are not this)."""
+from kubeproxy.errors import ManifestError
 
 
 def load_manifests(paths: Iterable[Path]) -> list[Mapping[str, Any]]:

@@ -53,9 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import controller, network, objects
-from kubeproxy.lab.api import ApiError, LabApi
-from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.kubelet import Kubelet, ServerStarter, Work, parse_pods
 from kubeproxy.lab.layout import LB_POOL
 from kubeproxy.lab.manifest import Service, parse_node, parse_service
@@ -222,7 +222,7 @@ class Agent:
                 self.api.update({**svc, "status": status}, "status")
                 work.writes += 1
                 log.info("Service %s: LoadBalancer IP %s", _key(svc), ip or "released")
-            except ApiError as exc:
+            except LabApiError as exc:
                 work.errors.append(f"Service {_key(svc)}: {exc}")
         return work
 
@@ -259,7 +259,7 @@ class Agent:
             try:
                 write(body)
                 work.writes += 1
-            except ApiError as exc:
+            except LabApiError as exc:
                 work.errors.append(f"EndpointSlice {_key(body)}: {exc}")
         for gone in deletes:
             try:
@@ -267,7 +267,7 @@ class Agent:
                     "EndpointSlice", objects.namespace_of(gone), gone["metadata"]["name"]
                 )
                 work.writes += 1
-            except ApiError as exc:
+            except LabApiError as exc:
                 work.errors.append(f"EndpointSlice {_key(gone)}: {exc}")
         if creates or updates or deletes:
             log.info(

@@ -6,7 +6,7 @@ module adds what the proxy never needs: get, create, update (of the object or it
 JSON to 127.0.0.1, one connection per request, over TLS with the credentials of the
 lab's kubeconfig (the lab CA, the admin's client certificate: ``from_kubeconfig``; the
 proxy's ``sources.auth`` builds the headers and TLS context, so both clients authenticate
-alike). Every failure leaves as ``ApiError`` (a ``LabError``), carrying the HTTP code and
+alike). Every failure leaves as ``LabApiError`` (a ``LabError``), carrying the HTTP code and
 the API's reason, so callers decide by meaning (404: gone already; 409: re-read and retry).
 
 ``request_token`` is the kubelet's TokenRequest: a service-account token for a Pod,
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from kubeproxy.lab.errors import LabError
+from kubeproxy.errors import LabError
 from kubeproxy.sources.auth import Authenticator
 from kubeproxy.sources.client import Client, ClientError, StatusError, WatchStream
 from kubeproxy.sources.kubeconfig import ClusterAccess, load_kubeconfig
@@ -35,7 +35,7 @@ USER_AGENT = "kubeproxy-lab/0.1"
 CONFLICT_RETRIES = 8
 
 
-class ApiError(LabError):
+class LabApiError(LabError):
     """A request to the lab's API server failed; code 0 means no answer at all."""
 
     def __init__(self, code: int, reason: str, message: str) -> None:
@@ -181,7 +181,7 @@ class LabApi:
             body["gracePeriodSeconds"] = max(0, grace)
         try:
             return self.request("DELETE", path(kind, namespace, name), body=body)
-        except ApiError as exc:
+        except LabApiError as exc:
             if exc.code == 404:
                 return None
             raise
@@ -230,10 +230,10 @@ class LabApi:
                 return current
             try:
                 return self.update(wanted, sub)
-            except ApiError as exc:
+            except LabApiError as exc:
                 if exc.code != 409:
                     raise
-        raise ApiError(
+        raise LabApiError(
             409, "Conflict", f"{kind} {name}: still conflicting after {CONFLICT_RETRIES} attempts"
         )
 
@@ -254,13 +254,13 @@ class LabApi:
         try:
             conn = self._connection(headers)
         except ClientError as exc:
-            raise ApiError(0, "", f"{method} {self.server}{url}: {exc}") from exc
+            raise LabApiError(0, "", f"{method} {self.server}{url}: {exc}") from exc
         try:
             conn.request(method, url, body=data, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise ApiError(0, "", f"{method} {self.server}{url}: {exc}") from exc
+            raise LabApiError(0, "", f"{method} {self.server}{url}: {exc}") from exc
         finally:
             conn.close()
         try:
@@ -285,17 +285,17 @@ class LabApi:
         )
 
 
-def _status(code: int, doc: Any, what: str) -> ApiError:
+def _status(code: int, doc: Any, what: str) -> LabApiError:
     if isinstance(doc, dict) and doc.get("kind") == "Status":
-        return ApiError(
+        return LabApiError(
             int(doc.get("code") or code),
             str(doc.get("reason") or ""),
             str(doc.get("message") or what),
         )
-    return ApiError(code, http.client.responses.get(code, "Error"), what)
+    return LabApiError(code, http.client.responses.get(code, "Error"), what)
 
 
-def _translate(exc: ClientError) -> ApiError:
+def _translate(exc: ClientError) -> LabApiError:
     if isinstance(exc, StatusError):
-        return ApiError(exc.code, exc.reason, str(exc))
-    return ApiError(0, "", str(exc))
+        return LabApiError(exc.code, exc.reason, str(exc))
+    return LabApiError(0, "", str(exc))

@@ -38,8 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kubeproxy.dataplane import bpf_sys
-from kubeproxy.dataplane.base import DataPlaneError
-from kubeproxy.lab.errors import LabError
+from kubeproxy.errors import DataPlaneError, LabError
 from kubeproxy.lab.layout import NS_PREFIX
 from kubeproxy.modes.base import PlaneOptions
 

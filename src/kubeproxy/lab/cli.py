@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kubeproxy import modes
+from kubeproxy.errors import LabError
 from kubeproxy.lab import diagram, layout
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.layout import DEFAULT_CLUSTER_CIDR, DEFAULT_SERVICE_CIDR
 from kubeproxy.lab.manifest import load_documents, parse_objects
 from kubeproxy.lab.nodeviews import node_views
@@ -136,7 +136,7 @@ def cmd_diagram(args: argparse.Namespace) -> int:
     state = lab.state()
     plan = lab.plan(state)
     node = args.node or plan.nodes[0].name
-    names = modes.get(state.mode).chain_names
+    names = modes.presentation(state.mode).chain_names
     svg = diagram.render(plan, node_views(lab, node), names, node=node, mode=state.mode)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(svg)
@@ -172,9 +172,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 def status_text(lab: Lab) -> str:
     state = lab.state()
     plan = lab.plan(state)
+    balancing = modes.presentation(state.mode).load_balancing(state.lb_algorithm)
     rows: list[str] = [
-        f"lab {lab.name!r}: mode {state.mode}, "
-        f"load balancing {modes.get(state.mode).load_balancing(state.lb_algorithm)}, "
+        f"lab {lab.name!r}: mode {state.mode}, load balancing {balancing}, "
         f"cluster CIDR {state.cluster_cidr}, service CIDR {state.service_cidr}",
         f"API server: kubectl --kubeconfig {lab.store.kubeconfig} "
         f"(127.0.0.1:{state.api_port}; inside each node namespace 127.0.0.1:6443)",

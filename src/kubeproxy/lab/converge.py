@@ -32,9 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab.agent import AgentStatus
 from kubeproxy.lab.api import LabApi
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.nsconnect import http_get
 from kubeproxy.lab.processes import alive, log_tail, time_scale
 

@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import objects
-from kubeproxy.lab.api import ApiError, LabApi
-from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.processes import cmdline, kill
 from kubeproxy.lab.state import DEFAULT_BASE, LabStore, write_atomic
 from kubeproxy.lab.watchcache import WatchCache
@@ -260,7 +260,7 @@ class Controller:
         for body in p.create:
             try:
                 made = self.api.create(body)
-            except ApiError as exc:
+            except LabApiError as exc:
                 log.warning("DaemonSet %s: creating a Pod on %s: %s", key,
                             body["spec"]["nodeName"], exc)  # fmt: skip
                 continue
@@ -270,14 +270,14 @@ class Controller:
         self._delete(p.delete, f"DaemonSet {key} does not want it")
         if p.status is not None:
             body = {**ds, "status": {**(ds.get("status") or {}), **p.status}}
-            with contextlib.suppress(ApiError):  # 409/404: the next pass writes it again
+            with contextlib.suppress(LabApiError):  # 409/404: the next pass writes it again
                 self.api.update(body, "status")
 
     def _delete(self, refs: Sequence[tuple[str, str]], why: str) -> None:
         for ns, name in refs:
             try:
                 gone = self.api.delete("Pod", ns, name)
-            except ApiError as exc:
+            except LabApiError as exc:
                 log.warning("Pod %s/%s: %s", ns, name, exc)
                 continue
             log.info("Pod %s/%s: deleted (%s)", ns, name, why)

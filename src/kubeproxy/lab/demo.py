@@ -5,8 +5,10 @@ ClusterIP Service my-service:80 -> 8080 and its NodePort 30080 variant) with its
 server, agent and the node's proxy daemon, probes the ClusterIP from a pod and the
 NodePort from outside the cluster, prints which pod answered how often, shows what
 kubectl sees (when kubectl is installed) and the node's ``iptables -t nat -L
-KUBE-SERVICES -n``, writes the diagram to ``out/seed.svg`` and takes everything down
-again, also on failure. Needs root.
+KUBE-SERVICES -n`` (the mode's listing of its Service dispatch,
+``Presentation.service_rules``), writes the diagram to ``out/seed.svg`` and takes
+everything down again, also on failure. Needs root. Like the rest of the lab, it asks
+the mode registry (``modes.presentation``), never a mode's own modules.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ from pathlib import Path
 
 from kubeproxy import modes
 from kubeproxy.dataplane.base import NetnsRunner
-from kubeproxy.dataplane.iptables import binaries, detect_backend
+from kubeproxy.errors import LabError
 from kubeproxy.lab import diagram
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.nodeviews import node_views
 from kubeproxy.lab.probe import format_table
@@ -90,18 +91,17 @@ def main() -> int:
         print("  (externalTrafficPolicy Cluster: the source is masqueraded)")
         _kubectl(lab)
         state = lab.state()
+        shown = modes.presentation(state.mode)
         node_ns = lab.plan(state).nodes[0].ns
-        binary = binaries(4, detect_backend(NetnsRunner(node_ns)))[0]
-        banner(f"ip netns exec {node_ns} {binary} -t nat -L KUBE-SERVICES -n")
-        sys.stdout.flush()
-        subprocess.run(
-            lab.net.exec_argv(node_ns, [binary, "-t", "nat", "-L", "KUBE-SERVICES", "-n"]),
-            check=False,
-        )
+        if shown.service_rules is not None:  # the mode's own listing of its dispatch
+            argv = list(shown.service_rules(NetnsRunner(node_ns)))
+            banner(f"ip netns exec {node_ns} {' '.join(argv)}")
+            sys.stdout.flush()
+            subprocess.run(lab.net.exec_argv(node_ns, argv), check=False)
         out = Path("out") / "seed.svg"
         out.parent.mkdir(exist_ok=True)
         plan = lab.plan(state)
-        names = modes.get(state.mode).chain_names
+        names = shown.chain_names
         out.write_text(diagram.render(plan, node_views(lab, "node-1"), names, node="node-1",
                                       mode=state.mode))
         banner(f"wrote {out}: clients -> Service frontends -> chains -> pods")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import converge, objects
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.hostpods import API_HOST, API_PORT
 from kubeproxy.lab.processes import log_tail, time_scale
 from kubeproxy.lab.runtime import Lab

@@ -13,16 +13,17 @@ decisions the node's proxy renders into rules, never from re-reading rule text:
   the rest (``CLUSTER`` -> the service chain, ``LOCAL`` -> the local chain, ``DROP`` /
   ``REJECT`` -> a verdict box), the firewall when source ranges apply, the endpoints
   each policy chain selects, and endpoint -> Pod (``plan.pods`` by IP);
-* chain boxes carry the names the mode's renderer writes, given by ``names`` (the mode's
-  ``chain_names``, render/names.py), so the labels are the names ``iptables -t nat -L``
-  or ``nft list table`` shows, and a chain the mode does not write (nftables has no
-  per-endpoint chains) is not drawn.
+* chain boxes carry the names the mode's renderer writes, given by ``names`` (the
+  mode's ``Presentation.chain_names``, render/names.py), so the labels are the names
+  ``iptables -t nat -L`` or ``nft list table`` shows, and a chain the mode does not
+  write (nftables has no per-endpoint chains) is not drawn.
 
 A mode that balances in per-frontend virtual servers instead of chains (IPVS:
-``Mode.virtual_servers``) is drawn as frontend -> (the source-range firewall chain) ->
-virtual server -> its real servers' Pods, from the renderer's own virtual servers; one
-without real servers leads to REJECT (IPVS refuses), and under a ``Local`` policy
-without local endpoints it holds the cluster endpoints (IPVS's fallback, docs/ipvs.md).
+``Presentation.virtual_servers``) is drawn as frontend -> (the source-range firewall
+chain) -> virtual server -> its real servers' Pods, from the renderer's own virtual
+servers; one without real servers leads to REJECT (IPVS refuses), and under a
+``Local`` policy without local endpoints it holds the cluster endpoints (IPVS's
+fallback, docs/ipvs.md).
 
 Chains are placed in columns by role (firewall, external, service, endpoint), so every
 chain mode draws the same picture. The SVG says what it draws: every box is a ``<g>`` with an
@@ -154,8 +155,9 @@ class _Graph:
 def render(plan: Plan, views: Sequence[NodeView], names: NamesOf, *, node: str,
            mode: str) -> str:
     """The SVG of ``node``'s flow: its views, chains named by ``names`` (the mode's), or
-    the mode's virtual servers when it balances in those (``Mode.virtual_servers``)."""
-    virtual = modes.get(mode).virtual_servers
+    the mode's virtual servers when it balances in those (``virtual_servers`` of
+    ``modes.presentation(mode)``)."""
+    virtual = modes.presentation(mode).virtual_servers
     g = _Graph({p.ip: p for p in plan.pods})
     g.box(PODS_CLIENT, ["Pods", plan.cluster_cidr], COLORS["client"], 0, kind="client")
     g.box(EXTERNAL_CLIENT, ["external client", ", ".join(plan.external.clients)],

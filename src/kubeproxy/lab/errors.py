@@ -1,19 +1,19 @@
 """The lab's error tree. Every failure a user can cause or meet is one of these.
 
-``LabError``             base; the CLI prints its message and exits 1
- +- ``ManifestError``    bad input YAML; names the object and the field
- +- ``LabStateError``    the lab named is missing, already up, or its state is unreadable
- +- ``CommandError``     an external command (ip, the core's apply, ...) failed
+``kubeproxy.errors.LabError``  base; the CLI prints its message and exits 1
+ +- ``LabManifestError``       bad input YAML; names the object and the field
+ +- ``LabStateError``          the lab named is missing, already up, or its state is unreadable
+ +- ``CommandError``           an external command (ip, the core's apply, ...) failed
 """
 
 from __future__ import annotations
 
+from kubeproxy.errors import LabError
 
-class LabError(Exception):
-    """Base of every error the lab raises on purpose."""
+__all__ = ["CommandError", "LabError", "LabManifestError", "LabStateError"]
 
 
-class ManifestError(LabError):
+class LabManifestError(LabError):
     """A Kubernetes object in the lab's input is invalid or unsupported."""
 
 

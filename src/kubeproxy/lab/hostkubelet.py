@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import hostpods, nsconnect, objects
-from kubeproxy.lab.api import ApiError, LabApi
-from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.hostpods import HttpProbe, PodFacts
 from kubeproxy.lab.layout import NodePlan
 from kubeproxy.lab.netns import Netns
@@ -129,7 +129,7 @@ class ApiSources:
     def config_map(self, namespace: str, name: str) -> JSON | None:
         try:
             return self.api.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
-        except ApiError as exc:
+        except LabApiError as exc:
             if exc.code == 404:
                 return None
             raise
@@ -138,7 +138,7 @@ class ApiSources:
         try:
             answer = self.api.request_token(namespace, service_account, pod=(pod.name, pod.uid),
                                             expiration_seconds=hostpods.TOKEN_SECONDS)
-        except ApiError as exc:
+        except LabApiError as exc:
             raise LabError(f"TokenRequest for ServiceAccount {namespace}/{service_account}: "
                            f"{exc}") from exc
         if not answer.token:
@@ -350,7 +350,7 @@ class HostPods:
 
         try:
             self.api.mutate("Pod", objects.namespace_of(obj), meta["name"], change, "status")
-        except ApiError as exc:
+        except LabApiError as exc:
             if exc.code == 404:
                 return 0
             raise

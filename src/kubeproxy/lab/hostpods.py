@@ -57,7 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
-from kubeproxy.lab.errors import LabError
+from kubeproxy.errors import LabError
 from kubeproxy.lab.state import LabStore, write_atomic
 from kubeproxy.util.jsontypes import JSON
 

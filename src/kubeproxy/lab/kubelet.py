@@ -41,9 +41,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import cgroups, hostpods, network, objects
-from kubeproxy.lab.api import ApiError, LabApi
-from kubeproxy.lab.errors import LabError
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.hostkubelet import HostPods
 from kubeproxy.lab.layout import NodePlan, PodPlan, free_pod_ip, listen_ports, pod_plan
 from kubeproxy.lab.manifest import Pod, Service, parse_pod
@@ -161,7 +161,7 @@ class Kubelet:
                 if _with_labels(want, self.api.get("Node", None, name)) is not None:
                     self.api.mutate("Node", None, name, partial(_with_labels, want))
                     work.writes += 1
-            except ApiError as exc:
+            except LabApiError as exc:
                 work.errors.append(f"node {name}: labels: {exc}")
         self.labelled = not work.errors
         return work
@@ -211,7 +211,7 @@ class Kubelet:
                 counts[chosen] += 1
                 self._bind(obj, chosen)
                 work.writes += 2
-            except ApiError as exc:
+            except LabApiError as exc:
                 work.errors.append(f"pod {key}: {exc}")
         return work
 
@@ -340,7 +340,7 @@ class Kubelet:
         status = objects.running_status(obj, rp.plan.ip, node.lab_ip, self.clock(), pid)
         try:
             self.api.update({**obj, "status": status}, "status")
-        except ApiError as exc:
+        except LabApiError as exc:
             if exc.code in (404, 409):  # deleted or changed meanwhile: the next pass decides
                 return Work(errors=[] if exc.code == 404 else [f"pod {key_of(obj)}: {exc}"])
             raise

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from kubeproxy.lab.controller import selects
-from kubeproxy.lab.errors import ManifestError
+from kubeproxy.lab.errors import LabManifestError
 from kubeproxy.lab.manifest import LabObjects, Node, Pod, Service, parse_service
 from kubeproxy.util.jsontypes import JSON
 
@@ -127,7 +127,7 @@ class Plan:
 
 def check_lab_name(lab: str) -> str:
     if not LAB_NAME_RE.match(lab):
-        raise ManifestError(f"lab name {lab!r} must be 1-8 characters of [a-z0-9]")
+        raise LabManifestError(f"lab name {lab!r} must be 1-8 characters of [a-z0-9]")
     return lab
 
 
@@ -177,7 +177,7 @@ def plan(lab: str, objects: LabObjects, options: Options = Options()) -> Plan:
     service_net = _network(options.service_cidr, "--service-cidr")
     nodes = list(objects.nodes) or [Node(DEFAULT_NODE, None, {}, _default_node_raw())]
     if len(nodes) > 200:
-        raise ManifestError(f"the lab holds at most 200 Nodes, got {len(nodes)}")
+        raise LabManifestError(f"the lab holds at most 200 Nodes, got {len(nodes)}")
     cidrs = _pod_cidrs(nodes, cluster)
     node_plans = tuple(
         NodePlan(
@@ -216,7 +216,7 @@ def _network(text: str, what: str) -> ipaddress.IPv4Network:
     try:
         return ipaddress.IPv4Network(text, strict=True)
     except ValueError as exc:
-        raise ManifestError(f"{what} {text!r} is not an IPv4 CIDR") from exc
+        raise LabManifestError(f"{what} {text!r} is not an IPv4 CIDR") from exc
 
 
 def _default_node_raw() -> JSON:
@@ -233,13 +233,13 @@ def _pod_cidrs(
             continue
         net = ipaddress.IPv4Network(n.pod_cidr)
         if not net.subnet_of(cluster):
-            raise ManifestError(
+            raise LabManifestError(
                 f"Node {n.name}: spec.podCIDR {net} is outside the cluster CIDR {cluster} "
                 "(pass --cluster-cidr)"
             )
         for other in taken:
             if net.overlaps(other):
-                raise ManifestError(f"Node {n.name}: spec.podCIDR {net} overlaps {other}")
+                raise LabManifestError(f"Node {n.name}: spec.podCIDR {net} overlaps {other}")
         out[n.name] = net
         taken.append(net)
     free = _free_subnets(cluster, taken)
@@ -248,7 +248,7 @@ def _pod_cidrs(
             try:
                 out[n.name] = next(free)
             except StopIteration:
-                raise ManifestError(
+                raise LabManifestError(
                     f"cluster CIDR {cluster} has no /24 left for Node {n.name}"
                 ) from None
     return out
@@ -282,7 +282,7 @@ def _place_pods(
             node = names[unplaced % len(names)]
             unplaced += 1
         elif node not in cidrs:
-            raise ManifestError(
+            raise LabManifestError(
                 f"Pod {p.key}: spec.nodeName {node!r} is not a Node of the lab "
                 f"(Nodes: {', '.join(names)})"
             )
@@ -295,7 +295,7 @@ def _place_pods(
                 or addr in (net.network_address, net.network_address + 1)
                 or (addr == net.broadcast_address)
             ):
-                raise ManifestError(
+                raise LabManifestError(
                     f"Pod {p.key}: status.podIP {ip} is not a free pod address of Node "
                     f"{node}'s podCIDR {net}"
                 )
@@ -307,7 +307,8 @@ def _place_pods(
     for p in out:
         assert p.pod_ip is not None
         if p.pod_ip in seen:
-            raise ManifestError(f"Pod {p.key}: status.podIP {p.pod_ip} is also {seen[p.pod_ip]}'s")
+            raise LabManifestError(
+                f"Pod {p.key}: status.podIP {p.pod_ip} is also {seen[p.pod_ip]}'s")
         seen[p.pod_ip] = p.key
     return out
 
@@ -316,7 +317,7 @@ def _next_free(net: ipaddress.IPv4Network, used: set[str], error: str) -> str:
     for addr in list(net.hosts())[1:]:  # .1 is the bridge
         if str(addr) not in used:
             return str(addr)
-    raise ManifestError(error)
+    raise LabManifestError(error)
 
 
 def _pod_raw(p: Pod, node: str, ip: str) -> JSON:
@@ -400,7 +401,8 @@ def _check_unique_ifnames(pods: Sequence[PodPlan]) -> None:
     seen: dict[str, str] = {}
     for p in pods:
         if p.host_if in seen:  # a 44-bit hash collision; rename a Pod to get past it
-            raise ManifestError(f"Pod {p.key}: interface name clashes with Pod {seen[p.host_if]}")
+            raise LabManifestError(
+                f"Pod {p.key}: interface name clashes with Pod {seen[p.host_if]}")
         seen[p.host_if] = p.key
 
 
@@ -423,7 +425,7 @@ def _resolve_services(
         if svc.type != "ExternalName" and svc.cluster_ip is None:
             ip = next((h for h in hosts if h not in used_ips), None)
             if ip is None:
-                raise ManifestError(f"Service {svc.key}: service CIDR {service_net} is full")
+                raise LabManifestError(f"Service {svc.key}: service CIDR {service_net} is full")
             spec["clusterIP"] = ip
             spec["clusterIPs"] = [ip]
         if svc.type in ("NodePort", "LoadBalancer"):
@@ -444,7 +446,7 @@ def _external_plan(
     if via_node is not None:
         match = [n for n in nodes if n.name == via_node]
         if not match:
-            raise ManifestError(f"external node {via_node!r} is not a Node of the lab")
+            raise LabManifestError(f"external node {via_node!r} is not a Node of the lab")
         via = match[0]
     dests = sorted(
         {f"{ip}/32" for s in services for ip in (*s.external_ips, *s.lb_ips)},

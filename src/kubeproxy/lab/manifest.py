@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from kubeproxy.lab.errors import ManifestError
+from kubeproxy.lab.errors import LabManifestError
 from kubeproxy.util.jsontypes import JSON
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -111,18 +111,18 @@ def load_documents(texts: Iterable[tuple[str, str]]) -> list[JSON]:
         try:
             docs = list(yaml.safe_load_all(text))
         except yaml.YAMLError as exc:
-            raise ManifestError(f"{source}: not valid YAML: {exc}") from exc
+            raise LabManifestError(f"{source}: not valid YAML: {exc}") from exc
         for index, doc in enumerate(docs):
             if doc is None:
                 continue
             if not isinstance(doc, dict):
-                raise ManifestError(f"{source}: document {index + 1} is not a mapping")
+                raise LabManifestError(f"{source}: document {index + 1} is not a mapping")
             if doc.get("kind") == "List" or (
                 str(doc.get("kind", "")).endswith("List") and "items" in doc
             ):
                 items = doc.get("items") or []
                 if not isinstance(items, list):
-                    raise ManifestError(f"{source}: document {index + 1}: items is not a list")
+                    raise LabManifestError(f"{source}: document {index + 1}: items is not a list")
                 out.extend(_as_mapping(item, f"{source}: items[]") for item in items)
             else:
                 out.append(doc)
@@ -131,7 +131,7 @@ def load_documents(texts: Iterable[tuple[str, str]]) -> list[JSON]:
 
 def _as_mapping(value: object, where: str) -> JSON:
     if not isinstance(value, dict):
-        raise ManifestError(f"{where}: expected a mapping")
+        raise LabManifestError(f"{where}: expected a mapping")
     return value
 
 
@@ -145,16 +145,16 @@ class _Obj:
         self.raw = raw
         meta = raw.get("metadata")
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
-            raise ManifestError(f"{raw.get('kind', 'object')}: metadata.name is required")
+            raise LabManifestError(f"{raw.get('kind', 'object')}: metadata.name is required")
         self.name: str = meta["name"]
         namespace = meta.get("namespace", "default")
         if not isinstance(namespace, str) or not namespace:
-            raise ManifestError(f"{raw.get('kind')} {self.name}: metadata.namespace is invalid")
+            raise LabManifestError(f"{raw.get('kind')} {self.name}: metadata.namespace is invalid")
         self.namespace: str = namespace
         self.label = f"{raw.get('kind')} {namespace}/{self.name}"
 
-    def fail(self, path: str, message: str) -> ManifestError:
-        return ManifestError(f"{self.label}: {path} {message}")
+    def fail(self, path: str, message: str) -> LabManifestError:
+        return LabManifestError(f"{self.label}: {path} {message}")
 
     def mapping(self, value: object, path: str) -> JSON:
         if value is None:
@@ -314,7 +314,7 @@ def parse_node(raw: JSON) -> Node:
             pod_cidr = str(net)
     label = o.label.replace(f" {o.namespace}/", " ")
     if cidrs and pod_cidr is None:
-        raise ManifestError(f"{label}: spec.podCIDRs has no IPv4 CIDR (the lab is IPv4 only)")
+        raise LabManifestError(f"{label}: spec.podCIDRs has no IPv4 CIDR (the lab is IPv4 only)")
     return Node(
         name=o.name,
         pod_cidr=pod_cidr,
@@ -351,7 +351,7 @@ def parse_objects(docs: Iterable[JSON]) -> LabObjects:
             continue
         else:
             name = (doc.get("metadata") or {}).get("name", "?")
-            raise ManifestError(
+            raise LabManifestError(
                 f"{kind} {name}: kind {kind!r} is not supported by the lab "
                 "(use Node, Pod, Service, EndpointSlice)"
             )
@@ -379,5 +379,5 @@ def _unique(kind: str, keys: list[str]) -> None:
     seen: set[str] = set()
     for key in keys:
         if key in seen:
-            raise ManifestError(f"{kind} {key}: defined twice")
+            raise LabManifestError(f"{kind} {key}: defined twice")
         seen.add(key)

@@ -22,7 +22,8 @@ on; the masquerade rule gives it the node's cbr0 address as source.
 
 from __future__ import annotations
 
-from kubeproxy.lab.errors import CommandError, LabError
+from kubeproxy.errors import LabError
+from kubeproxy.lab.errors import CommandError
 from kubeproxy.lab.layout import (
     BRIDGE,
     LAB_CIDR,

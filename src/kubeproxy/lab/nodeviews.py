@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kubeproxy.config.types import ConfigError, ProxyConfig
+from kubeproxy.config import flags
+from kubeproxy.config.types import ProxyConfig
+from kubeproxy.errors import ConfigError, LabError
 from kubeproxy.k8s import decode_objects
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.runtime import Lab, proxy_flags
 from kubeproxy.lab.state import LabState
 from kubeproxy.nodeview import NodeView
-from kubeproxy.pipeline import node_views as views_in_use
+from kubeproxy.nodeview import node_views as views_in_use
 from kubeproxy.util.jsontypes import JSON
 
 KINDS = ("Service", "EndpointSlice", "Node")  # what kube-proxy watches
@@ -31,10 +32,8 @@ KINDS = ("Service", "EndpointSlice", "Node")  # what kube-proxy watches
 def proxy_config(state: LabState, node: str) -> ProxyConfig:
     """The configuration the lab's proxy on ``node`` runs with: its own flags, parsed
     by the command line that parses them for the proxy."""
-    from kubeproxy.app.cli import build_config, build_parser
-
     try:
-        return build_config(build_parser().parse_args(["run", *proxy_flags(state, node)]))
+        return flags.proxy_config(proxy_flags(state, node))
     except ConfigError as err:
         raise LabError(f"lab {state.name}: {err}") from err
 

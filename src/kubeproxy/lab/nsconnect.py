@@ -12,7 +12,7 @@ from __future__ import annotations
 import http.client
 import socket
 
-from kubeproxy.lab.errors import LabError
+from kubeproxy.errors import LabError
 from kubeproxy.lab.netns import lab_namespace
 from kubeproxy.util.netns_thread import call_in_netns
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeproxy.lab.errors import LabError
+from kubeproxy.errors import LabError
 
 Runner = Callable[[Sequence[str]], None]
 CA_DAYS = 3650

@@ -48,13 +48,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kubeproxy import modes
-from kubeproxy.dataplane.base import DataPlaneError, NetnsRunner
+from kubeproxy.dataplane.base import NetnsRunner
+from kubeproxy.errors import DataPlaneError, LabError
 from kubeproxy.lab import cgroups, converge, daemonsets, hostpods, layout, network, objects, view
 from kubeproxy.lab import pki as lab_pki
 from kubeproxy.lab.agent import KINDS as AGENT_KINDS
 from kubeproxy.lab.agent import AgentStatus
-from kubeproxy.lab.api import ApiError, LabApi
-from kubeproxy.lab.errors import CommandError, LabError, LabStateError
+from kubeproxy.lab.api import LabApi, LabApiError
+from kubeproxy.lab.errors import CommandError, LabStateError
 from kubeproxy.lab.manifest import parse_objects
 from kubeproxy.lab.netns import Netns, lab_namespace
 from kubeproxy.lab.probe import ProbeResult
@@ -301,7 +302,7 @@ class Lab:
                     )
                 else:
                     api.create(body)
-            except ApiError as exc:
+            except LabApiError as exc:
                 raise LabError(f"{what}: the API server refused it: {exc}") from exc
 
     def _start_agent(self, state: LabState) -> LabState:

@@ -43,7 +43,7 @@ def _write(path: Path, text: str, mode: int) -> None:
 def project(api: LabApi, ca_cert: Path, pod: JSON, directory: Path, *,
             expiration_seconds: int = KUBELET_EXPIRATION) -> Projected:
     """Write token, ca.crt and namespace for ``pod`` (an API object with metadata.uid)
-    into ``directory``. Raises the API's ApiError (404 when the ServiceAccount is missing,
+    into ``directory``. Raises the API's LabApiError (404 when the ServiceAccount is missing,
     as a real kubelet then fails the Pod's volume)."""
     meta = pod["metadata"]
     namespace = meta.get("namespace") or "default"

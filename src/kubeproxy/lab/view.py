@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from kubeproxy.errors import LabError
 from kubeproxy.lab import controller, layout, objects
-from kubeproxy.lab.errors import LabError
 from kubeproxy.lab.manifest import LabObjects, parse_node, parse_pod, parse_service
 from kubeproxy.lab.state import LabState
 from kubeproxy.util.jsontypes import JSON

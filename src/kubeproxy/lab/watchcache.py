@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kubeproxy.lab.api import ApiError, LabApi
+from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.processes import time_scale
 from kubeproxy.sources.client import ClientError, WatchStream
 from kubeproxy.util.jsontypes import JSON
@@ -120,7 +120,7 @@ class WatchCache:
                 self._list()
                 while not self._stopping.is_set():
                     self._watch_once()
-            except (ApiError, ClientError) as exc:
+            except (LabApiError, ClientError) as exc:
                 if self._stopping.is_set():
                     return
                 log.info("%s: %s; listing again", self.kind, exc)
@@ -153,7 +153,7 @@ class WatchCache:
         kind, obj = event["type"], event["object"]
         if kind == "ERROR":
             code = int(obj.get("code") or 0)
-            raise ApiError(code, str(obj.get("reason") or ""), str(obj.get("message") or ""))
+            raise LabApiError(code, str(obj.get("reason") or ""), str(obj.get("message") or ""))
         rv = int((obj.get("metadata") or {}).get("resourceVersion") or 0)
         changed = kind != "BOOKMARK"
         with self._lock:

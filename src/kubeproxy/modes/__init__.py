@@ -7,11 +7,15 @@ view (all policy), the sync loop, the daemon, the lab. What differs per mode is 
 node view is *spelled* (iptables chains, nftables tables, ...), how it is *written* to
 the kernel, and how a packet is *followed* through it. A :class:`~kubeproxy.modes.base.Mode`
 bundles exactly those parts; code outside this package asks the registry for the mode
-by name and never branches on it.
+by name and never branches on it. What the lab shows about a mode (its diagrams, its
+status line) is a second record, :class:`~kubeproxy.modes.base.Presentation`
+(:func:`presentation`), so the proxy's record carries nothing only the lab reads.
 
 Adding a mode = writing one module ``kubeproxy/modes/<name>.py`` that defines ``MODE``
-and adding one line to :data:`REGISTRY`. Modules are imported on first use, so naming
-the modes (for flag choices and config validation) costs nothing.
+and ``PRESENTATION`` and adding one line to :data:`REGISTRY`. No mode module imports
+another: what two modes share lives in ``modes/base.py`` or in ``dataplane/``. Modules
+are imported on first use, so naming the modes (for flag choices and config
+validation) costs nothing.
 """
 
 from __future__ import annotations
@@ -19,33 +23,49 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from kubeproxy.config.types import EBPF, IPTABLES, IPVS, MODES, NFTABLES
+from kubeproxy.errors import ConfigError
+
 if TYPE_CHECKING:
     from kubeproxy.config.types import ProxyConfig
-    from kubeproxy.modes.base import Mode
+    from kubeproxy.modes.base import Mode, Presentation
 
 # Mode name (as --proxy-mode spells it) -> the module whose MODE implements it.
+# The names are the configuration's (config.types.MODES, upstream's ProxyMode).
 REGISTRY: dict[str, str] = {
-    "iptables": "kubeproxy.modes.iptables",  # upstream's chain layout, iptables-restore
-    "nftables": "kubeproxy.modes.nftables",  # upstream's table layout, netlink batches
-    "ebpf": "kubeproxy.modes.ebpf",  # socket load balancing + nftables for north-south
-    "ipvs": "kubeproxy.modes.ipvs",  # IPVS virtual servers + ipsets, iptables around them
+    IPTABLES: "kubeproxy.modes.iptables",
+    NFTABLES: "kubeproxy.modes.nftables",
+    EBPF: "kubeproxy.modes.ebpf",
+    IPVS: "kubeproxy.modes.ipvs",
 }
-NAMES: tuple[str, ...] = tuple(REGISTRY)
+NAMES: tuple[str, ...] = MODES
 
 
-class UnknownModeError(ValueError):
+class UnknownModeError(ConfigError):
     """A mode name that is not in the registry."""
 
 
-def get(name: str) -> Mode[Any]:
-    """The mode called ``name`` (imported on first use)."""
+def _module(name: str) -> Any:
+    """The module implementing mode ``name`` (imported on first use)."""
     try:
         module = REGISTRY[name]
     except KeyError:
         raise UnknownModeError(
             f"unknown proxy mode {name!r}: one of {', '.join(NAMES)}") from None
-    mode: Mode[Any] = importlib.import_module(module).MODE
+    return importlib.import_module(module)
+
+
+def get(name: str) -> Mode[Any]:
+    """The mode called ``name`` (imported on first use)."""
+    mode: Mode[Any] = _module(name).MODE
     return mode
+
+
+def presentation(name: str) -> Presentation:
+    """What the lab shows about mode ``name``: chain names, virtual servers, load
+    balancing in words, with the mode's default settings."""
+    shown: Presentation = _module(name).PRESENTATION
+    return shown
 
 
 def for_config(config: ProxyConfig) -> Mode[Any]:

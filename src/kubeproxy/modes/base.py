@@ -4,6 +4,9 @@ A mode is a value, not a class hierarchy: :class:`Mode` is a frozen record of fu
 over the mode's own ruleset type ``R`` (``iptables``: one iptables-save ruleset per
 family; ``nftables``: both families' tables in one ruleset). Every function takes the
 node views of *all* IP families in use, so callers never care how a mode groups them.
+The record holds only what the proxy itself runs on (the CLI, the daemon, the metrics,
+the flow table); what the lab merely shows about a mode (chain names, virtual servers,
+load balancing in words) is a second, smaller record, :class:`Presentation`.
 
 ``render`` and ``trace`` are pure. ``data_plane`` and ``cleanup`` are the I/O edge: they
 talk to the kernel only through the :class:`~kubeproxy.dataplane.base.Runner` they are
@@ -11,15 +14,22 @@ given (the real one, a namespace's, or a test's). ``fake`` is the same data plan
 over a strict fake kernel that the package ships (``kubeproxy.testing``), as knftables
 ships its ``Fake``: it rejects what the kernel would reject, so tests of syncs without
 root still prove something.
+
+A data plane (:class:`DataPlane`) syncs, cleans up, prints its rules, reports its last
+sync's counts for the metrics, and answers ``intact()``; every mode answers that last
+one the same way, through :func:`intact`: its own ``damage()`` names what was changed
+from outside, or None.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from kubeproxy.dataplane.base import Runner
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.nodeview import NodeView, ServicePortView
 from kubeproxy.render.names import ChainNames
@@ -30,6 +40,16 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 R_contra = TypeVar("R_contra", contravariant=True)
+
+
+@dataclass(frozen=True)
+class PlaneCounts:
+    """What a data plane's last sync tells the metrics (upstream's per-mode families)."""
+
+    # iptables: (family, table) -> (rules kube-proxy owns, rules the last sync wrote).
+    rules: Mapping[tuple[Family, str], tuple[int, int]] = field(default_factory=dict)
+    # nftables: the families whose stale-chain cleanup failed in the last sync.
+    cleanup_failures: tuple[Family, ...] = ()
 
 
 class DataPlane(Protocol[R_contra]):
@@ -57,6 +77,27 @@ class DataPlane(Protocol[R_contra]):
         keeps anyway (a generation number, a count) with what it was after our last
         write, and look closer only when that moved. It need not see every change to
         every per-service object: the hourly full sync rewrites those."""
+
+    def counts(self) -> PlaneCounts:
+        """What the last successful sync says for the metrics (iptables: rule counts,
+        nftables: stale-chain cleanup failures); ``PlaneCounts()`` when the mode reports
+        nothing beyond success or failure."""
+
+
+def intact(damage: Callable[[], str | None], unreadable: str, log: logging.Logger
+           ) -> bool:
+    """``DataPlane.intact()``, as every mode answers it: ``damage()`` says what was
+    changed from outside (None: nothing). Not being able to look (a DataPlaneError,
+    ``unreadable: error``) counts as damage too, since the full sync that follows
+    either repairs it or fails loudly. What was found is logged as a warning on the
+    mode's ``log``."""
+    try:
+        found = damage()
+    except DataPlaneError as err:
+        found = f"{unreadable}: {err}"
+    if found is not None:
+        log.warning("%s (changed from outside)", found)
+    return found is None
 
 
 @dataclass(frozen=True)
@@ -86,23 +127,15 @@ class VirtualServers:
 
 
 @dataclass(frozen=True)
-class PlaneCounts:
-    """What a data plane's last sync tells the metrics (upstream's per-mode families)."""
-
-    # iptables: (family, table) -> (rules kube-proxy owns, rules the last sync wrote).
-    rules: Mapping[tuple[Family, str], tuple[int, int]] = field(default_factory=dict)
-    # nftables: the families whose stale-chain cleanup failed in the last sync.
-    cleanup_failures: tuple[Family, ...] = ()
-
-
-def no_counts(plane: object) -> PlaneCounts:
-    """A mode whose data plane reports nothing beyond success or failure."""
-    del plane
-    return PlaneCounts()
-
-
-@dataclass(frozen=True)
 class Mode(Generic[R]):
+    """One proxy mode, as the proxy runs it: the record ``modes.get(name)`` returns.
+
+    Every field is something the CLI, the daemon, the metrics or the flow table call
+    (render, trace, write, clean up, name a metric) and none of them asks which mode it
+    is. What only the lab shows (chain names, virtual servers, load balancing in words)
+    is in the mode's :class:`Presentation`; what a data plane reports after a sync is
+    its own ``DataPlane.counts()``."""
+
     name: str
     # Node views of every family in use -> the mode's ruleset. Pure.
     render: Callable[[Sequence[NodeView]], R]
@@ -122,8 +155,6 @@ class Mode(Generic[R]):
     fake: Callable[[], DataPlane[R]]
     # Remove whatever this mode may ever have written (any backend), for `cleanup`.
     cleanup: Callable[[Runner, PlaneOptions], None]
-    # The per-service chains the renderer writes for one service port (diagrams).
-    chain_names: Callable[[ServicePortView], ChainNames]
     # The counter of failed syncs, upstream's name for this mode.
     sync_failures_metric: str
     # The mode load balances sockets in programs attached to a cgroup: a node's proxy
@@ -136,22 +167,28 @@ class Mode(Generic[R]):
     # The counter of failed *partial* syncs (a full one follows), if upstream has one
     # for this mode (iptables: sync_proxy_rules_iptables_partial_restore_failures_total).
     partial_failures_metric: str | None = None
-    # nodePortAddresses when the configuration gives none (kpconfig.resolve): () = every
-    # local address; ("primary",) = the Node's primary IPs only (upstream's nftables
-    # default, platformApplyDefaults).
-    nodeport_default: tuple[str, ...] = ()
-    # What the data plane (this mode's, as data_plane made it) says about its last sync,
-    # for the metrics: rule counts, cleanup failures.
-    plane_counts: Callable[[Any], PlaneCounts] = no_counts
+    # The mode with its own section of the configuration applied (ipvs: the scheduler,
+    # strictARP, ...), for `modes.for_config`; None: the mode has no settings of its own.
+    configure: Callable[[ProxyConfig], Mode[R]] | None = None
+
+
+@dataclass(frozen=True)
+class Presentation:
+    """What the lab shows about a mode (``modes.presentation(name)``): its diagrams, its
+    ``lab status`` line and the demo's listing, so the lab never imports a mode's own
+    modules nor asks which mode runs. Pure, except ``service_rules``' backend probe."""
+
+    # The per-service chains the renderer writes for one service port (diagrams).
+    chain_names: Callable[[ServicePortView], ChainNames]
     # Modes that balance in per-frontend virtual servers instead of per-service chains
     # (ipvs; chain_names then names none): a port view's virtual servers, by frontend
     # kind, from the renderer's own output. None: the mode writes chains.
     virtual_servers: Callable[[NodeView, ServicePortView], Sequence[VirtualServers]
                               ] | None = None
-    # The mode with its own section of the configuration applied (ipvs: the scheduler,
-    # strictARP, ...), for `modes.for_config`; None: the mode has no settings of its own.
-    configure: Callable[[ProxyConfig], Mode[R]] | None = None
     # How the mode picks an endpoint, in words (`lab status`), given --lb-algorithm
     # (random, round-robin): that algorithm, unless the mode balances its own way (ipvs:
     # its scheduler).
     load_balancing: Callable[[str], str] = lambda algorithm: algorithm
+    # The command that lists the node's Service dispatch rules as users read them
+    # (`make demo` prints it), for the node the runner reaches; None: the mode has none.
+    service_rules: Callable[[Runner], Sequence[str]] | None = None

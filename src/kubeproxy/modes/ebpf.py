@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeproxy.dataplane import bpf_sys
-from kubeproxy.dataplane.base import DataPlaneError, Runner
+from kubeproxy.dataplane.base import Runner
 from kubeproxy.dataplane.ebpf import EbpfDataPlane, MapStore, dump_text
-from kubeproxy.dataplane.nftables import NftablesDataPlane
+from kubeproxy.dataplane.nftables import NftablesDataPlane, listed
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneOptions
+from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions, Presentation, intact
 from kubeproxy.render import ebpf
 from kubeproxy.render.ebpf import EbpfRuleset
 from kubeproxy.render.names import nftables_chain_names
-from kubeproxy.render.nftables import TABLE
 from kubeproxy.trace.ebpf import NFT_MARKER, trace_ebpf, trace_text
 from kubeproxy.trace.result import Packet, TraceResult
 
@@ -61,8 +61,9 @@ def trace(ruleset: EbpfRuleset, packet: Packet, local: frozenset[IPAddress]) -> 
 log = logging.getLogger("kubeproxy.modes.ebpf")
 
 
-class DataPlane:
-    """The mode's data plane: the maps' writer, plus the programs' lifecycle.
+class EbpfPlane:
+    """The mode's data plane: the maps' writer (EbpfDataPlane), plus the programs'
+    lifecycle.
 
     ``attached()``: the programs of :data:`~kubeproxy.render.ebpf.PROGRAMS` attached to
     the cgroup now; ``unpinned()``: maps no longer pinned; ``remove()``: detach,
@@ -87,17 +88,18 @@ class DataPlane:
         still attached to the cgroup and every map still pinned (one
         BPF_OBJ_GET_INFO_BY_FD per program and a stat per map, well under 1 ms). Damage
         to the programs makes the next sync re-attach them and rewrite the maps."""
-        try:
-            found = self.plane.nft.damage()
-        except DataPlaneError as err:
-            found = f"nftables: cannot check the tables: {err}"
+        return intact(self._damage, "nftables: cannot check the tables", log)
+
+    def counts(self) -> PlaneCounts:
+        return PlaneCounts()  # nothing beyond success or failure
+
+    def _damage(self) -> str | None:
+        found = self.plane.nft.damage()
         if found is None and self.plane.written is not None:
             found = self._bpf_damage()
             if found is not None:
                 self.plane.written = None  # re-attach and read the maps back
-        if found is not None:
-            log.warning("%s (changed from outside)", found)
-        return found is None
+        return found
 
     def _bpf_damage(self) -> str | None:
         try:
@@ -121,20 +123,11 @@ class DataPlane:
                 f"{maps}{NFT_MARKER} (nft list)\n{self._nft_text()}")
 
 
-def _listed(runner: Runner) -> str:
-    out = []
-    for family in ("ip", "ip6"):
-        res = runner.run(["nft", "list", "table", family, TABLE])
-        if res.returncode == 0:
-            out.append(res.stdout)
-    return "".join(out)
-
-
-def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
+def data_plane(runner: Runner, options: PlaneOptions) -> EbpfPlane:
     return ebpf_data_plane(runner, EbpfOptions.of(options))
 
 
-def ebpf_data_plane(runner: Runner, opts: EbpfOptions) -> DataPlane:
+def ebpf_data_plane(runner: Runner, opts: EbpfOptions) -> EbpfPlane:
     """The real data plane for the cgroup and bpffs in ``opts`` (tests name their own)."""
     cgroup = bpf_sys.check_cgroup(opts.cgroup_path or bpf_sys.cgroup2_root(),
                                   opts.allow_root_cgroup)
@@ -158,11 +151,11 @@ def ebpf_data_plane(runner: Runner, opts: EbpfOptions) -> DataPlane:
         return [name for name in ebpf.MAPS if not (pins / name).exists()]
 
     plane = EbpfDataPlane(maps, NftablesDataPlane(runner), attach)
-    return DataPlane(plane, maps, lambda: _listed(runner), remove=remove, attached=attached,
+    return EbpfPlane(plane, maps, lambda: listed(runner), remove=remove, attached=attached,
                      unpinned=unpinned)
 
 
-def fake() -> DataPlane:
+def fake() -> EbpfPlane:
     from kubeproxy.testing.ebpf import FakeMaps
     from kubeproxy.testing.nftables import FakeNftables, NoRunner
 
@@ -176,9 +169,8 @@ def fake() -> DataPlane:
         maps.attached.clear()
 
     plane = EbpfDataPlane(maps, NftablesDataPlane(NoRunner(), kernel), attach)
-    return DataPlane(plane, maps,
-                     lambda: "".join(kernel.text(family) for family in ("ip", "ip6")),
-                     remove=remove, attached=lambda: set(maps.attached))
+    return EbpfPlane(plane, maps, kernel.listed, remove=remove,
+                     attached=lambda: set(maps.attached))
 
 
 def cleanup(runner: Runner, options: PlaneOptions) -> None:
@@ -198,7 +190,9 @@ MODE: Mode[EbpfRuleset] = Mode(
     data_plane=data_plane,
     fake=fake,
     cleanup=cleanup,
-    chain_names=nftables_chain_names,  # the nftables part writes the per-service chains
     sync_failures_metric="sync_proxy_rules_ebpf_sync_failures_total",
     needs_cgroup=True,
 )
+
+# The nftables part writes the per-service chains.
+PRESENTATION = Presentation(chain_names=nftables_chain_names)

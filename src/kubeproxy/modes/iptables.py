@@ -3,7 +3,8 @@
 Each family is rendered on its own (render/iptables.py) and written by its own
 :class:`~kubeproxy.dataplane.iptables.IptablesDataPlane` through ``iptables-restore``
 (``ip6tables-restore`` for IPv6), with the backend (legacy or nft) that
-iptables-wrapper's rule picks. A packet is traced through its family's ruleset.
+iptables-wrapper's rule picks; :class:`IptablesPlane` is the mode's data plane over
+those. A packet is traced through its family's ruleset.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kubeproxy.dataplane.base import DataPlaneError, Result, Runner
+from kubeproxy.dataplane.base import Result, Runner
 from kubeproxy.dataplane.iptables import (
+    BACKENDS,
     Backend,
     IptablesDataPlane,
     KernelWatch,
     Watch,
+    binaries,
+    choose_backend,
     detect_backend,
 )
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Family, IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions
+from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions, Presentation, intact
 from kubeproxy.nodeview import NodeView
 from kubeproxy.render import iptables
 from kubeproxy.render.names import iptables_chain_names
@@ -29,7 +34,6 @@ from kubeproxy.trace.iptables import trace_iptables
 from kubeproxy.trace.result import Packet, TraceResult
 
 log = logging.getLogger("kubeproxy.modes.iptables")
-BACKENDS: tuple[Backend, ...] = ("legacy", "nft")
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,9 @@ def trace_rules(text: str, packet: Packet, local: frozenset[IPAddress]) -> Trace
     return trace_iptables(v4 if packet.dst.version == 4 else v6, packet, local)
 
 
-class DataPlane:
-    """One IptablesDataPlane per family; a family once written stays written."""
+class IptablesPlane:
+    """The mode's data plane: one IptablesDataPlane per family; a family once written
+    stays written."""
 
     def __init__(self, runner: Runner, backend: Backend, watch: Watch | None = None
                  ) -> None:
@@ -87,7 +92,7 @@ class DataPlane:
         self.watch = watch  # the cheap change detector of intact()
         self.planes: dict[Family, IptablesDataPlane] = {}
         # family -> table -> (rules owned, rules written by the last sync): metrics.
-        self.counts: dict[Family, dict[str, tuple[int, int]]] = {}
+        self.rule_counts: dict[Family, dict[str, tuple[int, int]]] = {}
 
     def sync(self, rulesets: Rulesets, changed: frozenset[NamespacedName] | None = None
              ) -> None:
@@ -97,22 +102,26 @@ class DataPlane:
                 plane = self.planes[family] = IptablesDataPlane(
                     self.runner, family, self.backend, self.watch)
             stats = plane.sync(ruleset, changed)
-            self.counts[family] = {
+            self.rule_counts[family] = {
                 t: (ruleset.rule_count(t), stats.rules_by_table.get(t, 0))
                 for t in ("filter", "nat")}
 
     def intact(self) -> bool:
         """Each family's canary chains, top-level chains and jumps, read only when the
         watch's fingerprint moved (dataplane/iptables.py)."""
+        return intact(self._damage, "iptables: cannot check the rules", log)
+
+    def _damage(self) -> str | None:
+        """The first family's damage, IPv4 first."""
         for _, plane in sorted(self.planes.items()):
-            try:
-                found = plane.damage()
-            except DataPlaneError as err:
-                found = f"iptables: cannot check the rules: {err}"
-            if found is not None:
-                log.warning("%s (changed from outside)", found)
-                return False
-        return True
+            if (found := plane.damage()) is not None:
+                return found
+        return None
+
+    def counts(self) -> PlaneCounts:
+        """(family, table) -> (rules owned, rules the last sync wrote), filter and nat."""
+        return PlaneCounts(rules={(f, t): n for f, tables in self.rule_counts.items()
+                                  for t, n in tables.items()})
 
     def cleanup(self) -> None:
         for family in (4, 6):
@@ -127,26 +136,16 @@ class DataPlane:
         return text
 
 
-def choose_backend(runner: Runner, options: PlaneOptions) -> Backend:
-    if options.iptables_backend == "auto":
-        backend = detect_backend(runner)
-        log.info("iptables backend: %s", backend)
-        return backend
-    if options.iptables_backend not in BACKENDS:
-        raise ValueError(f"iptables backend {options.iptables_backend!r}: "
-                         f"one of auto, {', '.join(BACKENDS)}")
-    return options.iptables_backend
+def data_plane(runner: Runner, options: PlaneOptions) -> IptablesPlane:
+    return IptablesPlane(runner, choose_backend(runner, options.iptables_backend),
+                         KernelWatch(runner))
 
 
-def data_plane(runner: Runner, options: PlaneOptions) -> DataPlane:
-    return DataPlane(runner, choose_backend(runner, options), KernelWatch(runner))
-
-
-def fake() -> DataPlane:
+def fake() -> IptablesPlane:
     from kubeproxy.testing.iptables import FakeIptables
 
     kernel = FakeIptables()
-    return DataPlane(kernel, "nft", kernel)
+    return IptablesPlane(kernel, "nft", kernel)
 
 
 def cleanup(runner: Runner, options: PlaneOptions) -> None:
@@ -154,11 +153,11 @@ def cleanup(runner: Runner, options: PlaneOptions) -> None:
     tables that exist are read: ``iptables-legacy-save -t nat`` would *create* an empty
     nat table, and iptables-nft then warns about legacy tables for ever after."""
     backends = BACKENDS if options.iptables_backend == "auto" else (
-        choose_backend(runner, options),)
+        choose_backend(runner, options.iptables_backend),)
     for backend in backends:
         try:
-            DataPlane(ExistingTablesOnly(runner) if backend == "legacy" else runner,
-                      backend).cleanup()
+            IptablesPlane(ExistingTablesOnly(runner) if backend == "legacy" else runner,
+                          backend).cleanup()
         except DataPlaneError as err:
             if "not installed" not in str(err):
                 raise
@@ -197,10 +196,14 @@ MODE: Mode[Rulesets] = Mode(
     data_plane=data_plane,
     fake=fake,
     cleanup=cleanup,
-    chain_names=iptables_chain_names,
     sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
     partial_failures_metric="sync_proxy_rules_iptables_partial_restore_failures_total",
-    plane_counts=lambda plane: PlaneCounts(rules={
-        (f, t): n for f, tables in plane.counts.items() for t, n in tables.items()}
-    ) if isinstance(plane, DataPlane) else PlaneCounts(),
 )
+
+
+def service_rules(runner: Runner) -> list[str]:
+    """``iptables -t nat -L KUBE-SERVICES -n`` with the backend the node uses."""
+    return [binaries(4, detect_backend(runner))[0], "-t", "nat", "-L", "KUBE-SERVICES", "-n"]
+
+
+PRESENTATION = Presentation(chain_names=iptables_chain_names, service_rules=service_rules)

@@ -16,14 +16,21 @@ import logging
 from collections.abc import Sequence
 
 from kubeproxy.config.types import IpvsConfig
-from kubeproxy.dataplane.base import DataPlaneError, Runner
-from kubeproxy.dataplane.iptables import KernelWatch
+from kubeproxy.dataplane.base import Runner
+from kubeproxy.dataplane.iptables import BACKENDS, KernelWatch, choose_backend
 from kubeproxy.dataplane.ipvs import IpvsDataPlane, has_ipvs
 from kubeproxy.dataplane.ipvs_netlink import KernelService, NetlinkIpvs
 from kubeproxy.dataplane.netlink import find_netns
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneOptions, VirtualServers
-from kubeproxy.modes.iptables import BACKENDS, choose_backend
+from kubeproxy.modes.base import (
+    Mode,
+    PlaneCounts,
+    PlaneOptions,
+    Presentation,
+    VirtualServers,
+    intact,
+)
 from kubeproxy.nodeview import NodeView, ServicePortView
 from kubeproxy.render import ipvs
 from kubeproxy.render.ipvs import IpvsRuleset
@@ -51,11 +58,13 @@ def trace_rules(rules: str, packet: Packet, local: frozenset[IPAddress]) -> Trac
     return trace_text(rules, packet, local)
 
 
-class DataPlane:
-    def __init__(self, plane: IpvsDataPlane, backends: Sequence[str] = BACKENDS) -> None:
+class IpvsPlane:
+    """The mode's data plane: IpvsDataPlane (virtual servers, ipsets, kube-ipvs0 and
+    the iptables part) as the DataPlane protocol asks for it."""
+
+    def __init__(self, plane: IpvsDataPlane) -> None:
         self.plane = plane
         self.runner = plane.runner  # for tests that break the rules from outside
-        self._backends = backends
 
     def sync(self, ruleset: IpvsRuleset, changed: frozenset[NamespacedName] | None = None
              ) -> None:
@@ -70,38 +79,40 @@ class DataPlane:
     def intact(self) -> bool:
         """kube-ipvs0, the virtual-server count, then the iptables part (its fingerprint,
         our chains only when it moved)."""
-        try:
-            found = self.plane.damage()
-        except DataPlaneError as err:
-            found = f"ipvs: cannot check the rules: {err}"
-        if found is not None:
-            log.warning("ipvs: %s (changed from outside)", found)
-        return found is None
+        return intact(self._damage, "ipvs: cannot check the rules", log)
+
+    def _damage(self) -> str | None:
+        found = self.plane.damage()
+        return None if found is None else f"ipvs: {found}"
+
+    def counts(self) -> PlaneCounts:
+        return PlaneCounts()  # nothing beyond success or failure
 
 
 DEFAULTS = IpvsConfig()  # rr, no strict ARP, nothing excluded, the kernel's timeouts
 
 
 def data_plane(runner: Runner, options: PlaneOptions,
-               settings: IpvsConfig = DEFAULTS) -> DataPlane:
+               settings: IpvsConfig = DEFAULTS) -> IpvsPlane:
     has_ipvs(runner)  # loads ip_vs when it can, as upstream's proxier does at start
     kernel = NetlinkIpvs(find_netns(runner))
-    return DataPlane(IpvsDataPlane(runner, kernel, choose_backend(runner, options),
+    return IpvsPlane(IpvsDataPlane(runner, kernel,
+                                   choose_backend(runner, options.iptables_backend),
                                    KernelWatch(runner), settings))
 
 
-def fake(settings: IpvsConfig = DEFAULTS) -> DataPlane:
+def fake(settings: IpvsConfig = DEFAULTS) -> IpvsPlane:
     from kubeproxy.testing.ipvs import FakeIpvs, FakeNode
 
     node = FakeNode()
-    return DataPlane(IpvsDataPlane(node, FakeIpvs(), "nft", node.iptables, settings))
+    return IpvsPlane(IpvsDataPlane(node, FakeIpvs(), "nft", node.iptables, settings))
 
 
 def cleanup(runner: Runner, options: PlaneOptions, settings: IpvsConfig = DEFAULTS) -> None:
     """IPVS (when the kernel has it; not the virtual servers in excludeCIDRs),
     kube-ipvs0, our ipsets, our chains on both backends unless one is named."""
     backends = BACKENDS if options.iptables_backend == "auto" else (
-        choose_backend(runner, options),)
+        choose_backend(runner, options.iptables_backend),)
     kernel = NetlinkIpvs(find_netns(runner)) if has_ipvs(runner) else _NoIpvs()
     IpvsDataPlane(runner, kernel, backends[0], settings=settings).cleanup(backends)
 
@@ -109,14 +120,13 @@ def cleanup(runner: Runner, options: PlaneOptions, settings: IpvsConfig = DEFAUL
 def configure(settings: IpvsConfig) -> Mode[IpvsRuleset]:
     """The mode with the ``ipvs:`` settings (ProxyConfig.ipvs) applied: the scheduler
     to the renderer, strictARP, excludeCIDRs and the timeouts to the data plane (and
-    excludeCIDRs to cleanup)."""
+    excludeCIDRs to cleanup). What the lab shows with them: :func:`presentation`."""
     return dataclasses.replace(
         MODE, render=lambda views: ipvs.render(views, settings.scheduler),
         renderer=lambda: ipvs.Renderer(settings.scheduler),
         data_plane=lambda runner, options: data_plane(runner, options, settings),
         fake=lambda: fake(settings),
-        cleanup=lambda runner, options: cleanup(runner, options, settings),
-        load_balancing=lambda algorithm: load_balancing(settings.scheduler))
+        cleanup=lambda runner, options: cleanup(runner, options, settings))
 
 
 def load_balancing(scheduler: str) -> str:
@@ -174,10 +184,17 @@ MODE: Mode[IpvsRuleset] = Mode(
     data_plane=data_plane,
     fake=fake,
     cleanup=cleanup,
-    chain_names=ipvs_chain_names,
     sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
     kernel_support=kernel_support,
-    virtual_servers=virtual_servers,
     configure=lambda config: configure(config.ipvs),
-    load_balancing=lambda algorithm: load_balancing(DEFAULTS.scheduler),
 )
+
+
+def presentation(settings: IpvsConfig = DEFAULTS) -> Presentation:
+    """What the lab shows of the mode with the ``ipvs:`` settings: virtual servers, no
+    chains, and the scheduler (not --lb-algorithm) picking the real server."""
+    return Presentation(chain_names=ipvs_chain_names, virtual_servers=virtual_servers,
+                        load_balancing=lambda algorithm: load_balancing(settings.scheduler))
+
+
+PRESENTATION = presentation()

@@ -26,7 +26,6 @@ back is byte-for-byte what was rendered.
 
 from __future__ import annotations
 
-import hashlib
 from collections import ChainMap
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ from functools import lru_cache
 from kubeproxy.config.types import LBAlgorithm
 from kubeproxy.model import IPAddress, IPNetwork, NamespacedName
 from kubeproxy.nodeview import ClusterIPMasquerade, EndpointView, NodeView, Route, ServicePortView
+from kubeproxy.render.ipt_names import hash16, service_chain
 
 KUBE_SERVICES = "KUBE-SERVICES"
 KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
@@ -98,32 +98,6 @@ TOP_CHAINS = {
                KUBE_PROXY_FIREWALL),
     "nat": (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ),
 }
-
-
-_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)  # 10 bits -> 2 characters
-
-
-@lru_cache(maxsize=1 << 19)  # chain names repeat every sync: ~40k services x 10 fit
-def _hash16(text: str) -> str:
-    """The first 16 base32 characters of sha256(text): the top 80 bits of the digest.
-
-    Same result as base64.b32encode(digest)[:16], without its per-call overhead (the
-    renderer hashes one name per endpoint, ~100,000 of them for a large cluster).
-    """
-    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
-    p = _B32_PAIRS
-    return (p[n >> 70] + p[(n >> 60) & 1023] + p[(n >> 50) & 1023] + p[(n >> 40) & 1023]
-            + p[(n >> 30) & 1023] + p[(n >> 20) & 1023] + p[(n >> 10) & 1023] + p[n & 1023])
-
-
-def service_chain(prefix: str, port_name: str, protocol: str) -> str:
-    """Upstream's servicePortPolicyClusterChain & co: prefix + hash("ns/svc:port" + proto)."""
-    return prefix + _hash16(port_name + protocol.lower())
-
-
-def endpoint_chain(port_name: str, protocol: str, endpoint: str) -> str:
-    return "KUBE-SEP-" + _hash16(port_name + protocol.lower() + endpoint)
 
 
 @dataclass
@@ -464,7 +438,7 @@ class _Renderer:
             chains[fw_chain] = self.firewall_chain(spv, spn, fw_chain, ext_chain)
         everyone = spv.all_endpoints
         hash_prefix = spn + spv.protocol  # endpoint_chain(), inlined: one per endpoint
-        seps = {ep.target: "KUBE-SEP-" + _hash16(hash_prefix + ep.target) for ep in everyone}
+        seps = {ep.target: "KUBE-SEP-" + hash16(hash_prefix + ep.target) for ep in everyone}
         if spv.uses_cluster_chain:
             self.balance(chains[svc_chain], svc_chain, spv, spn, spv.cluster_endpoints, seps)
         if spv.uses_local_chain:

@@ -21,7 +21,7 @@ endpoints  ``KUBE-SEP-HASH``   (none)                       one per endpoint a c
 The "written when" column is each renderer's own condition (render/iptables.py
 ``policy_chains``, render/nftables.py ``_ServiceRenderer.port``), read from the same
 node-view fields, and the names come from the renderers' own functions
-(``iptables.service_chain`` / ``endpoint_chain``, ``nft_names.chain_base``); a test
+(``ipt_names.service_chain`` / ``endpoint_chain``, ``nft_names.chain_base``); a test
 checks both against real rendered output. Our nftables renderer has no per-endpoint
 chains: endpoints are elements of shared DNAT maps (see render/nftables.py), so its
 ``endpoints`` is empty. Pure.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from kubeproxy.nodeview import ServicePortView
-from kubeproxy.render.iptables import endpoint_chain, service_chain
+from kubeproxy.render.ipt_names import endpoint_chain, service_chain
 from kubeproxy.render.nft_names import chain_base
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from kubeproxy.errors import KubeProxyError
 from kubeproxy.render.nft_ir import (
     FIELDS,
     Chain,
@@ -46,7 +47,7 @@ _PRIORITIES = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "securi
 _MULTI_WORD = sorted((f.split() for f in FIELDS), key=len, reverse=True)
 
 
-class ScriptError(ValueError):
+class ScriptError(KubeProxyError, ValueError):
     """The script is not valid in the vocabulary we understand; names the line."""
 
     def __init__(self, line: int, text: str, problem: str) -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubeproxy.sources.errors import ClientError
+from kubeproxy.errors import ClientError
 from kubeproxy.sources.kubeconfig import ClusterAccess, ExecConfig
 
 EXEC_TIMEOUT = 60.0  # seconds a credential plugin may take

@@ -43,9 +43,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from kubeproxy import __version__
+from kubeproxy.errors import ClientError
 from kubeproxy.sources.auth import Authenticator, AuthError
 from kubeproxy.sources.errors import (
-    ClientError,
     GoneError,
     ProtocolError,
     StatusError,

@@ -3,7 +3,7 @@
 Every failure of talking to the API server leaves ``sources`` as one of these (translated
 at the boundary with ``raise ... from``), so callers decide by meaning, not socket detail:
 
-* :class:`ClientError` -- base: talking to the API server failed.
+* :class:`~kubeproxy.errors.ClientError` -- base: talking to the API server failed.
 * :class:`TransportError` -- no connection, a timeout, or a stream that broke mid-way.
 * :class:`WatchStalled` -- a watch showed no event and no bookmark within its bound.
 * :class:`StatusError` -- the server answered with an error status (``code``, ``reason``).
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import http.client
 
-
-class ClientError(Exception):
-    """Talking to the API server failed."""
+from kubeproxy.errors import ClientError
 
 
 class TransportError(ClientError):

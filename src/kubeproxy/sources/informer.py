@@ -56,13 +56,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+from kubeproxy.errors import FieldError, InvalidObject
 from kubeproxy.k8s.decode import (
     decode_endpoint_slice,
     decode_node,
     decode_service,
     object_ref,
 )
-from kubeproxy.model import FieldError, InvalidObject, NamespacedName
+from kubeproxy.model import NamespacedName
 from kubeproxy.sources.client import (
     ClientError,
     GoneError,

@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from kubeproxy.config.types import ConfigError
+from kubeproxy.errors import ConfigError
 
 log = logging.getLogger("kubeproxy.kubeconfig")
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")

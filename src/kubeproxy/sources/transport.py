@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from kubeproxy.errors import ClientError
 from kubeproxy.sources.auth import Authenticator, Credentials, TlsMaterial
-from kubeproxy.sources.errors import ClientError, TransportError
+from kubeproxy.sources.errors import TransportError
 from kubeproxy.sources.kubeconfig import ClusterAccess
 
 MAX_IDLE = 4  # idle kept-alive connections per server (lists of 3 informers at start)

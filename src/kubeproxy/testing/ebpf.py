@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 
-from kubeproxy.dataplane.base import DataPlaneError
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.render import ebpf as r
 
 

@@ -25,8 +25,9 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kubeproxy.dataplane.base import DataPlaneError, Result
+from kubeproxy.dataplane.base import Result
 from kubeproxy.dataplane.ipvs_netlink import KernelDest, KernelService, Timeouts
+from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress
 from kubeproxy.render.ipvs import SCHEDULERS, Key, RealServer, VirtualServer
 from kubeproxy.testing.iptables import FakeIptables

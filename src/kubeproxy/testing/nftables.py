@@ -127,6 +127,10 @@ class FakeNftables:
         self.tables = tables
         self._generation += 1
 
+    def listed(self) -> str:
+        """Both families' tables, as ``dataplane.nftables.listed`` reads the kernel's."""
+        return "".join(self.text(family) for family in ("ip", "ip6"))
+
     def text(self, family: str) -> str:
         """The table in ``nft list`` form (sets, then chains, sorted); "" if none."""
         table = self.tables.get(family)

@@ -6,26 +6,3 @@ behaviour ("pod 10.0.0.2 -> 172.30.0.41:80 reaches {10.180.0.1:80}, not masquera
 instead of rule text. The packet's way through netfilter's hooks is one module
 (:mod:`.netfilter`); each mode adds only the walker of its own chains.
 """
-
-from kubeproxy.trace.iptables import RulesetParseError, trace_iptables
-from kubeproxy.trace.nftables import trace_nftables
-from kubeproxy.trace.result import (
-    IPAddress,
-    Packet,
-    TraceError,
-    TraceLimitError,
-    TraceResult,
-    Verdict,
-)
-
-__all__ = [
-    "IPAddress",
-    "Packet",
-    "RulesetParseError",
-    "TraceError",
-    "TraceLimitError",
-    "TraceResult",
-    "Verdict",
-    "trace_iptables",
-    "trace_nftables",
-]

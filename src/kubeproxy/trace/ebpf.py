@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from kubeproxy.errors import TraceError
 from kubeproxy.model import NamespacedName
 from kubeproxy.nodeview import LocalDetector
 from kubeproxy.render.ebpf import (
@@ -33,7 +34,7 @@ from kubeproxy.render.ebpf import (
     SockService,
 )
 from kubeproxy.trace.nftables import trace_nftables
-from kubeproxy.trace.result import IPAddress, Packet, TraceError, TraceResult, format_endpoint
+from kubeproxy.trace.result import IPAddress, Packet, TraceResult, format_endpoint
 
 NFT_MARKER = "# nftables part"
 _LINE = re.compile(r"frontend (\[?[0-9a-fA-F.:]+\]?):(\d+)/(tcp|udp) flags=(\S+)"

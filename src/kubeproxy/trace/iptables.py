@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, TypeAlias
 
+from kubeproxy.errors import TraceError
 from kubeproxy.trace.iptables_parse import (
     HOOK_TABLES,
     Chain,
@@ -55,13 +56,7 @@ from kubeproxy.trace.iptables_rules import (
     Tri,
 )
 from kubeproxy.trace.netfilter import End, Flow, Hook, HookRun, Routing, trace_journey
-from kubeproxy.trace.result import (
-    IPAddress,
-    Packet,
-    TraceError,
-    TraceLimitError,
-    TraceResult,
-)
+from kubeproxy.trace.result import IPAddress, Packet, TraceLimitError, TraceResult
 
 __all__ = [
     "Ruleset",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from kubeproxy.errors import KubeProxyError
 from kubeproxy.trace.iptables_rules import (
     AddrTypeLocalMatch,
     ChanceMatch,
@@ -40,7 +41,7 @@ from kubeproxy.trace.result import IPAddress
 _MARK_BITS = 0xFFFFFFFF
 
 
-class OptionError(ValueError):
+class OptionError(KubeProxyError, ValueError):
     """An option or its value is wrong; the parser adds the line."""
 
 

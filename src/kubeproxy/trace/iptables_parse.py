@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from kubeproxy.errors import TraceError
 from kubeproxy.trace.iptables_options import (
     GENERIC_OPTIONS,
     MATCH_BUILDERS,
@@ -65,7 +66,6 @@ from kubeproxy.trace.iptables_rules import (
     ProtocolMatch,
     Rule,
 )
-from kubeproxy.trace.result import TraceError
 
 # The builtin chains of each table the tracer accepts.
 BUILTIN_CHAINS: Mapping[str, tuple[str, ...]] = MappingProxyType(

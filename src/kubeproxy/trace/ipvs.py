@@ -33,13 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from kubeproxy.errors import TraceError
 from kubeproxy.render.ipvs import IPTABLES_HEADER, IpvsRuleset, host
 from kubeproxy.render.ipvs_tables import IPSETS, base_set
 from kubeproxy.trace.iptables import TableWalker
 from kubeproxy.trace.iptables_parse import Chain, Ruleset, parse_iptables_save
 from kubeproxy.trace.iptables_rules import Match, Tri
 from kubeproxy.trace.netfilter import End, Flow, Hook, HookRun, Routing, trace_journey
-from kubeproxy.trace.result import IPAddress, Packet, TraceError, TraceResult
+from kubeproxy.trace.result import IPAddress, Packet, TraceResult
 
 _SET = re.compile(r"-m set (! )?--match-set (\S+) (\S+) ?")
 _VADDR = re.compile(r"-m ipvs --vaddr (\S+) --vproto (\d+) --vport (\d+) ?")

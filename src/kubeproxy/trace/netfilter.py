@@ -40,14 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, TypeAlias
 
-from kubeproxy.trace.result import (
-    IPAddress,
-    Packet,
-    TraceError,
-    TraceResult,
-    Verdict,
-    format_endpoint,
-)
+from kubeproxy.errors import TraceError
+from kubeproxy.trace.result import IPAddress, Packet, TraceResult, Verdict, format_endpoint
 
 __all__ = [
     "ChainWalker",

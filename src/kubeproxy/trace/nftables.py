@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Literal
 
+from kubeproxy.errors import TraceError
 from kubeproxy.render.nft_ir import (
     CT_STATES,
     CT_STATUS,
@@ -56,14 +57,7 @@ from kubeproxy.render.nft_ir import (
 )
 from kubeproxy.render.nft_parse import ScriptError, Table, parse_script
 from kubeproxy.trace.netfilter import End, Flow, Hook, HookRun, Routing, trace_journey
-from kubeproxy.trace.result import (
-    IPAddress,
-    Packet,
-    TraceError,
-    TraceLimitError,
-    TraceResult,
-    format_endpoint,
-)
+from kubeproxy.trace.result import IPAddress, Packet, TraceLimitError, TraceResult, format_endpoint
 
 _MAX_STEPS = 200_000
 _MAX_DEPTH = 16

@@ -17,6 +17,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, get_args
 
+from kubeproxy.errors import TraceError
+
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 Verdict: TypeAlias = Literal["DNAT", "ACCEPT", "DROP", "REJECT"]
 Protocol: TypeAlias = Literal["tcp", "udp", "sctp"]
@@ -106,10 +108,6 @@ def format_endpoint(address: IPAddress, port: int) -> str:
     if address.version == 6:
         return f"[{address}]:{port}"
     return f"{address}:{port}"
-
-
-class TraceError(ValueError):
-    """The ruleset cannot be traced: it is malformed, or the kernel would refuse it."""
 
 
 class TraceLimitError(TraceError):

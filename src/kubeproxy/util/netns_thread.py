@@ -18,13 +18,11 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from kubeproxy.errors import NetnsError
+
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
 T = TypeVar("T")
-
-
-class NetnsError(OSError):
-    """The namespace is missing, or entering or leaving it failed."""
 
 
 def setns(fd: int, what: str = "network namespace") -> None:

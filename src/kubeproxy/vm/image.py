@@ -31,6 +31,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubeproxy.errors import VmError
+
 KERNEL_META_PACKAGE = "linux-image-amd64"  # Debian 12: the 6.1 series
 BUSYBOX_PACKAGE = "busybox-static"
 # What stage 1 loads before it can mount anything (their dependencies come from modules.dep).
@@ -84,10 +86,6 @@ $B sync
 echo o > /proc/sysrq-trigger
 exec $B sleep 60
 """
-
-
-class VmError(Exception):
-    """vmrun cannot do what was asked (a missing tool, a failed build)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
-from kubeproxy.vm.image import Guest, VmError, ensure_guest, tool
+from kubeproxy.errors import VmError
+from kubeproxy.vm.image import Guest, ensure_guest, tool
 
 EXIT_USAGE = 2  # a bad command line or VMRUN_* setting
 EXIT_TIMEOUT = 124  # VMRUN_TIMEOUT passed and qemu was killed (as timeout(1))
