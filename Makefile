@@ -10,8 +10,21 @@ BPF_CFLAGS := -target bpf -mcpu=v3 -O2 -g -Wall -I/usr/include/$(shell uname -m)
 # tools/vmrun: tests that need a kernel feature this machine lacks (IPVS) run in a QEMU
 # guest booting Debian's 6.1 kernel; the guest image is cached on first use (docs/vm.md).
 VM_APT_PKGS := qemu-system-x86 kmod cpio  # cpio: tests check the initramfs reads back
+# make image: deploy/Dockerfile built with podman and tagged as deploy/kube-proxy.yaml's
+# DaemonSet names it (localhost/kubeproxy:0.1.0 in podman's storage). No registry is
+# reachable here, so the base (debian:bookworm-slim) is made from Debian packages by
+# tools/image-base (mmdebstrap, cached in ~/.cache/kubeproxy-image). Every podman call
+# reads src/kubeproxy/lab/containers.conf: runc, and no network unless asked for (docs/deploy.md).
+IMAGE := $(shell sed -n 's/^ *image: *//p' deploy/kube-proxy.yaml)
+IMAGE_APT_PKGS := podman runc mmdebstrap
+PODMAN := CONTAINERS_CONF=$(CURDIR)/src/kubeproxy/lab/containers.conf podman
+# pip in the build trusts what this machine trusts (a TLS-inspecting proxy's CA, say):
+# the host's CA bundle, mounted read-only into RUN steps under /dev (a tmpfs there, so
+# not even the mount point lands in a layer).
+IMAGE_CA := -v /etc/ssl/certs/ca-certificates.crt:/dev/host-ca.crt:ro \
+	--build-arg PIP_CERT=/dev/host-ca.crt
 
-.PHONY: demo test test-ipvs lint deps apt venv bpf vm bench-render bench-nft bench-daemon clean
+.PHONY: demo test test-ipvs lint deps apt venv bpf vm image bench-render bench-nft bench-daemon clean
 
 deps: apt venv bpf
 
@@ -53,11 +66,31 @@ vm:
 	fi
 	@if command -v qemu-system-x86_64 >/dev/null 2>&1; then python3 tools/vmrun --build; fi
 
+# --network host: RUN steps use this machine's own network stack (apt and pip reach the
+# archives; podman writes no NAT rule). --pull=never: the base comes from tools/image-base.
+image:
+	@missing=""; \
+	for c in podman runc mmdebstrap; do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages for the image build: $(IMAGE_APT_PKGS)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -q --no-install-recommends $(IMAGE_APT_PKGS); \
+	  else echo "make image: missing$$missing (run as root to install them)"; exit 1; fi; \
+	fi
+	python3 tools/image-base
+	$(PODMAN) build --network host --pull=never $(IMAGE_CA) -f deploy/Dockerfile -t $(IMAGE) .
+	@$(PODMAN) images --filter reference=$(IMAGE)
+
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
+# The image first: the lab runs deploy/'s Pods from it (tests/kernel: KUBEPROXY_TEST_PROXIES
+# image, test_lab_deploy). As non-root there is none, and its tests skip.
 test: deps vm lint
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory image; \
+	else echo "note: not root: no image built (its lab tests skip)"; fi
 	$(VENV)/bin/pytest -q
 
 # The IPVS kernel tests in one guest boot (make test runs them too, via tests/vm).

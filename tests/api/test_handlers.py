@@ -408,3 +408,27 @@ def test_service_table_cells_for_every_type() -> None:
                {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}]}})[3] == "1.2.3.4"
     assert row({"type": "ExternalName", "externalName": "example.com"})[3] == "example.com"
     assert row({"type": "ClusterIP", "clusterIP": "None"})[2] == "None"
+
+
+def test_pod_logs_as_text() -> None:
+    """pods/log (kubectl logs): the kubelet's output for the Pod, tailLines honoured;
+    a missing Pod is 404, a Pod with no output reads empty; nothing but GET."""
+    logs = {("default", "p"): b"one\ntwo\nthree\n"}
+    store = Store(clock=lambda: NOW, rng=random.Random(1))
+    api = Api(Hub(store), clock=lambda: NOW,
+              config=ApiConfig(pod_logs=lambda ns, name: logs.get((ns, name), b"")))
+    pods = "/api/v1/namespaces/default/pods"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "image": "i"}]}}
+    assert call(api, "POST", pods, pod).status == 201
+    got = call(api, "GET", pods + "/p/log")
+    assert (got.status, got.body, got.content_type) == (200, b"one\ntwo\nthree\n", "text/plain")
+    assert call(api, "GET", pods + "/p/log", query="tailLines=2").body == b"two\nthree\n"
+    assert call(api, "GET", pods + "/p/log", query="tailLines=0").body == b""
+    assert call(api, "GET", pods + "/q/log").status == 404
+    assert call(api, "POST", pods + "/p/log", {}).status == 405
+    assert call(app_without_logs(), "GET", "/api/v1/namespaces/default/pods/x/log").status == 404
+
+
+def app_without_logs() -> Api:
+    return Api(Hub(Store(clock=lambda: NOW, rng=random.Random(1))), clock=lambda: NOW)

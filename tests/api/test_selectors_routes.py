@@ -90,6 +90,7 @@ ROUTES: list[tuple[str, routes.Route | None]] = [
     ("/api/v1/namespaces/ns/pods", routes.ResourceRoute(r.PODS, "ns", None)),
     ("/api/v1/namespaces/ns/pods/p", routes.ResourceRoute(r.PODS, "ns", "p")),
     ("/api/v1/namespaces/ns/pods/p/status", routes.ResourceRoute(r.PODS, "ns", "p", "status")),
+    ("/api/v1/namespaces/ns/pods/p/log", routes.ResourceRoute(r.PODS, "ns", "p", "log")),
     ("/api/v1/watch/namespaces/ns/services",
      routes.ResourceRoute(r.SERVICES, "ns", None, None, True)),
     ("/api/v1/nodes/n1/status", routes.ResourceRoute(r.NODES, None, "n1", "status")),
@@ -112,7 +113,7 @@ ROUTES: list[tuple[str, routes.Route | None]] = [
     ("/api/v1/namespaces/ns/serviceaccounts/sa/status", None),
     ("/apis/apps/v1/namespaces/ns/deployments", None),
     ("/api/v1/pods/p", None),
-    ("/api/v1/namespaces/ns/pods/p/log", None),
+    ("/api/v1/namespaces/ns/services/s/log", None),  # only pods have a log
     ("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices/e/status", None),
     ("/api/v1/namespaces/ns/pods/p/status/extra", None),
     ("/apis/apps/v1/deployments", None),

@@ -17,6 +17,9 @@ come from, for every lab ``make_lab`` brings up with proxies (the default):
 - ``kubeadm``: the same with kubeadm's own ConfigMap
   (tests/unit/data/kubeadm-kube-proxy-configmap.yaml, its kubeconfig.conf naming the
   API server as a lab node reaches it) in place of deploy/'s.
+- ``image``: deploy/ as for ``deploy``, its Pods run by the lab's kubelet from the
+  image ``make image`` built (podman, lab/containers.py), one container per node;
+  ``deploy`` and ``kubeadm`` run them from this checkout (``lab up --no-images``).
 
 ``make_lab`` returns once every node's DaemonSet Pod runs and its proxy has synced
 (kubeproxy.lab.deploy.wait_until_served). A lab option no configuration field carries
@@ -37,7 +40,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +48,14 @@ import pytest
 
 from kubeproxy import modes
 from kubeproxy.dataplane.base import SubprocessRunner
-from kubeproxy.lab import cgroups
+from kubeproxy.lab import cgroups, containers
 from kubeproxy.lab import deploy as lab_deploy
 from kubeproxy.lab.manifest import load_documents
 from kubeproxy.lab.netns import Netns
 from kubeproxy.lab.processes import python_env
 from kubeproxy.lab.runtime import Lab, UpOptions
 from kubeproxy.lab.state import LabStore
+from tests.builders import NODE_IP
 
 
 @functools.cache
@@ -84,6 +88,62 @@ def scratch_namespace() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+# A node namespace between a pod namespace and a client's (routed, not bridged).
+CLIENT_IP, NODE_POD_SIDE = "192.168.0.100", "10.180.0.254"
+
+
+@dataclass
+class PodNet:
+    node: str  # where the rules go; NODE_IP towards the client, NODE_POD_SIDE to the pod
+    pod: str  # holds every pod address, its server listening on all of them
+    client: str  # CLIENT_IP, its default route via the node
+    server: subprocess.Popen[str]
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@contextmanager
+def pod_net(pods: Sequence[str], server: str) -> Iterator[PodNet]:
+    """Three namespaces of the test's own (``kpt-``, ``kpn-``, ``kpc-``): a node routing
+    between one pod namespace holding ``pods`` (Python ``server`` running there, which
+    prints "ready" once it listens) and a client at CLIENT_IP. Deleted after, also on
+    failure; the server is killed by its PID."""
+    tag = secrets.token_hex(3)
+    node_ns, pod_ns, client_ns = f"kpt-{tag}", f"kpn-{tag}", f"kpc-{tag}"
+    made: list[str] = []
+    proc: subprocess.Popen[str] | None = None
+    try:
+        for ns in (node_ns, pod_ns, client_ns):
+            sh("ip", "netns", "add", ns)
+            made.append(ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for peer, here, there, addr_here, addrs_there in (
+                (pod_ns, "veth-pod", "eth0", f"{NODE_POD_SIDE}/24", [f"{p}/24" for p in pods]),
+                (client_ns, "eth0", "eth0", f"{NODE_IP}/24", [f"{CLIENT_IP}/24"])):
+            sh("ip", "-n", node_ns, "link", "add", here, "type", "veth", "peer", "name",
+                there, "netns", peer)
+            sh("ip", "-n", node_ns, "addr", "add", addr_here, "dev", here)
+            for addr in addrs_there:
+                sh("ip", "-n", peer, "addr", "add", addr, "dev", there)
+            sh("ip", "-n", node_ns, "link", "set", here, "up")
+            sh("ip", "-n", peer, "link", "set", there, "up")
+        sh("ip", "-n", pod_ns, "route", "add", "default", "via", NODE_POD_SIDE)
+        sh("ip", "-n", client_ns, "route", "add", "default", "via", NODE_IP)
+        sh("ip", "netns", "exec", node_ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        proc = subprocess.Popen(["ip", "netns", "exec", pod_ns, sys.executable, "-c", server],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield PodNet(node_ns, pod_ns, client_ns, proc)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def _core_runs(*argv: str) -> bool:
@@ -149,7 +209,8 @@ DEPLOY = ROOT / "deploy"
 KUBEADM_CM = ROOT / "tests" / "unit" / "data" / "kubeadm-kube-proxy-configmap.yaml"
 KUBECTL = Path("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
 PROXIES_ENV = "KUBEPROXY_TEST_PROXIES"
-PROXY_SOURCES = ("lab", "deploy", "kubeadm")  # where a test lab's proxies come from
+PROXY_SOURCES = ("lab", "deploy", "kubeadm", "image")  # where a lab's proxies come from
+IMAGE = "kubeproxy:0.1.0"  # deploy/'s DaemonSet image, as make image tags it
 
 # Modules that drive the lab's own proxy processes, which a lab served by deploy/ has
 # not: they skip under KUBEPROXY_TEST_PROXIES=deploy|kubeadm, with this reason.
@@ -172,9 +233,10 @@ def kubectl(lab: Lab, *args: str, stdin: str | None = None) -> str:
 
 
 def deploy_documents(source: str, mode: str, lb_algorithm: str) -> list[Any]:
-    """deploy/ as the switch gives it to a lab: ``mode`` in the ConfigMap (kubeadm's
-    for ``kubeadm``), a non-default load-balancing algorithm as our flag."""
-    docs = lab_deploy.manifests(DEPLOY)
+    """deploy/ as the switch gives it to a lab: its kubeconfig.conf naming the lab's API
+    server (the one value an operator sets), ``mode`` in the ConfigMap (kubeadm's for
+    ``kubeadm``), a non-default load-balancing algorithm as our flag."""
+    docs = lab_deploy.with_api_server(lab_deploy.manifests(DEPLOY))
     if source == "kubeadm":
         docs = lab_deploy.with_configmap(docs, lab_deploy.kubeadm_configmap(KUBEADM_CM))
     docs = lab_deploy.with_config(docs, mode=mode)
@@ -187,6 +249,18 @@ def _serve_from_deploy(lab: Lab, source: str, options: UpOptions) -> None:
     kubectl(lab, "apply", "-f", "-",
             stdin=lab_deploy.dump(deploy_documents(source, options.mode, options.lb_algorithm)))
     lab_deploy.wait_until_served(lab)
+    if source == "image":  # the proxies are the image's, one container per node
+        names = containers.Podman().names(containers.lab_prefix(lab.name))
+        assert len(names) == len(lab.state().nodes), names
+
+
+def image_skip_reason() -> str | None:
+    """Why deploy/'s image cannot run in a lab here, or None."""
+    if not containers.Podman().available():
+        return "podman is not installed (make image installs it)"
+    if not containers.Podman().image_exists(IMAGE):
+        return f"no image {IMAGE} in local podman storage (make image builds it)"
+    return None
 
 
 def _skip_under_switch(options: UpOptions) -> None:
@@ -196,6 +270,8 @@ def _skip_under_switch(options: UpOptions) -> None:
                     "lab's per-node cgroup flags, which a DaemonSet's one template lacks")
     if not KUBECTL.exists():
         pytest.skip(f"{PROXIES_ENV}={proxy_source()}: {KUBECTL} is not installed")
+    if proxy_source() == "image" and (reason := image_skip_reason()):
+        pytest.skip(f"{PROXIES_ENV}=image: {reason}")
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +288,7 @@ def make_lab() -> Iterator[MakeLab]:
         from_deploy = options.proxies and source != "lab"
         if from_deploy:
             _skip_under_switch(options)
-            options = replace(options, proxies=False)
+            options = replace(options, proxies=False, images=source == "image")
         lab = Lab(session_lab(name))
         labs.append(lab)
         lab.up(load_documents([(name, text)]), options)
@@ -279,19 +355,27 @@ def nothing_left_behind() -> Iterator[None]:
         yield
         return
     namespaces, processes, files = _lab_namespaces(), _lab_processes(), _test_lab_files()
-    labs_with_cgroups = _lab_cgroups()
+    labs_with_cgroups, pods = _lab_cgroups(), _lab_containers()
     yield
     left_ns = sorted(_lab_namespaces() - namespaces)
     left_procs = sorted(_lab_processes() - processes)
     left_files = sorted(str(p) for p in set(_test_lab_files()) - set(files))
     left_cgroups = sorted(_lab_cgroups() - labs_with_cgroups)
-    for name in sorted({ns.split("-")[1] for ns in left_ns} | set(left_cgroups)):
+    left_pods = sorted(_lab_containers() - pods)
+    for name in sorted({ns.split("-")[1] for ns in left_ns} | set(left_cgroups)
+                       | {c.split("-")[1] for c in left_pods}):
         Lab(name).down()
-    if left_ns or left_procs or left_files or left_cgroups:
+    if left_ns or left_procs or left_files or left_cgroups or left_pods:
         pytest.fail(
             f"lab tests left behind namespaces {left_ns}, processes {left_procs}, "
-            f"files {left_files}, cgroups of labs {left_cgroups}"
+            f"files {left_files}, cgroups of labs {left_cgroups}, containers {left_pods}"
         )
+
+
+def _lab_containers() -> set[str]:
+    """This session's labs' containers (DaemonSet Pods run from their image)."""
+    names = containers.Podman().names(containers.lab_prefix("kt")[:-1])
+    return {n for n in names if _mine(n.split("-")[1])}
 
 
 def _test_lab_files() -> list[Path]:

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +39,11 @@ from kubeproxy.render.ipvs import RealServer, VirtualServer
 from kubeproxy.trace.ipvs import parse_state, state_of
 from kubeproxy.trace.result import Packet
 from tests.builders import NODE, NODE_IP, Obj, endpoint, endpoint_slice, node, service
+from tests.kernel.conftest import CLIENT_IP, NODE_POD_SIDE, pod_net, sh
 
 SKIP = ("needs root" if os.geteuid() != 0 else MODE.kernel_support(SubprocessRunner()))
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(SKIP is not None, reason=str(SKIP))]
-CLIENT, POD, NODE_POD_SIDE = "192.168.0.100", "10.180.0.1", "10.180.0.254"
+CLIENT, POD = CLIENT_IP, "10.180.0.1"
 A = NamespacedName("ns1", "svc1")
 SERVER = """
 import socket, sys, threading
@@ -83,10 +83,6 @@ except OSError as err:
 """
 
 
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True)
-
-
 @dataclass
 class Net:
     node: str
@@ -103,37 +99,8 @@ class Net:
 
 @pytest.fixture
 def net() -> Iterator[Net]:
-    tag = uuid.uuid4().hex[:6]
-    node_ns, pod_ns, client_ns = f"kpt-{tag}", f"kpn-{tag}", f"kpc-{tag}"
-    made: list[str] = []
-    server: subprocess.Popen[str] | None = None
-    try:
-        for ns in (node_ns, pod_ns, client_ns):
-            sh("ip", "netns", "add", ns)
-            made.append(ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for peer, here, there, addr_here, addr_there in (
-                (pod_ns, "veth-pod", "eth0", f"{NODE_POD_SIDE}/24", f"{POD}/24"),
-                (client_ns, "eth0", "eth0", f"{NODE_IP}/24", f"{CLIENT}/24")):
-            sh("ip", "-n", node_ns, "link", "add", here, "type", "veth", "peer", "name",
-               there, "netns", peer)
-            sh("ip", "-n", node_ns, "addr", "add", addr_here, "dev", here)
-            sh("ip", "-n", peer, "addr", "add", addr_there, "dev", there)
-            sh("ip", "-n", node_ns, "link", "set", here, "up")
-            sh("ip", "-n", peer, "link", "set", there, "up")
-        sh("ip", "-n", pod_ns, "route", "add", "default", "via", NODE_POD_SIDE)
-        sh("ip", "-n", client_ns, "route", "add", "default", "via", NODE_IP)
-        sh("ip", "netns", "exec", node_ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        server = subprocess.Popen(["ip", "netns", "exec", pod_ns, sys.executable, "-c",
-                                   SERVER], stdout=subprocess.PIPE, text=True)
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        yield Net(node_ns, pod_ns, client_ns, server)
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+    with pod_net([POD], SERVER) as made:
+        yield Net(made.node, made.pod, made.client, made.server)
 
 
 def objects(**svc: Any) -> list[Obj]:

@@ -5,10 +5,11 @@ with real kubectl, waits for the DaemonSet's Pod to run on every node (the insta
 ``kube-proxy`` console script, in the node's network namespace, its ConfigMap and
 service-account files bind-mounted in a private mount namespace) and then probes:
 
-- ``deploy/`` unmodified (in-cluster configuration): ClusterIP spread, NodePort from
-  outside, no endpoints refused; the process sees its files at the manifest's paths and
-  the host does not; ``kubectl set env`` (docs/deploy.md's way of naming the API
-  server) rolls the Pods; deleting the DaemonSet stops the processes;
+- ``deploy/`` with its one value filled as docs/deploy.md fills it (the API server's
+  address in the ConfigMap's kubeconfig.conf, a ``sed`` of the shipped file): ClusterIP
+  spread, NodePort from outside, no endpoints refused; the process sees its files at the
+  manifest's paths and the host does not; ``kubectl set env`` rolls the Pods; deleting
+  the DaemonSet stops the processes;
 - kubeadm's own ConfigMap (``tests/unit/data/kubeadm-kube-proxy-configmap.yaml``: its
   ``config.conf`` with ``syncPeriod: 0s`` and a ``kubeconfig.conf`` with ``tokenFile``
   and the CA under the service-account directory, its server the node's 127.0.0.1:6443;
@@ -16,7 +17,15 @@ service-account files bind-mounted in a private mount namespace) and then probes
   restarts and each node still runs one kube-proxy (the earlier agent's are stopped,
   the Pods started again);
 - the binding points at a ClusterRole without ``list endpointslices``: the proxy logs
-  the 403 and the Service is not programmed.
+  the 403 and the Service is not programmed;
+- the image ``make image`` built (``kubeproxy:0.1.0``, what deploy/ names): one podman
+  container per node, in the node's network namespace; ``kubectl logs`` is its output;
+  a deleted Pod's container goes and the DaemonSet's new Pod brings another; an image
+  not in local storage leaves the Pods waiting with ``ErrImageNeverPull``; deleting
+  the DaemonSet removes every container.
+
+The cases of this project's own program run with ``lab up --no-images`` (so they run
+from this checkout even where the image was built).
 
 A first case needs no lab: the mount wrapper in a network namespace of its own.
 """
@@ -36,7 +45,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeproxy.lab import converge, hostpods
+from kubeproxy.lab import containers, converge, hostpods
 from kubeproxy.lab import deploy as lab_deploy
 from kubeproxy.lab.deploy import proxy_pods
 from kubeproxy.lab.hostpods import SA_DIR, Launch, Mount
@@ -46,8 +55,10 @@ from kubeproxy.lab.runtime import Lab
 from kubeproxy.util.jsontypes import JSON
 from tests.kernel.conftest import (
     DEPLOY,
+    IMAGE,
     KUBEADM_CM,
     MakeLab,
+    image_skip_reason,
     kubectl,
     kubectl_skip_reason,
     lab_yaml,
@@ -85,7 +96,14 @@ def needs() -> None:
 
 
 def deploy_docs() -> list[JSON]:
-    return lab_deploy.manifests(DEPLOY)
+    return lab_deploy.with_api_server(lab_deploy.manifests(DEPLOY))
+
+
+def filled_deploy() -> str:
+    """deploy/kube-proxy.yaml with its one value set, as docs/deploy.md's sed does it."""
+    text = (DEPLOY / "kube-proxy.yaml").read_text()
+    assert lab_deploy.PLACEHOLDER_SERVER in text
+    return text.replace(lab_deploy.PLACEHOLDER_SERVER, lab_deploy.LAB_SERVER)
 
 
 def wait_for_proxies(lab: Lab) -> dict[str, JSON]:
@@ -119,14 +137,14 @@ def host_unchanged() -> Iterator[None]:
     assert after == before
 
 
-def test_unmodified_manifests_serve_the_lab(make_lab: MakeLab) -> None:
-    lab = make_lab("ktdep", LAB, proxies=False)
+def test_deploy_with_its_one_value_serves_the_lab(make_lab: MakeLab) -> None:
+    lab = make_lab("ktdep", LAB, proxies=False, images=False)
     assert "--no-proxy" in subprocess.run(
         [sys.executable, "-m", "kubeproxy", "lab", "status", "--name", lab.name],
         env=python_env(), capture_output=True, text=True, timeout=60).stdout
     assert {n.ns: converge.proxy_sample(n.ns) for n in lab.state().nodes} == {
         n.ns: None for n in lab.state().nodes}  # no proxy before the DaemonSet
-    print(kubectl(lab, "apply", "-f", str(DEPLOY)))
+    print(kubectl(lab, "apply", "-f", "-", stdin=filled_deploy()))
     pods = wait_for_proxies(lab)
     for node, pod in pods.items():
         assert pod["status"]["hostIP"] == pod["status"]["podIP"] == NODES[node]
@@ -153,9 +171,9 @@ def test_unmodified_manifests_serve_the_lab(make_lab: MakeLab) -> None:
                                 "json"))["status"]  # fmt: skip
     assert (status["desiredNumberScheduled"], status["numberReady"]) == (2, 2)
 
-    # docs/deploy.md's way of naming the API server: the template changes, the Pods roll.
+    # A changed template rolls the Pods, one node at a time.
     kubectl(lab, "-n", "kube-system", "set", "env", "daemonset/kube-proxy",
-            "KUBERNETES_SERVICE_HOST=127.0.0.1", "KUBERNETES_SERVICE_PORT=6443")  # fmt: skip
+            "KUBEPROXY_ROLLED=2")  # fmt: skip
     deadline = time.monotonic() + POD_TIMEOUT
     while True:
         pods = wait_for_proxies(lab)
@@ -177,7 +195,7 @@ def test_unmodified_manifests_serve_the_lab(make_lab: MakeLab) -> None:
 
 
 def test_kubeadms_configmap_serves_the_lab(make_lab: MakeLab) -> None:
-    lab = make_lab("ktdepk", LAB, proxies=False)
+    lab = make_lab("ktdepk", LAB, proxies=False, images=False)
     cm = lab_deploy.kubeadm_configmap(KUBEADM_CM)
     docs = lab_deploy.with_configmap(deploy_docs(), cm)
     ds = next(d for d in docs if d["kind"] == "DaemonSet")  # Ready when healthz says so
@@ -236,7 +254,7 @@ rules:
 
 
 def test_a_role_without_endpointslices_programs_nothing(make_lab: MakeLab) -> None:
-    lab = make_lab("ktdepr", LAB, proxies=False)
+    lab = make_lab("ktdepr", LAB, proxies=False, images=False)
     docs = deploy_docs()
     for d in docs:
         if d["kind"] == "ClusterRoleBinding":
@@ -252,6 +270,69 @@ def test_a_role_without_endpointslices_programs_nothing(make_lab: MakeLab) -> No
     assert "default/web" not in lab.node_rules("node-1")
     result = raw_probe(lab, "client", lab.address_of("web"), 80)
     assert result.ok == 0, result
+
+
+def podman_ps(lab: Lab) -> dict[str, str]:
+    """The lab's containers: name -> image."""
+    done = subprocess.run(["podman", "--runtime", "runc", "ps", "--format",
+                           "{{.Names}} {{.Image}}"], env=containers.podman_env(),
+                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    rows = (line.split() for line in done.stdout.splitlines() if line.strip())
+    return {name: image for name, image in rows
+            if name.startswith(containers.lab_prefix(lab.name))}
+
+
+def test_the_image_serves_the_lab(make_lab: MakeLab) -> None:
+    if reason := image_skip_reason():
+        pytest.skip(reason)
+    lab = make_lab("ktdepi", LAB, proxies=False)  # images: as `lab up` runs them
+    kubectl(lab, "apply", "-f", "-", stdin=filled_deploy())
+    pods = wait_for_proxies(lab)
+    running = podman_ps(lab)
+    assert sorted(running) == sorted(containers.container_name(
+        lab.name, "kube-system", p["metadata"]["name"]) for p in pods.values())
+    assert set(running.values()) == {f"localhost/{IMAGE}"}
+    for node, pod in pods.items():  # the container's processes are in the node's netns
+        pid = pid_of(pod)  # podman run's
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"podman"
+        inside = [p for p in lab.net.pids(lab.state().node(node).ns)
+                  if "--hostname-override=" + node in " ".join(cmdline(p))]
+        assert len(inside) == 1, (node, inside)
+    print(kubectl(lab, "get", "pods", "-n", "kube-system", "-o", "wide"))
+    logs = kubectl(lab, "logs", "-n", "kube-system", pods["node-1"]["metadata"]["name"])
+    assert "Starting" in logs or "sync" in logs.lower(), logs[-2000:]
+    probes_pass(lab)
+
+    # A deleted Pod's container goes; the DaemonSet's new Pod brings another.
+    old = pods["node-1"]["metadata"]["name"]
+    kubectl(lab, "delete", "pod", "-n", "kube-system", old)
+    deadline = time.monotonic() + POD_TIMEOUT
+    while old in {p["metadata"]["name"] for p in wait_for_proxies(lab).values()}:
+        assert time.monotonic() < deadline, "no new Pod on node-1"
+        time.sleep(0.3)
+    assert containers.container_name(lab.name, "kube-system", old) not in podman_ps(lab)
+    assert len(podman_ps(lab)) == 2
+    probes_pass(lab)
+
+    # Upstream's image, which local storage lacks: the Pods wait, as a kubelet's would.
+    kubectl(lab, "-n", "kube-system", "set", "image", "daemonset/kube-proxy",
+            "kube-proxy=registry.k8s.io/kube-proxy:v1.33.0")  # fmt: skip
+    deadline = time.monotonic() + POD_TIMEOUT
+    while True:
+        listed = json.loads(kubectl(lab, "get", "pods", "-n", "kube-system", "-o", "json"))
+        reasons = [((p["status"].get("containerStatuses") or [{}])[0].get("state") or {})
+                   .get("waiting", {}).get("reason") for p in listed["items"]]  # fmt: skip
+        if "ErrImageNeverPull" in reasons:
+            break
+        assert time.monotonic() < deadline, reasons
+        time.sleep(0.3)
+    print(kubectl(lab, "get", "pods", "-n", "kube-system"))
+
+    kubectl(lab, "delete", "-f", str(DEPLOY / "kube-proxy.yaml"), "--wait=false")
+    deadline = time.monotonic() + POD_TIMEOUT
+    while podman_ps(lab) or proxy_pods(lab):
+        assert time.monotonic() < deadline, f"containers outlived the DaemonSet: {podman_ps(lab)}"
+        time.sleep(0.3)
 
 
 def raw_probe(lab: Lab, source: str, ip: str, port: int) -> ProbeResult:

@@ -24,7 +24,13 @@ import pytest
 
 from kubeproxy import modes
 from kubeproxy.dataplane.base import SubprocessRunner
-from tests.kernel.conftest import PROXIES_ENV, ROOT, kubectl_skip_reason, proxy_source
+from tests.kernel.conftest import (
+    PROXIES_ENV,
+    ROOT,
+    image_skip_reason,
+    kubectl_skip_reason,
+    proxy_source,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -66,8 +72,10 @@ def collected() -> set[str]:
     return ids
 
 
-@pytest.mark.parametrize("source", ["deploy", "kubeadm"])
+@pytest.mark.parametrize("source", ["deploy", "kubeadm", "image"])
 def test_real_packet_suites_pass_with_proxies_from_deploy(tmp_path: Path, source: str) -> None:
+    if source == "image" and (reason := image_skip_reason()):
+        pytest.skip(reason)
     want = collected()
     report = tmp_path / "junit.xml"
     env = {**os.environ, PROXIES_ENV: source}

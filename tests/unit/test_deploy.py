@@ -19,6 +19,7 @@ import yaml
 
 from kubeproxy.config import flags
 from kubeproxy.config import v1alpha1 as kpconfig
+from kubeproxy.lab import deploy as lab_deploy
 from kubeproxy.lab.hostpods import expand
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +109,8 @@ def test_config_conf_loads_without_warnings() -> None:
     decoded = kpconfig.decode(yaml.safe_load(config_conf()), "config.conf")
     assert decoded.warnings == ()
     settings = kpconfig.proxy_settings(kpconfig.resolve(decoded.fields, {}))
-    assert settings["kubeconfig"] == ""  # in-cluster: KUBERNETES_SERVICE_HOST + token
+    # kubeadm's: the API server by its own address, never the `kubernetes` Service
+    assert settings["kubeconfig"] == "/var/lib/kube-proxy/kubeconfig.conf"
     assert (settings["mode"], settings["detect_local_mode"].value) == ("iptables", "NodeCIDR")
 
 
@@ -126,15 +128,32 @@ def test_command_line_parses_with_our_flags(tmp_path: Path) -> None:
     eff = flags.effective(parser.parse_args(argv))
     assert eff.notes == ()
     assert eff.fields["hostnameOverride"] == "node-1"
-    assert eff.fields["clientConnection.kubeconfig"] == ""
+    assert eff.fields["clientConnection.kubeconfig"] == "/var/lib/kube-proxy/kubeconfig.conf"
+
+
+def test_kubeconfig_conf_names_the_api_server_and_the_pod_credentials() -> None:
+    """kubeadm's kubeconfig.conf: the one value an operator sets is the server, shipped
+    as an address that never resolves (so a forgotten edit fails at once, naming it);
+    the token and CA are the service-account files kubelet mounts in every Pod."""
+    cm = DOCS["ConfigMap"]["data"]
+    kubeconfig = yaml.safe_load(cm["kubeconfig.conf"])
+    (cluster,) = kubeconfig["clusters"]
+    (user,) = kubeconfig["users"]
+    assert cluster["cluster"] == {
+        "certificate-authority": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "server": lab_deploy.PLACEHOLDER_SERVER}
+    assert user["user"] == {"tokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token"}
+    assert lab_deploy.PLACEHOLDER_SERVER.split("/")[2].split(":")[0].endswith(".invalid")
+    assert lab_deploy.PLACEHOLDER_SERVER in (DEPLOY / "kube-proxy.yaml").read_text()
+    # the documented one-command fill replaces exactly that string
+    filled = lab_deploy.with_api_server(list(DOCS.values()), "https://10.0.0.10:6443")
+    cm_doc = next(d for d in filled if d["kind"] == "ConfigMap")
+    assert "https://10.0.0.10:6443" in cm_doc["data"]["kubeconfig.conf"]
+    assert "kube-apiserver.invalid" not in cm_doc["data"]["kubeconfig.conf"]
 
 
 def test_dockerfile() -> None:
+    """The image's facts are tests/unit/test_image.py's; here, the path the command names."""
+    assert CONTAINER["command"][0] == "/usr/local/bin/kube-proxy"
     text = (DEPLOY / "Dockerfile").read_text()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim-bookworm"
-    install = next(ln for ln in lines if "apt-get install" in ln).split()
-    assert {"iptables", "nftables", "conntrack", "ipset"} <= set(install)
-    assert "pip install --no-cache-dir /src" in text
-    assert "test -x /usr/local/bin/kube-proxy" in text  # the build fails without it
-    assert "COPY src /src/src" in text and "COPY pyproject.toml" in text
+    assert "ln -s /opt/kubeproxy/bin/kube-proxy /usr/local/bin/kube-proxy" in text

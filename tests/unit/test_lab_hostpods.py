@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from kubeproxy.errors import LabError
-from kubeproxy.lab import hostpods
+from kubeproxy.lab import containers, hostpods
 from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.hostkubelet import BACKOFF_START, HostPods
 from kubeproxy.lab.hostpods import (
@@ -297,8 +297,32 @@ def host_pod(tmp_path: Path, restart: str = "Always") -> JSON:
     return pod
 
 
+class FakePodman:
+    """Local podman storage and containers, strictly: only the names this lab's
+    containers may have are removed, and nothing else is ever asked."""
+
+    def __init__(self, images: set[str] | None = None) -> None:
+        self.images = set(images or ())
+        self.containers: set[str] = set()
+        self.removed: list[str] = []
+
+    def image_exists(self, image: str) -> bool:
+        return image in self.images
+
+    def remove(self, names: Sequence[str]) -> None:
+        assert all(n.startswith("kpl-x-") for n in names), names
+        self.removed += names
+        self.containers -= set(names)
+
+    def remove_lab(self, lab: str) -> list[str]:
+        names = sorted(n for n in self.containers if n.startswith(f"kpl-{lab}-"))
+        self.remove(names)
+        return names
+
+
 def kubelet(tmp_path: Path, api: FakeApi, clock: Clock, procs: list[subprocess.Popen[bytes]],
-            probes: list[bool] | None = None) -> tuple[HostPods, list[Any]]:  # fmt: skip
+            probes: list[bool] | None = None, podman: FakePodman | None = None,
+            images: bool = True) -> tuple[HostPods, list[Any]]:  # fmt: skip
     calls: list[Any] = []
 
     def prober(ns: str, probe: HttpProbe) -> bool:
@@ -316,7 +340,8 @@ def kubelet(tmp_path: Path, api: FakeApi, clock: Clock, procs: list[subprocess.P
                     zone=None)  # fmt: skip
     sources = FakeSources({("kube-system", "kube-proxy"): {"data": CONFIG}})
     hp = HostPods(LabStore("x", tmp_path / "labs"), Netns(), {"node-1": node}, api, clock,
-                  sources=sources, scripts=SCRIPTS, starter=starter, prober=prober)  # fmt: skip
+                  sources=sources, scripts=SCRIPTS, starter=starter, prober=prober,
+                  images=images, podman=podman or FakePodman())
     return hp, calls
 
 
@@ -393,13 +418,67 @@ def test_a_pod_gone_or_replaced_is_stopped(tmp_path: Path, procs: list[Any]) -> 
     assert procs[1].poll() is not None and hp.running == {}
 
 
-def test_a_pod_that_cannot_start_says_why(tmp_path: Path, procs: list[Any]) -> None:
+def test_a_pod_whose_image_is_missing_waits_as_a_kubelets_would(
+        tmp_path: Path, procs: list[Any]) -> None:
+    """Neither its image nor this checkout's program: ErrImageNeverPull, Pending, not
+    Ready, written once; started as soon as the image is in local storage."""
     pod = host_pod(tmp_path)
     pod["spec"]["containers"][0]["command"] = ["/usr/bin/nginx"]
-    api, clock = FakeApi([pod]), Clock()
-    hp, calls = kubelet(tmp_path, api, clock, procs)
+    pod["spec"]["containers"][0]["image"] = "nginx:1.25"
+    api, clock, podman = FakeApi([pod]), Clock(), FakePodman()
+    hp, calls = kubelet(tmp_path, api, clock, procs, podman=podman)
     done = hp.sync([pod])
-    assert calls == [] and len(done.errors) == 1 and "'/usr/bin/nginx' is not one" in done.errors[0]
+    assert calls == [] and done.errors == [] and done.writes == 1
+    status = status_of(api)
+    (waiting,) = [c["state"]["waiting"] for c in status["containerStatuses"]]
+    assert status["phase"] == "Pending" and ready(api) == "False"
+    assert waiting == {"reason": "ErrImageNeverPull", "message": 'Container image '
+                       '"nginx:1.25" is not present with pull policy of Never'}
+    assert hp.sync([api.pods[FACTS.name]]).writes == 0  # still waiting: nothing new
+    podman.images.add("nginx:1.25")
+    hp.sync([api.pods[FACTS.name]])
+    assert len(calls) == 1 and calls[0][0][:2] == ["podman", "--runtime"]
+    assert status_of(api)["phase"] == "Running"
+
+
+def test_a_pod_whose_image_is_present_runs_as_a_container(
+        tmp_path: Path, procs: list[Any]) -> None:
+    pod = host_pod(tmp_path)
+    api, clock, podman = FakeApi([pod]), Clock(), FakePodman({"kubeproxy:0.1.0"})
+    hp, calls = kubelet(tmp_path, api, clock, procs, podman=podman)
+    hp.sync([pod])
+    ((argv, env, _),) = calls
+    name = "kpl-x-kube-system-kube-proxy-abcde"
+    assert argv[:4] == ["podman", "--runtime", "runc", "run"]
+    assert argv[argv.index("--name") + 1] == name
+    assert "--network=ns:/run/netns/kpl-x-node-1" in argv and "--privileged" in argv
+    assert "--pull=never" in argv and "--ulimit=nofile=20000:20000" in argv
+    assert argv[argv.index("--entrypoint") + 1:] == [
+        "/usr/local/bin/kube-proxy", "kubeproxy:0.1.0",
+        "--config=/var/lib/kube-proxy/config.conf", "--hostname-override=node-1"]
+    volumes = [argv[i + 1] for i, a in enumerate(argv) if a == "--volume"]
+    pod_dir = hp.pod_dir(f"kube-system/{FACTS.name}")
+    assert volumes == [f"{pod_dir}/kube-proxy:{tmp_path / 'mnt'}:ro"]
+    envs = {a.split("=", 1)[0]: a.split("=", 1)[1]
+            for a, prev in zip(argv[1:], argv, strict=False) if prev == "--env"}
+    assert envs["NODE_NAME"] == "node-1" and envs["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
+    assert env["CONTAINERS_CONF"].endswith("lab/containers.conf")
+    assert env["KUBEPROXY_LAB_POD"] == str(pod_dir)
+    assert not (tmp_path / "mnt").exists()  # a container's mount points are its image's
+    podman.containers.add(name)
+    hp.sync([])  # the Pod is gone: the process stopped, the container removed by name
+    assert procs[0].poll() is not None and podman.removed == [name]
+
+
+def test_without_images_a_pod_runs_from_this_checkout(
+        tmp_path: Path, procs: list[Any]) -> None:
+    pod = host_pod(tmp_path)
+    api, clock = FakeApi([pod]), Clock()
+    hp, calls = kubelet(tmp_path, api, clock, procs, podman=FakePodman({"kubeproxy:0.1.0"}),
+                        images=False)  # fmt: skip
+    hp.sync([pod])
+    ((argv, _, _),) = calls
+    assert "podman" not in argv and "/venv/bin/kube-proxy" in argv
 
 
 # (id, readinessProbe, the probe as run, or the error)
@@ -445,3 +524,45 @@ def test_ready_as_the_probe_says(tmp_path: Path, procs: list[Any]) -> None:
     probe = calls[-1]
     assert probe[:2] == ("probe", "kpl-x-node-1") and probe[2].path == "/healthz"
     assert results == []
+
+
+def test_run_argv_mounts_what_the_host_has(tmp_path: Path) -> None:
+    """A hostPath at its own path that the host lacks is not mounted (podman would
+    refuse to start); read-only mounts say so; command and args around the image."""
+    (tmp_path / "lock").touch()
+    launch = hostpods.Launch(
+        argv=("/bin/prog", "--flag"), env={"A": "1"}, files={},
+        mounts=(Mount(str(tmp_path / "lock"), str(tmp_path / "lock"), False),
+                Mount(str(tmp_path / "absent"), str(tmp_path / "absent"), True),
+                Mount(str(tmp_path / "cfg"), "/etc/prog", True)))  # fmt: skip
+    argv = containers.run_argv(launch, "img:1", "kpl-x-ns-p", "kpl-x-n1", "n1",
+                               privileged=False)  # fmt: skip
+    volumes = [argv[i + 1] for i, a in enumerate(argv) if a == "--volume"]
+    assert volumes == [f"{tmp_path / 'lock'}:{tmp_path / 'lock'}",
+                       f"{tmp_path / 'cfg'}:/etc/prog:ro"]
+    assert "--privileged" not in argv
+    assert argv[-4:] == ["--entrypoint", "/bin/prog", "img:1", "--flag"]
+    assert argv[argv.index("--env") + 1] == "A=1" and "--hostname" in argv
+
+
+# (image, this project's?)
+PROJECT_IMAGES = [("kubeproxy:0.1.0", True), ("registry.example.com/kubeproxy:0.1.0", True),
+                  ("kubeproxy", True), ("localhost:5000/kubeproxy@sha256:ab", True),
+                  ("registry.k8s.io/kube-proxy:v1.33.0", False), ("nginx:1.25", False),
+                  ("kubeproxy-fork:1", False), ("", False)]
+
+
+@pytest.mark.parametrize(("image", "ours"), PROJECT_IMAGES)
+def test_is_project_image(image: str, ours: bool) -> None:
+    assert hostpods.is_project_image(image) is ours
+
+
+def test_upstreams_image_is_not_stood_in_for(tmp_path: Path, procs: list[Any]) -> None:
+    """The lab runs this checkout only for this project's own image, never for another
+    image with a program of the same name."""
+    pod = host_pod(tmp_path)
+    pod["spec"]["containers"][0]["image"] = "registry.k8s.io/kube-proxy:v1.33.0"
+    api, clock = FakeApi([pod]), Clock()
+    hp, calls = kubelet(tmp_path, api, clock, procs)
+    hp.sync([pod])
+    assert calls == [] and status_of(api)["phase"] == "Pending"

@@ -18,6 +18,9 @@ test_lab_nodes            cross-node spread; eTP=Local keeps the client address;
 test_lab_changes          readiness and termination followed; rr spreads n requests exactly
                           n/k
 test_flush                a flushed KUBE-SERVICES and a deleted kube-ipvs0 are restored
+test_mode_switch          ipvs -> iptables -> ipvs: each start removes what the other mode left
+                          (virtual servers, kube-ipvs0, ipsets; KUBE-SVC-/SEP-/...), the
+                          Service answers from the endpoint the new mode was given
 ========================  ====================================================================
 
 It skips, saying why, where no guest can run.
@@ -42,10 +45,11 @@ FILES = [
     "tests/kernel/test_lab_nodes.py",
     "tests/kernel/test_lab_changes.py",
     "tests/kernel/test_flush.py",
+    "tests/kernel/test_mode_switch.py",
 ]
 # Tests each file must have run for ipvs (at least): a -k that matches nothing, or a
 # file that stopped parametrizing by mode, must not pass as "nothing skipped".
-AT_LEAST = 41  # 13 data-plane tests, 28 lab tests (2026-12-01)
+AT_LEAST = 42  # 13 data-plane tests, 28 lab tests (2026-12-01), 1 mode switch
 
 
 def test_ipvs_kernel_and_lab_tests_pass_in_the_guest(tag: str) -> None:

@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--service-account-issuer", default=DEFAULT_ISSUER)
     p.add_argument("--kubeconfig-client-cert", help="client certificate the kubeconfig carries")
     p.add_argument("--kubeconfig-client-key", help="its key")
+    p.add_argument("--pod-log-dir", help="where pods/log reads <namespace>_<pod>.log")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     tls = (args.tls_cert_file, args.tls_private_key_file, args.client_ca_file)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                               node_port_range=args.node_port_range,
                               bookmark_interval=args.bookmark_interval,
                               state_file=args.state, tls=tls, auth=auth,
-                              kubeconfig_user=user)
+                              kubeconfig_user=user, pod_log_dir=args.pod_log_dir)
         server = ApiServer(config).start()
     except (ValueError, NetnsError, OSError) as exc:
         print(f"kubeproxy.apiserver: {exc}", file=sys.stderr)

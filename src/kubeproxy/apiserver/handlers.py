@@ -58,6 +58,9 @@ class ApiConfig:
     bookmark_interval: float = 60.0  # seconds between BOOKMARK events on a watch
     watch_timeout: float = 1800.0  # when the client does not send timeoutSeconds
     auth: auth.AuthConfig | None = None  # None: no authentication, no authorization
+    # pods/log: (namespace, pod) -> what its container wrote (the lab's kubelet keeps a
+    # file per Pod); None: no logs are kept, every log reads empty.
+    pod_logs: Callable[[str, str], bytes] | None = None
 
 
 def _last(query: Query, key: str) -> str | None:
@@ -218,6 +221,9 @@ class Api:
         elif route.subresource == "token":
             if method == "POST":
                 return self._token(route, req)
+        elif route.subresource in route.resource.text_subresources:
+            if method == "GET":
+                return self._log(route, req)
         elif method in ("GET", "HEAD"):
             return self._get(route, req)
         elif method == "PUT":
@@ -247,6 +253,18 @@ class Api:
         res = route.resource
         obj = self.hub.call(lambda s: s.get(res, route.namespace, route.name or ""))
         return self._ok(res, req, obj)
+
+    def _log(self, route: routes.ResourceRoute, req: Request) -> Response:
+        """pods/log: the Pod's output as text (``tailLines`` honoured; ``follow`` is
+        answered with what there is so far)."""
+        res, namespace, name = route.resource, route.namespace or "", route.name or ""
+        self.hub.call(lambda s: s.get(res, namespace, name))  # 404 for a missing Pod
+        text = self.config.pod_logs(namespace, name) if self.config.pod_logs else b""
+        tail = _int(req.query, "tailLines")
+        if tail is not None and tail >= 0:
+            lines = text.splitlines(keepends=True)
+            text = b"".join(lines[len(lines) - tail:] if tail else [])
+        return Response(200, text, content_type="text/plain")
 
     def _selectors(self, res: Resource, query: Query) -> tuple[selectors.LabelSelector,
                                                                selectors.FieldSelector]:

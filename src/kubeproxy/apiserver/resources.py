@@ -27,6 +27,9 @@ class Resource:
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ("status",)
+    # Read-only text subresources (pods/log): GET only, not objects, so neither the
+    # discovery documents nor the OpenAPI ones list them here.
+    text_subresources: tuple[str, ...] = ()
     # Field selector labels beyond metadata.name and metadata.namespace (upstream's
     # per-kind GetAttrs / AddFieldLabelConversionFunc lists).
     field_labels: tuple[str, ...] = ()
@@ -66,7 +69,7 @@ RESOURCES: tuple[Resource, ...] = (
              field_labels=("spec.nodeName", "spec.restartPolicy", "spec.schedulerName",
                            "spec.serviceAccountName", "spec.hostNetwork", "status.phase",
                            "status.podIP", "status.nominatedNodeName"),
-             returns_deleted_object=True),
+             returns_deleted_object=True, text_subresources=("log",)),
     # Services: what kube-proxy programs.
     Resource("", "v1", "services", "service", "Service", True, "core.Service",
              short_names=("svc",), categories=("all",),

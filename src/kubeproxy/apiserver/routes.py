@@ -118,7 +118,7 @@ def _finish(res: Resource, namespace: str | None, tail: list[str],
         return None
     name = tail[0] if tail else None
     sub = tail[1] if len(tail) == 2 else None
-    if sub is not None and sub not in res.subresources:
+    if sub is not None and sub not in (*res.subresources, *res.text_subresources):
         return None
     if watch and sub is not None:
         return None

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from kubeproxy.apiserver import services
@@ -100,6 +101,7 @@ class ServerConfig:
     tls: TlsFiles | None = None  # None: plain HTTP
     auth: AuthConfig | None = None  # None: no authentication and no authorization
     kubeconfig_user: KubeconfigUser | None = None
+    pod_log_dir: str | None = None  # pods/log reads <dir>/<namespace>_<pod>.log
 
     def __post_init__(self) -> None:
         if not ipaddress.ip_address(self.host).is_loopback:
@@ -208,7 +210,8 @@ class ApiServer:
         self.hub = Hub(self.store, on_change=self._save)
         self.api = Api(self.hub, clock=clock,
                        config=ApiConfig(bookmark_interval=cfg.bookmark_interval,
-                                        watch_timeout=cfg.watch_timeout, auth=cfg.auth))
+                                        watch_timeout=cfg.watch_timeout, auth=cfg.auth,
+                                        pod_logs=_log_reader(cfg.pod_log_dir)))
         self._tls = (server_context(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file)
                      if cfg.tls is not None else None)
         self._servers: list[ApiHTTPServer] = []
@@ -282,3 +285,16 @@ class ApiServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _log_reader(directory: str | None) -> Callable[[str, str], bytes] | None:
+    """pods/log from the files the lab's kubelet writes (``<ns>_<pod>.log``)."""
+    if directory is None:
+        return None
+
+    def read(namespace: str, name: str) -> bytes:
+        try:
+            return (Path(directory) / f"{namespace}_{name}.log").read_bytes()
+        except OSError:
+            return b""
+    return read

@@ -25,7 +25,9 @@ LoadBalancers (health/service_health.py). After each turn it publishes a health 
 and the sync's metrics for the HTTP servers (health/server.py). SIGTERM / SIGINT put a
 stop marker on the queue (a SimpleQueue, whose put is safe in a signal handler); the
 main thread then stops the informers and servers and returns. Rules stay in place on
-exit, as upstream's do; ``--cleanup`` removes them.
+exit, as upstream's do; ``--cleanup`` removes them. At start, before anything else
+touches the kernel, what the *other* modes left there is removed (a mode switch;
+modes/leftovers.py), as upstream's platformCleanup does.
 
 Every ``configSyncPeriod`` (default 15 minutes; 0: never) the main thread asks each
 informer to re-deliver every object it holds as an update (``Informer.resync``),
@@ -68,6 +70,7 @@ from kubeproxy.health.server import (
 )
 from kubeproxy.health.service_health import HealthCheckServers, desired_servers
 from kubeproxy.model import Family, NamespacedName, Node
+from kubeproxy.modes import leftovers
 from kubeproxy.modes.base import PlaneOptions
 from kubeproxy.nodeview import NodeView
 from kubeproxy.proxier import Proxier
@@ -320,10 +323,12 @@ def run(config: ProxyConfig, options: DaemonOptions, runner: Runner | None = Non
         raise ConfigError(str(err)) from err
     runner = runner or SubprocessRunner()
     mode = modes.for_config(config)
+    plane_options = PlaneOptions(
+        iptables_backend=options.iptables_backend, cgroup_path=config.cgroup_path,
+        bpf_dir=options.bpf_dir, allow_root_cgroup=options.allow_root_cgroup)
     try:
-        plane = mode.data_plane(runner, PlaneOptions(
-            iptables_backend=options.iptables_backend, cgroup_path=config.cgroup_path,
-            bpf_dir=options.bpf_dir, allow_root_cgroup=options.allow_root_cgroup))
+        leftovers.clean_at_start(config, runner, plane_options)  # other modes' rules
+        plane = mode.data_plane(runner, plane_options)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     proxier = Proxier(mode, config, plane)

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from kubeproxy.errors import DataPlaneError
 
-__all__ = ["DataPlaneError", "NetnsRunner", "Result", "Runner", "SubprocessRunner", "check"]
+__all__ = ["DataPlaneError", "Keep", "NetnsRunner", "Result", "Runner", "SubprocessRunner",
+           "check", "not_installed"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,19 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What a cleanup of one mode's iptables chains leaves in place because the mode now
+    starting writes it under the same name (the iptables and ipvs modes share
+    KUBE-SERVICES, KUBE-POSTROUTING & co): each chain of ``chains`` (table, chain) stays,
+    without the rules that lead into what the cleanup removes; each rule of ``rules``
+    (table, its iptables-save line) is a jump from a builtin chain the starting mode
+    writes too, and stays. Empty: remove everything (``--cleanup``, nftables starting)."""
+
+    chains: frozenset[tuple[str, str]] = frozenset()
+    rules: frozenset[tuple[str, str]] = frozenset()
 
 
 class Runner(Protocol):
@@ -53,6 +67,11 @@ class NetnsRunner:
 
     def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
         return self.inner.run(["ip", "netns", "exec", self.ns, *argv], stdin)
+
+
+def not_installed(err: DataPlaneError) -> bool:
+    """Whether ``err`` says a command's binary is missing (SubprocessRunner's words)."""
+    return str(err).endswith(": not installed")
 
 
 def check(runner: Runner, argv: Sequence[str], stdin: str | None = None) -> str:

@@ -317,16 +317,20 @@ def detach_link(pin: Path) -> None:
         os.close(fd)
 
 
-def remove_bpffs(path: Path) -> None:
-    """Detach our links, unpin everything, unmount the bpffs on ``path``, remove it."""
+def remove_bpffs(path: Path) -> tuple[int, int]:
+    """Detach our links, unpin everything, unmount the bpffs on ``path``, remove it.
+    Returns (links detached and unpinned, other pins removed: the maps), (0, 0) when no
+    bpffs is mounted there."""
     if not is_bpffs(path):
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
-        return
-    detach_links(path / LINKS_DIR)
+        return 0, 0
+    links = len(detach_links(path / LINKS_DIR))
+    pins = 0
     for sub in (path / LINKS_DIR, path / MAPS_DIR):
         for pin in sub.iterdir() if sub.is_dir() else []:
             pin.unlink()
+            pins += 1
         if sub.is_dir():
             sub.rmdir()
     if _libc.umount2(os.fsencode(path), 0) != 0:
@@ -334,6 +338,7 @@ def remove_bpffs(path: Path) -> None:
         raise DataPlaneError(f"umount {path}: {os.strerror(err)}")
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
+    return links, pins
 
 
 def cgroup2_root() -> Path:

@@ -59,17 +59,20 @@ import re
 import shlex
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
-from kubeproxy.dataplane.base import Runner, check
+from kubeproxy.dataplane.base import Keep, Result, Runner, check
 from kubeproxy.dataplane.netlink import NetlinkTransport, find_netns
 from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import NamespacedName
 from kubeproxy.render.iptables import (
+    JUMPS,
     KUBE_FIREWALL,
     KUBE_PROXY_CANARY,
+    LOCALHOST_JUMPS,
     SERVICE_CHAIN_PREFIXES,
     TOP_CHAINS,
     Ruleset,
@@ -133,6 +136,122 @@ def is_ours(chain: str) -> bool:
     """Chains this proxy owns (kubelet's KUBE-KUBELET-CANARY & co are not ours)."""
     fixed = {KUBE_FIREWALL, KUBE_PROXY_CANARY, *TOP_CHAINS["filter"], *TOP_CHAINS["nat"]}
     return chain in fixed or chain.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+# What marks the one rule we write in KUBE-FIREWALL (render/iptables.py's localnet guard).
+LOCALNET_COMMENT = '--comment "block incoming localnet connections"'
+
+
+def is_kubelets(chain: str, rules: Sequence[str]) -> bool:
+    """Whether ``chain`` is kubelet's KUBE-FIREWALL, which kubelets before 1.28 wrote
+    with the localnet guard we write too (upstream kube-proxy writes that chain and
+    never removes it): any rule beside our guard says so."""
+    return chain == KUBE_FIREWALL and any(LOCALNET_COMMENT not in rule for rule in rules)
+
+
+def _ours_unless_kubelets(chain: str, rules: Sequence[str]) -> bool:
+    return is_ours(chain) and not is_kubelets(chain, rules)
+
+
+# Our jumps from builtin chains, per table, as iptables-save prints them: a cleanup that
+# keeps their target (another mode's chain of the same name) deletes them unless kept.
+OWN_JUMPS = frozenset((j[0], jump_rule(j)) for j in (*JUMPS, *LOCALHOST_JUMPS))
+NOTHING_KEPT = Keep()
+
+
+def remove_chains(runner: Runner, family: int, backend: Backend, table: str,
+                  ours: Callable[[str, Sequence[str]], bool],
+                  jumps: Collection[tuple[str, str]], keep: Keep = NOTHING_KEPT,
+                  uses: Callable[[str], bool] = lambda rule: False) -> Counter[str]:
+    """Remove one mode's chains from ``table`` in one ``iptables-restore --noflush``.
+
+    ``ours(chain, its rules)`` names the mode's chains; every one of them goes (flushed,
+    deleted) unless ``keep.chains`` has it. Rules are deleted first where they would
+    keep what goes in force or referenced: any rule of a chain that stays jumping into
+    one that goes (a chain still referenced cannot be deleted), the mode's own
+    ``jumps`` (table, iptables-save line) into a kept chain unless ``keep.rules`` has
+    them, and the rules of kept chains that ``uses`` says need what the caller removes
+    next (the IPVS mode's ipsets). Nothing is written when nothing is ours; a table the
+    backend cannot read (missing, or not created: see :class:`ExistingTablesOnly`)
+    holds nothing. Returns {"chains": n, "rules": m}: the chains removed, and the rules
+    that went with them or were deleted from chains that stay."""
+    _, save, restore = binaries(family, backend)
+    res = runner.run([save, "-t", table])
+    if res.returncode != 0:
+        return Counter()
+    lines = res.stdout.splitlines()
+    rules: dict[str, list[str]] = {}
+    for line in lines:
+        if (m := _CHAIN_LINE.match(line)) is not None:
+            rules[m.group(1)] = []
+        elif line.startswith("-A "):
+            rules.setdefault(line.split(" ", 2)[1], []).append(line)
+    mine = {c for c, held in rules.items() if ours(c, held)}
+    kept = {c for c in mine if (table, c) in keep.chains}
+    gone = sorted(mine - kept)
+    dead = set(gone)
+    delete = []
+    for chain, held in rules.items():
+        if chain in dead:
+            continue
+        for rule in held:
+            target = _rule_target(rule)
+            if target in dead or (target in kept and (table, rule) in jumps
+                                  and (table, rule) not in keep.rules) \
+                    or (chain in kept and uses(rule)):
+                delete.append("-D " + rule[len("-A "):])
+    if not gone and not delete:
+        return Counter()
+    payload = [f"*{table}", *(f":{c} - [0:0]" for c in gone), *delete,
+               *(f"-X {c}" for c in gone), "COMMIT"]
+    check(runner, [restore, "-w", "--noflush"], "\n".join(payload) + "\n")
+    return Counter({"chains": len(gone),
+                    "rules": sum(len(rules[c]) for c in gone) + len(delete)})
+
+
+def _rule_target(rule: str) -> str | None:
+    """The -j / -g target of an iptables-save rule line (shlex only when a quote follows
+    the last " -j ", as a comment holding " -j " would)."""
+    at = max(rule.rfind(" -j "), rule.rfind(" -g "))
+    if at < 0:
+        return None
+    rest = rule[at + 4:]
+    if '"' not in rest:
+        return rest.split(" ", 1)[0]
+    words = shlex.split(rule)
+    for i, word in enumerate(words[:-1]):
+        if word in ("-j", "-g") and words[i - 1] != "--comment":
+            return words[i + 1]
+    return None
+
+
+# The per-family list of the legacy tables that exist (reading it creates none).
+LEGACY_TABLE_LISTS = {"iptables-legacy-save": "/proc/net/ip_tables_names",
+                      "ip6tables-legacy-save": "/proc/net/ip6_tables_names"}
+
+
+class ExistingTablesOnly:
+    """A Runner that answers ``iptables-legacy-save -t TABLE`` for a table the kernel
+    does not have with "no such table" instead of running it (which would create it,
+    and iptables-nft would then warn about legacy tables for ever after)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
+        listing = LEGACY_TABLE_LISTS.get(argv[0]) if argv else None
+        if listing is not None and "-t" in argv:
+            table = argv[list(argv).index("-t") + 1]
+            names = self.runner.run(["cat", listing])
+            if names.returncode != 0 or table not in names.stdout.split():
+                return Result(1, "", f"table {table!r} does not exist")
+        return self.runner.run(argv, stdin)
+
+
+def reader(runner: Runner, backend: Backend) -> Runner:
+    """The runner a cleanup reads ``backend``'s tables with: on legacy, one that never
+    creates a table by reading it."""
+    return ExistingTablesOnly(runner) if backend == "legacy" else runner
 
 
 @dataclass
@@ -493,29 +612,20 @@ class IptablesDataPlane:
         return (check(self.runner, [self._bins[1], "-t", "filter"])
                 + check(self.runner, [self._bins[1], "-t", "nat"]))
 
-    def cleanup(self) -> None:
-        """Remove every jump, chain and rule this proxy may have written."""
-        ipt, save, restore = self._bins
+    def cleanup(self, keep: Keep = NOTHING_KEPT) -> Counter[str]:
+        """Remove every jump, chain and rule this proxy may have written, but what
+        ``keep`` names (the chains and jumps the mode now starting writes under the same
+        names) and a KUBE-FIREWALL that is kubelet's (:func:`is_kubelets`). Returns how
+        many chains and rules were removed, by kind ("chains", "rules")."""
+        removed: Counter[str] = Counter()
         for table in ("filter", "nat", "mangle"):
-            res = self.runner.run([save, "-t", table])
-            if res.returncode != 0:
-                continue
-            ours = [m.group(1) for line in res.stdout.splitlines()
-                    if (m := _CHAIN_LINE.match(line)) and is_ours(m.group(1))]
-            # Jumps from builtin chains into ours, deleted one by one.
-            for line in res.stdout.splitlines():
-                parts = shlex.split(line) if line.startswith("-A ") else []
-                if len(parts) > 2 and "-j" in parts and parts[parts.index("-j") + 1] in ours \
-                        and not parts[1].startswith("KUBE-"):
-                    self.runner.run([ipt, "-w", "-t", table, "-D", *parts[1:]])
-            if ours:
-                payload = "\n".join([f"*{table}", *(f":{c} - [0:0]" for c in ours),
-                                     *(f"-X {c}" for c in ours), "COMMIT"]) + "\n"
-                check(self.runner, [restore, "-w", "--noflush"], payload)
+            removed += remove_chains(self.runner, self.family, self.backend, table,
+                                     _ours_unless_kubelets, OWN_JUMPS, keep)
         self.written = {}
         self.written_by_service = {}
         self.needs_full = True
         self.last = None
+        return removed
 
 
 def edit(chain: str, old: list[str], new: list[str]) -> list[str] | None:

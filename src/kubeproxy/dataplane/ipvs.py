@@ -45,13 +45,21 @@ import ipaddress
 import logging
 import re
 import shlex
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kubeproxy.config.types import IpvsConfig
-from kubeproxy.dataplane.base import Runner, check
-from kubeproxy.dataplane.iptables import Backend, Watch, binaries
+from kubeproxy.dataplane.base import Keep, Runner, check, not_installed
+from kubeproxy.dataplane.iptables import (
+    NOTHING_KEPT,
+    Backend,
+    Watch,
+    binaries,
+    reader,
+    remove_chains,
+)
 from kubeproxy.dataplane.ipvs_netlink import KernelDest, KernelService, Timeouts
 from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
@@ -412,49 +420,84 @@ class IpvsDataPlane:
                 body += IPTABLES_HEADER.format(family=family) + f" ({save})\n" + text
         return body
 
-    def cleanup(self, backends: Iterable[Backend] = ("legacy", "nft")) -> None:
+    def cleanup(self, backends: Iterable[Backend] = ("legacy", "nft"),
+                keep: Keep = NOTHING_KEPT) -> Counter[str]:
+        """Remove what this mode wrote: the virtual servers not in excludeCIDRs,
+        kube-ipvs0, our chains and jumps on ``backends`` (but what ``keep`` names: the
+        iptables mode's chains of the same names, when it starts; the rules in them
+        that use our sets go), then our ipsets (only once no rule uses them). A kernel
+        without IPVS, a missing ``ipset`` or iptables binary: nothing of theirs to
+        remove (logged). Returns how many objects went, by kind."""
+        removed: Counter[str] = Counter()
         try:
             if self.settings.exclude_cidrs:  # upstream: those are someone else's
                 for s in self.kernel.services():
                     if not self.settings.excluded(s.ip):
                         self.kernel.del_service((s.ip, s.proto, s.port))
+                        removed["virtual servers"] += 1
                 self.kernel.commit()
             else:
+                removed["virtual servers"] += len(self.kernel.services())
                 self.kernel.flush()
         except DataPlaneError as err:
-            log.info("IPVS: nothing to flush (%s)", err)
+            removed.pop("virtual servers", None)
+            log.debug("IPVS: nothing to flush (%s)", err)
         if self.runner.run(["ip", "-o", "link", "show", DUMMY]).returncode == 0:
             check(self.runner, ["ip", "link", "del", DUMMY])
+            removed["interfaces"] += 1
         for backend in backends:
-            for family in (4, 6):
-                _remove_chains(self.runner, family, backend)
-        res = self.runner.run(["ipset", "list", "-n"])
-        names = set(res.stdout.split()) if res.returncode == 0 else set()
-        for name in OUR_SETS:
-            if name in names:
-                check(self.runner, ["ipset", "destroy", name])
+            try:
+                for family in (4, 6):
+                    removed += _remove_chains(reader(self.runner, backend), family, backend,
+                                              keep)
+            except DataPlaneError as err:
+                if not not_installed(err):
+                    raise
+                log.debug("IPVS cleanup: iptables %s backend: %s", backend, err)
+        removed += self._destroy_sets()
         self.written, self.owned, self.sets, self.terminating = {}, {}, {}, {}
         self.families, self.fingerprints, self.bound, self.foreign = {}, {}, frozenset(), 0
         self.needs_full, self.synced = True, False
+        return +removed
+
+    def _destroy_sets(self) -> Counter[str]:
+        try:
+            res = self.runner.run(["ipset", "list", "-n"])
+        except DataPlaneError as err:
+            if not not_installed(err):
+                raise
+            log.debug("IPVS cleanup: %s: no ipsets to destroy", err)
+            return Counter()
+        names = set(res.stdout.split()) if res.returncode == 0 else set()
+        mine = [name for name in OUR_SETS if name in names]
+        for name in mine:
+            check(self.runner, ["ipset", "destroy", name])
+        return Counter({"ipsets": len(mine)})
 
 
-def _remove_chains(runner: Runner, family: int, backend: Backend) -> None:
-    """Our jumps (deleted one by one), then our chains (flushed and deleted)."""
-    ipt, save, restore = binaries(family, backend)
-    for table, chains in CHAINS.items():
-        res = runner.run([save, "-t", table])
-        if res.returncode != 0:
-            continue
-        present = [c for c in chains if f"\n:{c} " in "\n" + res.stdout]
-        for jump in JUMPS:
-            if jump[0] == table and jump[2] in present \
-                    and f"\n{jump_rule(jump)}\n" in "\n" + res.stdout + "\n":
-                check(runner, [ipt, "-w", "-t", table, "-D", jump[1],
-                               *shlex.split(jump_rule(jump))[2:]])
-        if present:
-            payload = [f"*{table}", *(f":{c} - [0:0]" for c in present),
-                       *(f"-X {c}" for c in present), "COMMIT"]
-            check(runner, [restore, "-w", "--noflush"], "\n".join(payload) + "\n")
+def _ours(table: str) -> Callable[[str, Sequence[str]], bool]:
+    return lambda chain, rules: chain in CHAINS[table]
+
+
+# Our jumps from builtin chains, per table, as iptables-save prints them.
+_JUMP_LINES = frozenset((j[0], jump_rule(j)) for j in JUMPS)
+
+
+def _uses_our_sets(rule: str) -> bool:
+    """Whether an iptables rule matches one of our ipsets (it keeps the set in use)."""
+    return "--match-set KUBE-" in rule and any(f"--match-set {name} " in rule
+                                               for name in OUR_SETS)
+
+
+def _remove_chains(runner: Runner, family: int, backend: Backend, keep: Keep = NOTHING_KEPT
+                   ) -> Counter[str]:
+    """Our jumps, then our chains (flushed and deleted), but what ``keep`` names; rules
+    of kept chains that use our sets go."""
+    removed: Counter[str] = Counter()
+    for table in CHAINS:
+        removed += remove_chains(runner, family, backend, table, _ours(table), _JUMP_LINES,
+                                 keep, _uses_our_sets)
+    return removed
 
 
 def _as_kernel(vs: VirtualServer) -> KernelService:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ from kubeproxy.util.gcpause import paused_gc
 K = TypeVar("K")
 SHARED_SETS = frozenset({"cluster-ips", "hairpin-endpoints"})
 FAMILIES = ("ip", "ip6")
+log = logging.getLogger("kubeproxy.dataplane.nftables")
 
 
 @dataclass
@@ -201,11 +203,14 @@ class NftablesDataPlane:
             name in fams for name in damaged or ()) and all(
             state[name].fixed == _fixed_digest(fam) for name, fam in fams.items())
 
-    def cleanup(self) -> None:
-        """Delete both kube-proxy tables (if present): everything this proxy wrote."""
+    def cleanup(self) -> int:
+        """Delete both kube-proxy tables (if present): everything this proxy wrote.
+        Returns how many tables were deleted."""
+        deleted = 0
         for family in FAMILIES:
             try:
                 self.transport.commit([nft.DeleteTable(family)])
+                deleted += 1
             except TransactionError as err:
                 if err.errno != errno.ENOENT:  # ENOENT: no table, nothing to delete
                     raise
@@ -213,6 +218,7 @@ class NftablesDataPlane:
         self.generation = None
         self.damaged = {}
         self.stale = {f: set() for f in FAMILIES}
+        return deleted
 
     # -- full ----------------------------------------------------------------------
 
@@ -293,6 +299,25 @@ class NftablesDataPlane:
             return
         stats.chains_deleted += len(ops)
         self.stale = {f: set() for f in FAMILIES}
+
+
+# A kernel without nf_tables refuses the socket or the transaction with one of these.
+NO_NFTABLES = frozenset({errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP})
+
+
+def delete_tables(runner: Runner, transport: Transport | None = None) -> int:
+    """Delete both kube-proxy tables if present (the nftables and ebpf modes' leftovers);
+    how many were. A kernel without nf_tables has none (logged at debug level)."""
+    try:
+        return NftablesDataPlane(runner, transport).cleanup()
+    except TransactionError as err:
+        if err.errno not in NO_NFTABLES:
+            raise
+    except OSError as err:  # no NETLINK_NETFILTER socket at all
+        if err.errno not in NO_NFTABLES:
+            raise
+    log.debug("the kernel has no nf_tables: no kube-proxy table to delete")
+    return 0
 
 
 def listed(runner: Runner) -> str:

@@ -115,7 +115,8 @@ class Agent:
         self.state = state
         self.api = api
         self.net = net
-        self.kubelet = Kubelet(state.name, store, net, state.nodes, api, servers=servers)
+        self.kubelet = Kubelet(state.name, store, net, state.nodes, api, servers=servers,
+                               images=state.pod_images)
         self.queue: queue.SimpleQueue[tuple[str, bool] | None] = queue.SimpleQueue()
         self.caches = {k: WatchCache(api, k, self._notify) for k in KINDS}
         self.proxy_event = 0.0

@@ -56,6 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         service_cidr=args.service_cidr,
         external_node=args.external_node,
         proxies=not args.no_proxy,
+        images=not args.no_images,
     )
     started = time.monotonic()
     lab.up(documents, options)
@@ -298,6 +299,12 @@ def _life_commands(command: Command) -> None:
         action="store_true",
         help="start no proxy on the nodes: run kube-proxy as a DaemonSet (kubectl apply -f "
         "deploy/), as a cluster does",
+    )
+    up.add_argument(
+        "--no-images",
+        action="store_true",
+        help="run DaemonSet Pods from this checkout even when their image is in local "
+        "podman storage (make image)",
     )
     command("status", cmd_status, "show nodes, pods, services and endpoint slices")
     command(

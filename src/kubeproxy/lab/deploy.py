@@ -9,10 +9,12 @@ at a Python prompt) needs around that, nothing that applies: the applying is kub
 
 - **Documents.** ``manifests`` reads ``deploy/*.yaml`` as they are. The few edits a
   lab run makes are pure functions over the documents, each one a setting an operator
-  would change the same way: ``with_config`` sets fields of the ConfigMap's
-  ``config.conf`` (``mode``), ``kubeadm_configmap`` is kubeadm's own ConfigMap with its
-  ``kubeconfig.conf`` pointed at the API server as a lab node reaches it (kubeadm writes
-  the control plane's address there), ``with_configmap`` swaps it in, ``with_args``
+  would change the same way: ``with_api_server`` fills the one value deploy/ leaves
+  to the operator, the ``server`` of the ConfigMap's ``kubeconfig.conf``, with the API
+  server as a lab node reaches it (``LAB_SERVER``; kubeadm writes the control plane's
+  address there), ``with_config`` sets fields of the ConfigMap's ``config.conf``
+  (``mode``), ``kubeadm_configmap`` is kubeadm's own ConfigMap pointed at the same
+  server, ``with_configmap`` swaps it in, ``with_args``
   appends flags to the DaemonSet's command (this project's own flags, e.g.
   ``--lb-algorithm``, which no KubeProxyConfiguration field carries).
 - **Readiness.** ``wait_for_pods`` returns once every lab node has a Running, Ready
@@ -41,6 +43,10 @@ from kubeproxy.util.jsontypes import JSON
 
 NAMESPACE, NAME = "kube-system", "kube-proxy"  # kubeadm's names, which deploy/ keeps
 CONFIG_KEY, KUBECONFIG_KEY = "config.conf", "kubeconfig.conf"
+# deploy/'s kubeconfig.conf names this server until an operator sets theirs; the
+# address a lab node's proxy reaches the lab's API server on (runtime.py).
+PLACEHOLDER_SERVER = "https://kube-apiserver.invalid:6443"
+LAB_SERVER = f"https://{API_HOST}:{API_PORT}"
 SERVE_TIMEOUT = 60.0  # seconds: Pods started, proxies answering (the settle has its own)
 POLL = 0.2
 
@@ -71,15 +77,27 @@ def with_config(docs: Sequence[JSON], **fields: object) -> list[JSON]:
     return out
 
 
-def kubeadm_configmap(path: Path, server: str = f"https://{API_HOST}:{API_PORT}") -> JSON:
-    """kubeadm's kube-proxy ConfigMap as kubeadm would write it for the lab: its
-    kubeconfig.conf naming ``server`` (the API server inside a lab node's namespace)."""
-    cm: JSON = yaml.safe_load(path.read_text())
+def with_api_server(docs: Sequence[JSON], server: str = LAB_SERVER) -> list[JSON]:
+    """The documents with the ConfigMap's kubeconfig.conf naming ``server``."""
+    out = copy.deepcopy(list(docs))
+    i = _find(out, "ConfigMap")
+    out[i] = _pointed_at(out[i], server)
+    return out
+
+
+def _pointed_at(cm: JSON, server: str) -> JSON:
     kubeconfig = yaml.safe_load(cm["data"][KUBECONFIG_KEY])
     for cluster in kubeconfig["clusters"]:
         cluster["cluster"]["server"] = server
     cm["data"][KUBECONFIG_KEY] = yaml.safe_dump(kubeconfig, sort_keys=False)
     return cm
+
+
+def kubeadm_configmap(path: Path, server: str = LAB_SERVER) -> JSON:
+    """kubeadm's kube-proxy ConfigMap as kubeadm would write it for the lab: its
+    kubeconfig.conf naming ``server`` (the API server inside a lab node's namespace)."""
+    cm: JSON = yaml.safe_load(path.read_text())
+    return _pointed_at(cm, server)
 
 
 def with_configmap(docs: Sequence[JSON], cm: JSON) -> list[JSON]:

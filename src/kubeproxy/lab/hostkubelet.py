@@ -33,6 +33,16 @@ Nothing wakes the agent when a process exits, so ``next_deadline`` asks to be wo
 within ``POLL`` seconds while any runs, and at once when one has exited (the agent only
 makes a pass when a deadline is due, so the polling itself costs no pass); a probe due
 is a deadline too.
+
+Where the Pod's container runs (:meth:`HostPods.image_of`): from its image, as a
+container (containers.py), when the image is in local podman storage and the lab runs
+images (``lab up`` without ``--no-images``); else as this checkout's program, when the
+command is one of this project's and the image is this project's (``kubeproxy:TAG``,
+not built here: ``make demo`` needs no image); else nowhere: the Pod waits with
+kubelet's ``ErrImageNeverPull`` (upstream's ``registry.k8s.io/kube-proxy`` too: the lab
+never stands in for another image), looked at again on every pass. A
+container's ``podman run`` is the Pod's process (same PID file, mark, log, stop); once
+it is stopped, the container is removed by name too, whatever state it was left in.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kubeproxy.errors import LabError
-from kubeproxy.lab import hostpods, nsconnect, objects
+from kubeproxy.lab import containers, hostpods, nsconnect, objects
 from kubeproxy.lab.api import LabApi, LabApiError
 from kubeproxy.lab.hostpods import HttpProbe, PodFacts
 from kubeproxy.lab.layout import NodePlan
@@ -67,6 +77,17 @@ class Proc(Protocol):
     returncode: int | None
 
     def poll(self) -> int | None: ...
+
+
+class Images(Protocol):
+    """Local image storage and the containers run from it (containers.Podman; tests
+    give a strict fake)."""
+
+    def image_exists(self, image: str) -> bool: ...
+
+    def remove(self, names: Sequence[str]) -> None: ...
+
+    def remove_lab(self, lab: str) -> list[str]: ...
 
 
 # Starts argv with env, output to the log; tests give their own.
@@ -105,6 +126,7 @@ class HostPod:
     ready: bool = True
     probe_at: float | None = None  # when the next readiness probe is due
     streak: int = 0  # consecutive probe results that disagree with ``ready``
+    container: str | None = None  # the container's name when it runs from its image
 
     def reset_probe(self, now: float) -> None:
         """A started container: not Ready until its probe says so."""
@@ -158,7 +180,9 @@ class HostPods:
                  sources: hostpods.Sources | None = None,
                  scripts: Mapping[str, str] | None = None,
                  starter: Starter = start_process,
-                 prober: Prober = http_probe) -> None:  # fmt: skip
+                 prober: Prober = http_probe,
+                 images: bool = True,
+                 podman: Images | None = None) -> None:  # fmt: skip
         self.store = store
         self.net = net
         self.nodes = nodes
@@ -168,7 +192,10 @@ class HostPods:
         self.scripts = scripts if scripts is not None else hostpods.console_scripts()
         self.starter = starter
         self.prober = prober
+        self.images = images  # run a Pod's image when local storage has it
+        self.podman: Images = podman or containers.Podman()
         self.running: dict[str, HostPod] = {}
+        self.waiting: dict[str, str] = {}  # Pod -> its UID, while its image is missing
         self.cleaned = False  # an earlier agent's processes were looked for
 
     def next_deadline(self) -> float | None:
@@ -194,6 +221,8 @@ class HostPods:
             if obj is None or _uid(obj) != hp.uid:
                 self._stop(key)
                 out.local += 1
+        self.waiting = {k: u for k, u in self.waiting.items()
+                        if k in by_key and _uid(by_key[k]) == u}
         for key, obj in by_key.items():
             try:
                 self._sync_one(key, obj, out)
@@ -215,7 +244,11 @@ class HostPods:
         if key not in self.running:
             phase = (obj.get("status") or {}).get("phase")
             if spec.get("nodeName") in self.nodes and phase not in ("Succeeded", "Failed"):
-                self._start(key, obj)
+                image = self.image_of(obj)
+                if image is None:
+                    out.writes += self._wait_for_image(key, obj)
+                    return
+                self._start(key, obj, image or None)
                 out.local += 1
                 out.writes += self._report(obj, self.running[key])
             return
@@ -261,33 +294,72 @@ class HostPods:
                 stopped.append(pid)
             record.unlink(missing_ok=True)
         kill(stopped)
+        if self.images:  # their containers too, whatever state they were left in
+            self.podman.remove_lab(self.store.name)
         return len(stopped)
 
-    def _spawn(self, key: str, obj: JSON) -> Proc:
+    def image_of(self, obj: JSON) -> str | None:
+        """The image to run the Pod's container from; "" for this checkout's program
+        (this project's program, and its image unbuilt or images off); None when
+        neither can run: another image that local storage lacks."""
+        container = hostpods.first_container(obj)
+        image = str(container.get("image") or "")
+        program = Path(str((container.get("command") or [""])[0])).name
+        ours = program in self.scripts
+        if not self.images:
+            return "" if ours else None
+        if self.podman.image_exists(image):
+            return image
+        return "" if ours and hostpods.is_project_image(image) else None
+
+    def _wait_for_image(self, key: str, obj: JSON) -> int:
+        """kubelet's answer to an image it may not pull: the Pod waits, not Ready."""
+        if self.waiting.get(key) == _uid(obj):
+            return 0
+        image = str(hostpods.first_container(obj).get("image") or "")
+        log.warning("pod %s: image %r is not in local storage (make image builds "
+                    "kubeproxy's); it waits", key, image)  # fmt: skip
+        self.waiting[key] = _uid(obj)
+        return self._write(obj, image_missing_status(obj, self.nodes, self.clock()))
+
+    def _spawn(self, key: str, obj: JSON, image: str | None) -> tuple[Proc, str | None]:
+        """Start the Pod's container: from ``image`` (None: this checkout's program).
+        Returns the process and the container's name (None for a host process)."""
         facts = self._facts(obj)
         pod_dir = self.pod_dir(key)
-        launch = hostpods.plan_launch(obj, facts, self.sources, self.scripts, pod_dir)
+        launch = hostpods.plan_launch(obj, facts, self.sources, self.scripts, pod_dir,
+                                      in_image=image is not None)  # fmt: skip
         hostpods.write_files(pod_dir, launch)
-        hostpods.prepare_host(self.store, launch)
+        hostpods.prepare_host(self.store, launch, mount_points=image is None)
         node = self.nodes[facts.node]
-        argv = hostpods.wrapper(lambda a: self.net.exec_argv(node.ns, a), launch)
         base = python_env()
         env: dict[str, str] = {k: base[k] for k in ("PATH", "PYTHONPATH", "LANG") if k in base}
-        env |= {"HOSTNAME": facts.node, **launch.env, POD_MARK: str(pod_dir)}
-        log.info("pod %s: running %s on %s (host network)", key, " ".join(launch.argv),
-                 facts.node)  # fmt: skip
+        name = None
+        if image is None:
+            argv = hostpods.wrapper(lambda a: self.net.exec_argv(node.ns, a), launch)
+            env |= {"HOSTNAME": facts.node, **launch.env}
+        else:
+            name = containers.container_name(self.store.name, facts.namespace, facts.name)
+            privileged = bool((hostpods.first_container(obj).get("securityContext") or {})
+                              .get("privileged"))  # fmt: skip
+            argv = containers.run_argv(launch, image, name, node.ns, facts.node,
+                                       privileged=privileged)  # fmt: skip
+            env = containers.podman_env(env)
+        env[POD_MARK] = str(pod_dir)
+        log.info("pod %s: running %s on %s (host network%s)", key, " ".join(launch.argv),
+                 facts.node, f", image {image}" if image else "")  # fmt: skip
         proc = self.starter(argv, env, self.store.log_file(key))
         write_atomic(self.pid_file(key), str(proc.pid))
-        return proc
+        return proc, name
 
-    def _start(self, key: str, obj: JSON) -> None:
-        container = ((obj.get("spec") or {}).get("containers") or [{}])[0]
-        probe = hostpods.readiness_probe(container, self._facts(obj))
-        proc = self._spawn(key, obj)
+    def _start(self, key: str, obj: JSON, image: str | None) -> None:
+        probe = hostpods.readiness_probe(hostpods.first_container(obj), self._facts(obj))
+        proc, name = self._spawn(key, obj, image)
         node = str((obj.get("spec") or {}).get("nodeName"))
-        hp = HostPod(_uid(obj), node, proc, self.clock(), probe=probe)
+        hp = HostPod(_uid(obj), node, proc, self.clock(), probe=probe, container=name)
         hp.reset_probe(hp.started)
         self.running[key] = hp
+        self.waiting.pop(key, None)
 
     def _probe(self, key: str, hp: HostPod, now: float) -> bool:
         """Run the due readiness probe; True when Ready changed."""
@@ -305,7 +377,8 @@ class HostPods:
 
     def _restart(self, key: str, obj: JSON, hp: HostPod) -> None:
         log.info("pod %s: restarting its container (restart %d)", key, hp.restarts + 1)
-        hp.proc = self._spawn(key, obj)
+        image = self.image_of(obj)
+        hp.proc, hp.container = self._spawn(key, obj, image or None)
         hp.restarts += 1
         hp.exit_code, hp.restart_at, hp.started = None, None, self.clock()
         hp.reset_probe(hp.started)
@@ -362,6 +435,8 @@ class HostPods:
         if hp.proc.poll() is None:
             kill([hp.proc.pid])
         hp.proc.poll()
+        if hp.container is not None:  # SIGKILLed podman leaves its container
+            self.podman.remove([hp.container])
         shutil.rmtree(self.pod_dir(key), ignore_errors=True)
         self.pid_file(key).unlink(missing_ok=True)
 
@@ -378,6 +453,21 @@ def exited_status(obj: JSON, hp: HostPod, ip: str, now: float) -> JSON:
         cs.update(started=False, restartCount=hp.restarts,
                   state={"waiting": {"reason": "CrashLoopBackOff"}},
                   lastState={"terminated": {"exitCode": hp.exit_code, "finishedAt": stamp}})
+    return copy.deepcopy(status)
+
+
+def image_missing_status(obj: JSON, nodes: Mapping[str, NodePlan], now: float) -> JSON:
+    """Pending, the container waiting: kubelet's status for an image it may not pull."""
+    image = str(hostpods.first_container(obj).get("image") or "")
+    node = nodes.get(str((obj.get("spec") or {}).get("nodeName")))
+    ip = node.lab_ip if node else ""
+    status = _not_ready(objects.running_status(obj, ip, ip, now, None))
+    status["phase"] = "Pending"
+    for cs in status.get("containerStatuses") or []:
+        cs.update(started=False, state={"waiting": {
+            "reason": "ErrImageNeverPull",
+            "message": f'Container image "{image}" is not present with pull policy of '
+                       "Never"}})  # fmt: skip
     return copy.deepcopy(status)
 
 

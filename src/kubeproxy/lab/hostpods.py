@@ -5,12 +5,16 @@ Theory of operation
 A lab Pod normally runs the built-in pod server in a namespace of its own
 (``kubelet.py``). A Pod with ``hostNetwork: true`` whose container has a ``command``
 is different: it is a node agent (kube-proxy from ``deploy/``), so it runs in its node's
-network namespace, with the container's program. There are no images; instead:
+network namespace, with the container's program. When the Pod's image is in local
+podman storage (``make image``), the lab's kubelet runs that image (containers.py),
+with the same environment and volumes as below; otherwise it runs the program from
+this checkout as a host process:
 
 1. **program**: the command's program is looked up by its base name among this
    project's console scripts (``kube-proxy``, ``kubeproxy`` in pyproject.toml) and run
    from this Python's environment (``/usr/local/bin/kube-proxy`` -> ``.venv/bin/kube-proxy``).
-   Any other program is refused: the lab runs only what it ships.
+   Any other program without its image waits as a kubelet's would (ErrImageNeverPull):
+   the lab runs only what it ships or what was built here.
 2. **environment**, as kubelet builds it: the service variables first
    (``KUBERNETES_SERVICE_HOST``/``PORT``: in the lab the API server as the node
    namespace reaches it, 127.0.0.1:6443, where a cluster gives the ``kubernetes``
@@ -162,6 +166,18 @@ def readiness_probe(container: JSON, facts: PodFacts) -> HttpProbe | None:
     )  # fmt: skip
 
 
+def first_container(pod: JSON) -> JSON:
+    """The Pod's first container (the one the lab runs), {} when it has none."""
+    container: JSON = ((pod.get("spec") or {}).get("containers") or [{}])[0]
+    return container
+
+
+def is_project_image(image: str) -> bool:
+    """Whether ``image`` names this project's image (``[registry/]kubeproxy[:tag]``)."""
+    name = image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+    return name == PROJECT
+
+
 def is_host_pod(pod: JSON) -> bool:
     spec = pod.get("spec") or {}
     containers = spec.get("containers") or [{}]
@@ -287,15 +303,18 @@ def _projected(facts: PodFacts, spec: JSON, sources: Sources, what: str) -> dict
 
 
 def plan_launch(
-    pod: JSON, facts: PodFacts, sources: Sources, scripts: Mapping[str, str], pod_dir: Path
+    pod: JSON, facts: PodFacts, sources: Sources, scripts: Mapping[str, str], pod_dir: Path,
+    *, in_image: bool = False,
 ) -> Launch:
-    """Everything needed to start the Pod's (first) container. Raises LabError."""
+    """Everything needed to start the Pod's (first) container. Raises LabError.
+    ``in_image``: the container runs from its image (containers.py), so its command is
+    the image's program as written, not one of this checkout's ``scripts``."""
     spec = pod.get("spec") or {}
-    container = (spec.get("containers") or [{}])[0]
+    container = first_container(pod)
     env = container_env(container, facts, sources)
     command = [expand(str(a), env) for a in container.get("command") or []]
     command += [expand(str(a), env) for a in container.get("args") or []]
-    argv = (resolve_program(command[0], scripts), *command[1:])
+    argv = tuple(command) if in_image else (resolve_program(command[0], scripts), *command[1:])
     files: dict[str, bytes] = {}
     sources_of: dict[str, str] = {}  # volume -> what to bind (a pod dir or a host path)
     host_paths: dict[str, str] = {}
@@ -367,8 +386,10 @@ def write_files(pod_dir: Path, launch: Launch) -> None:
             Path(m.source).mkdir(parents=True, exist_ok=True)
 
 
-def prepare_host(store: LabStore, launch: Launch) -> None:
-    """Create hostPath *OrCreate paths and missing mount points; record what was made."""
+def prepare_host(store: LabStore, launch: Launch, *, mount_points: bool = True) -> None:
+    """Create hostPath *OrCreate paths and (``mount_points``: for a process on the host,
+    not a container, whose mount points are in its image) missing mount points; record
+    what was made."""
     for path, kind in launch.host_paths.items():
         p = Path(path)
         if not p.exists():
@@ -377,6 +398,8 @@ def prepare_host(store: LabStore, launch: Launch) -> None:
                 p.touch()
             else:
                 p.mkdir()
+    if not mount_points:
+        return
     created: list[str] = []
     for m in launch.mounts:
         target = Path(m.target)

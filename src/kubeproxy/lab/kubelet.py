@@ -108,6 +108,7 @@ class Kubelet:
         clock: Callable[[], float] = time.time,
         servers: ServerStarter | None = None,
         host: HostPods | None = None,
+        images: bool = True,
     ) -> None:
         self.lab = lab
         self.store = store
@@ -118,7 +119,7 @@ class Kubelet:
         self._start_server = servers or self._server
         self.running: dict[str, RunningPod] = {}
         self.last_ip: dict[str, str] = {}  # node -> the last address handed out there
-        self.host = host or HostPods(store, net, self.nodes, api, clock)
+        self.host = host or HostPods(store, net, self.nodes, api, clock, images=images)
         self.labelled = False  # the Nodes carry kubelet's well-known labels
 
     def next_deadline(self) -> float | None:

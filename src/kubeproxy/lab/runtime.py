@@ -50,7 +50,17 @@ from urllib.parse import urlsplit
 from kubeproxy import modes
 from kubeproxy.dataplane.base import NetnsRunner
 from kubeproxy.errors import DataPlaneError, LabError
-from kubeproxy.lab import cgroups, converge, daemonsets, hostpods, layout, network, objects, view
+from kubeproxy.lab import (
+    cgroups,
+    containers,
+    converge,
+    daemonsets,
+    hostpods,
+    layout,
+    network,
+    objects,
+    view,
+)
 from kubeproxy.lab import pki as lab_pki
 from kubeproxy.lab.agent import KINDS as AGENT_KINDS
 from kubeproxy.lab.agent import AgentStatus
@@ -102,6 +112,7 @@ class UpOptions:
     service_cidr: str = layout.DEFAULT_SERVICE_CIDR
     external_node: str | None = None
     proxies: bool = True  # False (--no-proxy): no `kubeproxy run` per node; deploy/ brings one
+    images: bool = True  # False (--no-images): DaemonSet Pods never run from their image
 
 
 def read_files(paths: Sequence[str]) -> list[tuple[str, str]]:
@@ -153,6 +164,7 @@ class Lab:
                 cluster_cidr=plan.cluster_cidr, service_cidr=plan.service_cidr,
                 external_node=options.external_node, switch_ns=plan.switch_ns,
                 nodes=plan.nodes, external=replace(plan.external, routes=()),
+                pod_images=options.images,
             )  # fmt: skip
             self.store.prepare()
             self.store.save(state)
@@ -199,6 +211,7 @@ class Lab:
             with contextlib.suppress(CommandError):
                 pids += self.net.pids(ns)
         kill(pids)  # pod servers, proxies, and the API server (its sockets in the nodes)
+        containers.Podman().remove_lab(self.name)  # DaemonSet Pods run from their image
         cgroups.remove(self.name, self.store.dir)  # programs detached, mounts, cgroups
         gone = network.teardown(self.net, self.prefix)
         hostpods.remove_mountpoints(self.store)  # host-network Pods' empty mount points
@@ -268,6 +281,7 @@ class Lab:
                 "--service-cidr", state.service_cidr,
                 "--bookmark-interval", str(BOOKMARK_INTERVAL),
                 "--state", str(self.store.apiserver_state),
+                "--pod-log-dir", str(self.store.logs_dir),
                 "--kubeconfig-out", str(self.store.kubeconfig)]  # fmt: skip
         log = self.store.log_file("apiserver")
         self.store.kubeconfig.unlink(missing_ok=True)  # its appearance means "listening"

@@ -60,6 +60,9 @@ class LabState:
     external: ExternalPlan
     api_port: int | None = None
     processes: Processes = field(default_factory=Processes)
+    # DaemonSet Pods run from their image when local podman storage has it (containers.py);
+    # False (lab up --no-images): always from this checkout, as host processes.
+    pod_images: bool = True
 
     def node(self, name: str) -> NodePlan:
         for n in self.nodes:
@@ -87,6 +90,7 @@ class LabState:
             external=ExternalPlan(**ext),
             api_port=data.get("api_port"),
             processes=Processes(**data.get("processes", {})),
+            pod_images=bool(data.get("pod_images", True)),
         )
 
 
@@ -134,8 +138,13 @@ class LabStore:
     def settled_file(self) -> Path:
         return self.dir / "settled"
 
+    @property
+    def logs_dir(self) -> Path:
+        """Every lab process's output, and each Pod's (what ``kubectl logs`` reads)."""
+        return self.dir / "logs"
+
     def log_file(self, key: str) -> Path:
-        return self.dir / "logs" / f"{key.replace('/', '_')}.log"
+        return self.logs_dir / f"{key.replace('/', '_')}.log"
 
     def ready_file(self, key: str) -> Path:
         return self.dir / "ready" / key.replace("/", "_")

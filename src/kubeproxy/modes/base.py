@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
-from kubeproxy.dataplane.base import Runner
+from kubeproxy.dataplane.base import Keep, Runner
 from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Family, IPAddress, NamespacedName
 from kubeproxy.nodeview import NodeView, ServicePortView
@@ -113,6 +113,32 @@ class PlaneOptions:
     allow_root_cgroup: bool = False
 
 
+# --- what a mode leaves in the kernel -------------------------------------------------
+
+# The kernel parts modes write (Part.name). One mode writes each, but the nftables
+# tables, which the ebpf mode writes too (its north-south half).
+IPTABLES_CHAINS = "iptables chains"  # the iptables mode's KUBE-* chains and jumps
+IPVS_STATE = "IPVS state"  # virtual servers, kube-ipvs0, the ipsets, IPVS's KUBE-* chains
+NFTABLES_TABLES = "nftables tables"  # ip / ip6 kube-proxy
+BPF_PROGRAMS = "bpf programs"  # the programs' cgroup links, pinned maps, private bpffs
+
+Removed = Mapping[str, int]  # what a removal took away, by kind: {"chains": 15, ...}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the kernel a mode writes, and how to take it off a node: a mode
+    starting removes every part it does not own itself (modes/leftovers.py), as
+    upstream's kube-proxy removes the other modes' rules at start."""
+
+    name: str  # IPTABLES_CHAINS, IPVS_STATE, NFTABLES_TABLES or BPF_PROGRAMS
+    # Remove the part from the node the runner reaches, but what ``Keep`` names (the
+    # starting mode's iptables chains and jumps of the same names). Returns what went,
+    # by kind. A backend the node lacks (a binary, a kernel module, a bpffs) holds
+    # nothing: logged at debug level, never raised.
+    remove: Callable[[Runner, PlaneOptions, Keep], Removed]
+
+
 @dataclass(frozen=True)
 class VirtualServers:
     """The load balancers a mode writes for one service port's frontends of one kind,
@@ -170,6 +196,13 @@ class Mode(Generic[R]):
     # The mode with its own section of the configuration applied (ipvs: the scheduler,
     # strictARP, ...), for `modes.for_config`; None: the mode has no settings of its own.
     configure: Callable[[ProxyConfig], Mode[R]] | None = None
+    # The kernel parts this mode writes, each with its removal: a mode starting removes
+    # the parts of the registered modes that it does not own (modes/leftovers.py).
+    parts: tuple[Part, ...] = ()
+    # What this mode writes under names another mode's part also has (the iptables and
+    # ipvs modes share KUBE-SERVICES & co): that part's removal leaves these in place
+    # when this mode starts.
+    keep: Keep = field(default_factory=Keep)
 
 
 @dataclass(frozen=True)

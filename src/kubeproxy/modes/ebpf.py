@@ -16,24 +16,38 @@ Settings of the I/O edge (read from :class:`~kubeproxy.modes.base.PlaneOptions`)
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from kubeproxy.dataplane import bpf_sys
-from kubeproxy.dataplane.base import Runner
+from kubeproxy.dataplane.base import Keep, Runner
 from kubeproxy.dataplane.ebpf import EbpfDataPlane, MapStore, dump_text
-from kubeproxy.dataplane.nftables import NftablesDataPlane, listed
+from kubeproxy.dataplane.nft_ops import Transport
+from kubeproxy.dataplane.nftables import NftablesDataPlane, delete_tables, listed
 from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions, Presentation, intact
+from kubeproxy.modes.base import (
+    BPF_PROGRAMS,
+    NFTABLES_TABLES,
+    Mode,
+    Part,
+    PlaneCounts,
+    PlaneOptions,
+    Presentation,
+    Removed,
+    intact,
+)
 from kubeproxy.render import ebpf
 from kubeproxy.render.ebpf import EbpfRuleset
 from kubeproxy.render.names import nftables_chain_names
 from kubeproxy.trace.ebpf import NFT_MARKER, trace_ebpf, trace_text
 from kubeproxy.trace.result import Packet, TraceResult
 
-OBJECT = Path(__file__).resolve().parents[1] / "bpf" / "sock_lb.o"
+# Package data (pyproject.toml), so an installed wheel finds it as the checkout does.
+OBJECT = Path(str(resources.files("kubeproxy") / "bpf" / "sock_lb.o"))
 DEFAULT_BPF_DIR = Path("/run/kubeproxy/bpf")
 
 
@@ -180,6 +194,42 @@ def cleanup(runner: Runner, options: PlaneOptions) -> None:
     bpf_sys.remove_bpffs(EbpfOptions.of(options).bpf_dir)
 
 
+def remove_tables(runner: Runner, options: PlaneOptions, keep: Keep,
+                  transport: Transport | None = None) -> Removed:
+    """The north-south half's Part: the kube-proxy tables (the nftables mode's too)."""
+    del options, keep
+    return {"tables": delete_tables(runner, transport)}
+
+
+def remove_programs(runner: Runner, options: PlaneOptions, keep: Keep,
+                    remove: Callable[[Path], tuple[int, int]] = bpf_sys.remove_bpffs
+                    ) -> Removed:
+    """The socket half's Part: the programs' links detached and unpinned, the maps
+    unpinned, the private bpffs (``--bpf-dir``) unmounted and removed (``remove``). No
+    bpffs there: nothing. The default directory is the host's: a proxy whose network
+    namespace is not the host's (a lab node, a test) leaves it alone unless
+    ``--bpf-dir`` names it, since pins are not per namespace and another proxy's could
+    be there."""
+    del keep
+    opts = EbpfOptions.of(options)
+    if not options.bpf_dir and not on_the_host(runner):
+        log.debug("cleanup: %s left alone: not the host's network namespace and no "
+                  "--bpf-dir", opts.bpf_dir)
+        return {}
+    links, maps = remove(opts.bpf_dir)
+    return {"links": links, "maps": maps}
+
+
+def on_the_host(runner: Runner) -> bool:
+    """Whether the runner reaches the host's network namespace (that of PID 1 of our PID
+    namespace: a host-network Pod's too). False when it cannot tell."""
+    res = runner.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
+    try:
+        return res.returncode == 0 and int(res.stdout) == os.stat("/proc/1/ns/net").st_ino
+    except (ValueError, OSError):
+        return False
+
+
 MODE: Mode[EbpfRuleset] = Mode(
     name="ebpf",
     render=ebpf.render,
@@ -192,6 +242,7 @@ MODE: Mode[EbpfRuleset] = Mode(
     cleanup=cleanup,
     sync_failures_metric="sync_proxy_rules_ebpf_sync_failures_total",
     needs_cgroup=True,
+    parts=(Part(NFTABLES_TABLES, remove_tables), Part(BPF_PROGRAMS, remove_programs)),
 )
 
 # The nftables part writes the per-service chains.

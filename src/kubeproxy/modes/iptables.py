@@ -10,12 +10,16 @@ those. A packet is traced through its family's ruleset.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kubeproxy.dataplane.base import Result, Runner
+from kubeproxy.dataplane.base import Keep, Runner, not_installed
 from kubeproxy.dataplane.iptables import (
     BACKENDS,
+    CANARY_TABLES,
+    NOTHING_KEPT,
+    OWN_JUMPS,
     Backend,
     IptablesDataPlane,
     KernelWatch,
@@ -23,12 +27,25 @@ from kubeproxy.dataplane.iptables import (
     binaries,
     choose_backend,
     detect_backend,
+    reader,
+)
+from kubeproxy.dataplane.iptables import (
+    ExistingTablesOnly as ExistingTablesOnly,  # moved to the data plane; still found here
 )
 from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import Family, IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions, Presentation, intact
+from kubeproxy.modes.base import (
+    IPTABLES_CHAINS,
+    Mode,
+    Part,
+    PlaneCounts,
+    PlaneOptions,
+    Presentation,
+    intact,
+)
 from kubeproxy.nodeview import NodeView
 from kubeproxy.render import iptables
+from kubeproxy.render.iptables import KUBE_FIREWALL, KUBE_PROXY_CANARY, TOP_CHAINS
 from kubeproxy.render.names import iptables_chain_names
 from kubeproxy.trace.iptables import trace_iptables
 from kubeproxy.trace.result import Packet, TraceResult
@@ -149,41 +166,37 @@ def fake() -> IptablesPlane:
 
 
 def cleanup(runner: Runner, options: PlaneOptions) -> None:
-    """Both backends unless one is named: rules may be in either. On legacy, only the
-    tables that exist are read: ``iptables-legacy-save -t nat`` would *create* an empty
-    nat table, and iptables-nft then warns about legacy tables for ever after."""
+    """Both backends unless one is named: rules may be in either."""
+    remove_chains(runner, options, NOTHING_KEPT)
+
+
+def remove_chains(runner: Runner, options: PlaneOptions, keep: Keep) -> Counter[str]:
+    """The mode's chains and jumps (its Part), on both backends unless one is named,
+    but what ``keep`` names (the IPVS mode's chains of the same names, when it starts).
+    On legacy only the tables that exist are read (reading one creates it); a backend
+    whose binaries are missing holds nothing. Returns chains and rules removed."""
     backends = BACKENDS if options.iptables_backend == "auto" else (
         choose_backend(runner, options.iptables_backend),)
+    removed: Counter[str] = Counter()
     for backend in backends:
         try:
-            IptablesPlane(ExistingTablesOnly(runner) if backend == "legacy" else runner,
-                          backend).cleanup()
+            for family in (4, 6):
+                removed += IptablesDataPlane(reader(runner, backend), family,
+                                             backend).cleanup(keep)
         except DataPlaneError as err:
-            if "not installed" not in str(err):
+            if not not_installed(err):
                 raise
-            log.info("cleanup: %s backend: %s", backend, err)
+            log.debug("cleanup: %s backend: %s", backend, err)
+    return removed
 
 
-# The per-family list of the legacy tables that exist (reading it creates none).
-LEGACY_TABLE_LISTS = {"iptables-legacy-save": "/proc/net/ip_tables_names",
-                      "ip6tables-legacy-save": "/proc/net/ip6_tables_names"}
-
-
-class ExistingTablesOnly:
-    """A Runner that answers ``iptables-legacy-save -t TABLE`` for a table the kernel
-    does not have with "no such table" instead of running it (which would create it)."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    def run(self, argv: Sequence[str], stdin: str | None = None) -> Result:
-        listing = LEGACY_TABLE_LISTS.get(argv[0]) if argv else None
-        if listing is not None and "-t" in argv:
-            table = argv[list(argv).index("-t") + 1]
-            names = self.runner.run(["cat", listing])
-            if names.returncode != 0 or table not in names.stdout.split():
-                return Result(1, "", f"table {table!r} does not exist")
-        return self.runner.run(argv, stdin)
+# What the mode writes under names the IPVS mode's chains have too: its fixed chains
+# (per-service chains have names of their own) and its jumps from builtin chains.
+KEEP = Keep(
+    chains=frozenset({(t, c) for t in ("filter", "nat") for c in TOP_CHAINS[t]}
+                     | {("filter", KUBE_FIREWALL)}
+                     | {(t, KUBE_PROXY_CANARY) for t in CANARY_TABLES}),
+    rules=OWN_JUMPS)
 
 
 MODE: Mode[Rulesets] = Mode(
@@ -198,6 +211,8 @@ MODE: Mode[Rulesets] = Mode(
     cleanup=cleanup,
     sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
     partial_failures_metric="sync_proxy_rules_iptables_partial_restore_failures_total",
+    parts=(Part(IPTABLES_CHAINS, remove_chains),),
+    keep=KEEP,
 )
 
 

@@ -16,24 +16,28 @@ import logging
 from collections.abc import Sequence
 
 from kubeproxy.config.types import IpvsConfig
-from kubeproxy.dataplane.base import Runner
-from kubeproxy.dataplane.iptables import BACKENDS, KernelWatch, choose_backend
-from kubeproxy.dataplane.ipvs import IpvsDataPlane, has_ipvs
+from kubeproxy.dataplane.base import Keep, Runner
+from kubeproxy.dataplane.iptables import BACKENDS, NOTHING_KEPT, KernelWatch, choose_backend
+from kubeproxy.dataplane.ipvs import IpvsDataPlane, IpvsKernel, has_ipvs
 from kubeproxy.dataplane.ipvs_netlink import KernelService, NetlinkIpvs
 from kubeproxy.dataplane.netlink import find_netns
 from kubeproxy.errors import DataPlaneError
 from kubeproxy.model import IPAddress, NamespacedName
 from kubeproxy.modes.base import (
+    IPVS_STATE,
     Mode,
+    Part,
     PlaneCounts,
     PlaneOptions,
     Presentation,
+    Removed,
     VirtualServers,
     intact,
 )
 from kubeproxy.nodeview import NodeView, ServicePortView
 from kubeproxy.render import ipvs
 from kubeproxy.render.ipvs import IpvsRuleset
+from kubeproxy.render.ipvs_tables import CHAINS, JUMPS, jump_rule
 from kubeproxy.render.names import ipvs_chain_names
 from kubeproxy.trace.ipvs import trace_ipvs, trace_text
 from kubeproxy.trace.result import Packet, TraceResult
@@ -111,10 +115,30 @@ def fake(settings: IpvsConfig = DEFAULTS) -> IpvsPlane:
 def cleanup(runner: Runner, options: PlaneOptions, settings: IpvsConfig = DEFAULTS) -> None:
     """IPVS (when the kernel has it; not the virtual servers in excludeCIDRs),
     kube-ipvs0, our ipsets, our chains on both backends unless one is named."""
+    remove_state(runner, options, NOTHING_KEPT, settings)
+
+
+def remove_state(runner: Runner, options: PlaneOptions, keep: Keep,
+                 settings: IpvsConfig = DEFAULTS, kernel: IpvsKernel | None = None
+                 ) -> Removed:
+    """The mode's Part: the virtual servers not in excludeCIDRs (over ``kernel``,
+    default: netlink in the runner's namespace, if IPVS is loaded there: it is never
+    loaded to find nothing), kube-ipvs0, the ipsets, the chains and jumps on both
+    iptables backends unless one is named, but what ``keep`` names (the iptables
+    mode's chains of the same names, when it starts). Returns what went, by kind."""
     backends = BACKENDS if options.iptables_backend == "auto" else (
         choose_backend(runner, options.iptables_backend),)
-    kernel = NetlinkIpvs(find_netns(runner)) if has_ipvs(runner) else _NoIpvs()
-    IpvsDataPlane(runner, kernel, backends[0], settings=settings).cleanup(backends)
+    if kernel is None:
+        loaded = runner.run(["test", "-e", "/proc/net/ip_vs"]).returncode == 0
+        kernel = NetlinkIpvs(find_netns(runner)) if loaded else _NoIpvs()
+    return IpvsDataPlane(runner, kernel, backends[0], settings=settings).cleanup(
+        backends, keep)
+
+
+# What the mode writes under names the iptables mode's chains have too: its chains and
+# its jumps from builtin chains.
+KEEP = Keep(chains=frozenset((t, c) for t, chains in CHAINS.items() for c in chains),
+            rules=frozenset((j[0], jump_rule(j)) for j in JUMPS))
 
 
 def configure(settings: IpvsConfig) -> Mode[IpvsRuleset]:
@@ -126,7 +150,9 @@ def configure(settings: IpvsConfig) -> Mode[IpvsRuleset]:
         renderer=lambda: ipvs.Renderer(settings.scheduler),
         data_plane=lambda runner, options: data_plane(runner, options, settings),
         fake=lambda: fake(settings),
-        cleanup=lambda runner, options: cleanup(runner, options, settings))
+        cleanup=lambda runner, options: cleanup(runner, options, settings),
+        parts=(Part(IPVS_STATE, lambda runner, options, keep: remove_state(
+            runner, options, keep, settings)),))
 
 
 def load_balancing(scheduler: str) -> str:
@@ -187,6 +213,8 @@ MODE: Mode[IpvsRuleset] = Mode(
     sync_failures_metric="sync_proxy_rules_iptables_restore_failures_total",
     kernel_support=kernel_support,
     configure=lambda config: configure(config.ipvs),
+    parts=(Part(IPVS_STATE, remove_state),),
+    keep=KEEP,
 )
 
 

@@ -12,10 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from kubeproxy.dataplane.base import Runner
-from kubeproxy.dataplane.nftables import NftablesDataPlane, listed
+from kubeproxy.dataplane.base import Keep, Runner
+from kubeproxy.dataplane.nft_ops import Transport
+from kubeproxy.dataplane.nftables import NftablesDataPlane, delete_tables, listed
 from kubeproxy.model import Family, IPAddress, NamespacedName
-from kubeproxy.modes.base import Mode, PlaneCounts, PlaneOptions, Presentation, intact
+from kubeproxy.modes.base import (
+    NFTABLES_TABLES,
+    Mode,
+    Part,
+    PlaneCounts,
+    PlaneOptions,
+    Presentation,
+    Removed,
+    intact,
+)
 from kubeproxy.nodeview import NodeView
 from kubeproxy.render import nftables
 from kubeproxy.render.names import nftables_chain_names
@@ -90,6 +100,14 @@ def cleanup(runner: Runner, options: PlaneOptions) -> None:
     data_plane(runner, options).cleanup()
 
 
+def remove_tables(runner: Runner, options: PlaneOptions, keep: Keep,
+                  transport: Transport | None = None) -> Removed:
+    """The mode's Part: both kube-proxy tables (the ebpf mode's too: the same tables),
+    over ``transport`` (default: netlink in the runner's namespace)."""
+    del options, keep  # one kernel interface, and no other mode's object in the tables
+    return {"tables": delete_tables(runner, transport)}
+
+
 MODE: Mode[NftRuleset] = Mode(
     name="nftables",
     render=render,
@@ -101,6 +119,7 @@ MODE: Mode[NftRuleset] = Mode(
     fake=fake,
     cleanup=cleanup,
     sync_failures_metric="sync_proxy_rules_nftables_sync_failures_total",
+    parts=(Part(NFTABLES_TABLES, remove_tables),),
 )
 
 PRESENTATION = Presentation(
